@@ -1,0 +1,87 @@
+# Every target sets up what it needs (venv, Triton binaries, exported models) and is idempotent.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+VENV_STAMP := $(VENV)/.installed
+TRITON_STAMP := .triton/.installed
+IMAGE ?= anomaly-detection
+TAG ?= latest
+REGISTRY ?= your-registry
+
+# Tests and the demo run untrained models (no weights can be downloaded here) and the smallest SAM.
+DEV_ENV := ALLOW_UNTRAINED_WEIGHTS=$${ALLOW_UNTRAINED_WEIGHTS:-1} SAM2_VARIANT=$${SAM2_VARIANT:-tiny}
+
+.PHONY: help venv triton models serve demo test perf bench lint lock docker-build docker-push clean
+
+help:
+	@echo "make serve   pod mode: Triton (HTTP 8000, gRPC 8001, metrics 8002) + REST gateway (8080)"
+	@echo "make demo    run the bundled sample images end to end, write demo_output/"
+	@echo "make test    the test suite (starts real tritonservers)"
+	@echo "make perf    perf_analyzer on anomaly_pipeline over gRPC and HTTP"
+	@echo "make bench   benchmarks: geometry, ensemble vs in-process latency, server memory"
+	@echo "make lint    ruff and hadolint"
+	@echo "make models  export the detector and prepare segmenter weights"
+	@echo "make docker-build / docker-push  the image of the deployment guide"
+
+venv: $(VENV_STAMP)
+$(VENV_STAMP): requirements.lock pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+# tritonserver + Python backend (nvidia-pytriton wheel) and perf_analyzer (tritonclient 2.51.0 wheel) with
+# the two libraries it links against, unpacked into .triton/ so nothing is installed system-wide.
+triton: $(TRITON_STAMP)
+$(TRITON_STAMP): | $(VENV_STAMP)
+	rm -rf .triton/pkgs .triton/deb
+	$(PY) -m pip install -q --no-deps --target .triton/pkgs nvidia-pytriton==0.7.0 tritonclient==2.51.0 \
+		nvidia-cuda-runtime-cu12==12.9.79
+	mkdir -p .triton/deb && cd .triton/deb && apt-get download libb64-0d && dpkg -x libb64-0d_*.deb root
+	touch $@
+
+models: $(VENV_STAMP)
+	$(PY) -m export
+
+serve: $(VENV_STAMP) $(TRITON_STAMP) models
+	RUNPOD_SERVERLESS=false $(PY) -m runpod_handler.entrypoint
+
+demo: $(VENV_STAMP) $(TRITON_STAMP)
+	$(DEV_ENV) $(PY) -m export
+	$(DEV_ENV) $(PY) -m bench.demo
+
+test: $(VENV_STAMP) $(TRITON_STAMP)
+	$(DEV_ENV) $(PY) -m export
+	$(DEV_ENV) $(PY) -m pytest -q
+
+perf: $(VENV_STAMP) $(TRITON_STAMP)
+	$(DEV_ENV) $(PY) -m export
+	$(DEV_ENV) $(PY) -m bench.perf
+
+bench: $(VENV_STAMP) $(TRITON_STAMP)
+	$(DEV_ENV) $(PY) -m export
+	$(DEV_ENV) $(PY) -m bench.bench
+
+lint: $(VENV_STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/hadolint Dockerfile
+
+lock: $(VENV_STAMP)
+	$(PY) -m pip install -q -r requirements.in
+	( echo '# Exact environment of .venv (pip freeze), installed by `make venv` after torch. Regenerate: `make lock`.'; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v '^anomaly' ) > requirements.lock
+
+docker-build:
+	docker build -t $(REGISTRY)/$(IMAGE):$(TAG) .
+
+docker-push: docker-build
+	docker push $(REGISTRY)/$(IMAGE):$(TAG)
+
+clean:
+	rm -rf demo_output bench_output perf_output .pytest_cache

@@ -1,0 +1,213 @@
+"""Every environment variable the service reads, with its default, in one place.
+
+`settings()` reads them once per process. The README's table is checked against KNOBS by a test, so a knob
+added here without documentation fails the suite.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+from anomaly.errors import ConfigError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass(frozen=True)
+class Knob:
+    name: str
+    default: str
+    doc: str
+
+
+KNOBS: tuple[Knob, ...] = (
+    # --- the seed's variables ---
+    Knob("RUNPOD_SERVERLESS", "false", "`true`: serverless worker; `false`: pod mode (REST gateway)"),
+    Knob("DETECTOR_VARIANT", "medium", "RF-DETR size: `nano`, `small`, `medium` or `large`"),
+    Knob("DETECTOR_WEIGHTS", "", "path to fine-tuned RF-DETR weights (.pth); empty: official COCO weights"),
+    Knob(
+        "DETECTOR_NUM_CLASSES",
+        "",
+        "number of classes of DETECTOR_WEIGHTS (read from the checkpoint if empty)",
+    ),
+    Knob("SAM_MODEL_PATH", "/models/sam3.pt", "segmenter weights: a SAM2.1 checkpoint (`sam2.1_hiera_*.pt`)"),
+    Knob("CONFIDENCE_THRESHOLD", "0.3", "default detection threshold in [0, 1], overridable per request"),
+    Knob("API_HOST", "0.0.0.0", "REST gateway host (pod mode)"),
+    Knob("API_PORT", "8080", "REST gateway port (pod mode); 8000 is Triton's HTTP port"),
+    # --- detector ---
+    Knob("DETECTOR_LABELS", "", "labels file (JSON or one name per line) overriding the checkpoint's classes"),
+    Knob("ALLOW_UNTRAINED_WEIGHTS", "0", "`1`: build untrained models when no weights exist (tests, demo)"),
+    Knob("MAX_DETECTIONS", "100", "most defects segmented per image; more are reported in `warnings`"),
+    # --- segmenter ---
+    Knob(
+        "SAM2_VARIANT",
+        "large",
+        "SAM2.1 size when no checkpoint names it: `tiny`, `small`, `base_plus`, `large`",
+    ),
+    Knob("WEIGHTS_DIR", str(REPO_ROOT / "weights"), "where exported and untrained weights are kept"),
+    # --- images ---
+    Knob("MAX_IMAGE_BYTES", str(40 * 1024 * 1024), "largest encoded image accepted, in bytes"),
+    Knob("MAX_IMAGE_PIXELS", str(50_000_000), "largest decoded image accepted, width x height"),
+    # --- measurement ---
+    Knob("MM_PER_PIXEL", "", "default pixel size in mm; adds `*_mm` fields and crack severity"),
+    Knob(
+        "SEVERITY_THRESHOLDS_MM",
+        "0.1,0.3,1.0",
+        "crack max-width band limits in mm (hairline/fine/medium/wide)",
+    ),
+    # --- Triton ---
+    Knob("MODEL_REPOSITORY", str(REPO_ROOT / "model_repository"), "Triton model repository"),
+    Knob("TRITON_HOST", "127.0.0.1", "address Triton binds (a container sets 0.0.0.0)"),
+    Knob("TRITON_HTTP_PORT", "8000", "Triton HTTP port"),
+    Knob("TRITON_GRPC_PORT", "8001", "Triton gRPC port"),
+    Knob("TRITON_METRICS_PORT", "8002", "Triton metrics port"),
+    Knob("TRITON_HOME", "", "folder holding bin/tritonserver (default: the nvidia-pytriton wheel in .triton/)"),
+    Knob(
+        "TRITON_URL",
+        "",
+        "Triton gRPC address the handler and gateway use (default TRITON_HOST:TRITON_GRPC_PORT)",
+    ),
+    Knob("COMPUTE_THREADS", "", "CPU threads for the detector and the segmenter (default: all cores)"),
+    Knob("DEVICE", "auto", "`auto`, `cpu` or `cuda`"),
+)
+
+_DEFAULTS = {k.name: k.default for k in KNOBS}
+VARIANTS = ("nano", "small", "medium", "large")
+SAM2_VARIANTS = ("tiny", "small", "base_plus", "large")
+
+
+def env(name: str) -> str:
+    """The raw value of a knob (its default when unset or empty)."""
+    if name not in _DEFAULTS:
+        raise KeyError(f"{name} is not a documented knob; add it to anomaly.config.KNOBS")
+    value = os.environ.get(name, "").strip()
+    return value if value else _DEFAULTS[name]
+
+
+def _float(name: str, lo: float | None = None, hi: float | None = None, allow_empty: bool = False) -> float | None:
+    raw = env(name)
+    if raw == "" and allow_empty:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not a number") from None
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise ConfigError(f"{name}={raw} is outside [{lo}, {hi}]")
+    return value
+
+
+def _int(name: str, lo: int = 1) -> int:
+    raw = env(name)
+    try:
+        value = int(raw)
+    except ValueError:
+        raise ConfigError(f"{name}={raw!r} is not an integer") from None
+    if value < lo:
+        raise ConfigError(f"{name}={raw} must be at least {lo}")
+    return value
+
+
+def _bool(name: str) -> bool:
+    raw = env(name).lower()
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ConfigError(f"{name}={raw!r} is not a boolean (use true/false)")
+
+
+def _choice(name: str, choices: tuple[str, ...]) -> str:
+    raw = env(name).lower()
+    if raw not in choices:
+        raise ConfigError(f"{name}={raw!r} must be one of {', '.join(choices)}")
+    return raw
+
+
+@dataclass(frozen=True)
+class Settings:
+    runpod_serverless: bool
+    detector_variant: str
+    detector_weights: str
+    detector_num_classes: int | None
+    detector_labels: str
+    allow_untrained: bool
+    max_detections: int
+    sam_model_path: str
+    sam2_variant: str
+    weights_dir: Path
+    confidence_threshold: float
+    max_image_bytes: int
+    max_image_pixels: int
+    mm_per_pixel: float | None
+    severity_thresholds_mm: tuple[float, float, float]
+    api_host: str
+    api_port: int
+    model_repository: Path
+    triton_host: str
+    triton_http_port: int
+    triton_grpc_port: int
+    triton_metrics_port: int
+    triton_home: str
+    triton_url: str
+    compute_threads: int
+    device: str
+
+
+def _severity() -> tuple[float, float, float]:
+    raw = env("SEVERITY_THRESHOLDS_MM")
+    try:
+        bands = tuple(float(x) for x in raw.split(","))
+    except ValueError:
+        raise ConfigError(f"SEVERITY_THRESHOLDS_MM={raw!r} must be three comma-separated numbers") from None
+    if len(bands) != 3 or not (0 < bands[0] < bands[1] < bands[2]):
+        raise ConfigError(f"SEVERITY_THRESHOLDS_MM={raw!r} must be three increasing positive numbers")
+    return bands  # type: ignore[return-value]
+
+
+def load_settings() -> Settings:
+    """Read every knob from the environment, raising ConfigError naming the first bad one."""
+    num_classes = env("DETECTOR_NUM_CLASSES")
+    threads = env("COMPUTE_THREADS")
+    mm = _float("MM_PER_PIXEL", 0.0, None, allow_empty=True)
+    if mm is not None and mm <= 0:
+        raise ConfigError(f"MM_PER_PIXEL={mm} must be positive")
+    host = env("TRITON_HOST")
+    grpc_port = _int("TRITON_GRPC_PORT")
+    return Settings(
+        runpod_serverless=_bool("RUNPOD_SERVERLESS"),
+        detector_variant=_choice("DETECTOR_VARIANT", VARIANTS),
+        detector_weights=env("DETECTOR_WEIGHTS"),
+        detector_num_classes=_int("DETECTOR_NUM_CLASSES") if num_classes else None,
+        detector_labels=env("DETECTOR_LABELS"),
+        allow_untrained=_bool("ALLOW_UNTRAINED_WEIGHTS"),
+        max_detections=_int("MAX_DETECTIONS"),
+        sam_model_path=env("SAM_MODEL_PATH"),
+        sam2_variant=_choice("SAM2_VARIANT", SAM2_VARIANTS),
+        weights_dir=Path(env("WEIGHTS_DIR")),
+        confidence_threshold=_float("CONFIDENCE_THRESHOLD", 0.0, 1.0),  # type: ignore[arg-type]
+        max_image_bytes=_int("MAX_IMAGE_BYTES"),
+        max_image_pixels=_int("MAX_IMAGE_PIXELS"),
+        mm_per_pixel=mm,
+        severity_thresholds_mm=_severity(),
+        api_host=env("API_HOST"),
+        api_port=_int("API_PORT"),
+        model_repository=Path(env("MODEL_REPOSITORY")),
+        triton_host=host,
+        triton_http_port=_int("TRITON_HTTP_PORT"),
+        triton_grpc_port=grpc_port,
+        triton_metrics_port=_int("TRITON_METRICS_PORT"),
+        triton_home=env("TRITON_HOME"),
+        triton_url=env("TRITON_URL") or f"{'127.0.0.1' if host == '0.0.0.0' else host}:{grpc_port}",
+        compute_threads=_int("COMPUTE_THREADS") if threads else (os.cpu_count() or 1),
+        device=_choice("DEVICE", ("auto", "cpu", "cuda")),
+    )
+
+
+@lru_cache(maxsize=1)
+def settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()

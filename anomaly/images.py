@@ -1,0 +1,114 @@
+"""Image decoding with limits and EXIF orientation, and RF-DETR's preprocessing.
+
+Decoding happens once per request (the `preprocess` Triton model); every later stage works on the
+RGB uint8 array it returns, so orientation and colour handling live here alone.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from anomaly.errors import InputError
+
+# Formats a camera, drone or inspection tool produces. MPO is the JPEG variant many cameras write.
+ALLOWED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"}
+
+# Our own limit (MAX_IMAGE_PIXELS) is checked before decoding; PIL's bomb check would only duplicate it.
+Image.MAX_IMAGE_PIXELS = None
+
+
+def decode_image(data: bytes, max_bytes: int, max_pixels: int, field: str = "image") -> np.ndarray:
+    """Encoded bytes -> RGB uint8 array (H, W, 3), upright as the EXIF orientation says.
+
+    Raises InputError naming `field` for empty, oversized, undecodable, truncated or absurdly large images.
+    """
+    if data is None or len(data) == 0:
+        raise InputError(field, "is empty; send the encoded bytes of a JPEG, PNG, WebP, BMP or TIFF image")
+    if len(data) > max_bytes:
+        raise InputError(field, f"is {len(data)} bytes, more than the {max_bytes} allowed (MAX_IMAGE_BYTES)")
+    try:
+        img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError:
+        raise InputError(
+            field, f"is not a decodable image ({len(data)} bytes); expected JPEG, PNG, WebP, BMP or TIFF"
+        ) from None
+    except Exception as exc:  # PIL raises many types for hostile headers
+        raise InputError(field, f"could not be read as an image: {exc}") from None
+    if img.format not in ALLOWED_FORMATS:
+        raise InputError(field, f"format {img.format} is not accepted; send JPEG, PNG, WebP, BMP or TIFF")
+    width, height = img.size
+    if width < 1 or height < 1:
+        raise InputError(field, f"has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        # Checked on the header, before any pixel is decoded: this is what stops decompression bombs.
+        raise InputError(
+            field,
+            f"is {width}x{height} = {width * height} pixels, more than the {max_pixels} allowed (MAX_IMAGE_PIXELS)",
+        )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            rgb = _to_rgb(img)
+    except InputError:
+        raise
+    except Exception as exc:
+        raise InputError(field, f"is truncated or corrupt ({type(exc).__name__}: {exc})") from None
+    return rgb
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL mode -> RGB uint8. 16-bit and float greyscale are scaled to 8 bits, alpha is dropped."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        grey = (np.asarray(img, dtype=np.uint16) >> 8).astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if img.mode in ("I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        scale = 255.0 / (hi - lo) if hi > lo else 0.0
+        grey = ((arr - lo) * scale).round().astype(np.uint8)
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    return np.array(img, dtype=np.uint8)  # a writable copy: later stages may hand it to torch
+
+
+def _bilinear_taps(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Source indices and weights of PyTorch's bilinear resize (align_corners=False, no antialias)."""
+    scale = n_in / n_out
+    src = (np.arange(n_out, dtype=np.float64) + 0.5) * scale - 0.5
+    src = np.maximum(src, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n_in - 1)
+    i1 = np.minimum(i0 + 1, n_in - 1)
+    w1 = (src - i0).astype(np.float32)
+    return i0, i1, w1
+
+
+def resize_bilinear(image: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """(H, W, C) uint8 or float -> float32 (out_h, out_w, C), sampled as PyTorch's bilinear resize
+    (align_corners=False, no antialias) but with exact float weights. Rows are gathered before any
+    float conversion, so a 4K frame costs little more than the output size."""
+    h, w = image.shape[:2]
+    r0, r1, rw = _bilinear_taps(h, out_h)
+    c0, c1, cw = _bilinear_taps(w, out_w)
+    top = image[r0][:, c0].astype(np.float32), image[r0][:, c1].astype(np.float32)
+    bottom = image[r1][:, c0].astype(np.float32), image[r1][:, c1].astype(np.float32)
+    cw, rw = cw[None, :, None], rw[:, None, None]
+    upper = top[0] * (1.0 - cw) + top[1] * cw
+    lower = bottom[0] * (1.0 - cw) + bottom[1] * cw
+    return upper * (1.0 - rw) + lower * rw
+
+
+def rfdetr_preprocess(rgb: np.ndarray, resolution: int, means, stds) -> np.ndarray:
+    """RGB uint8 (H, W, 3) -> float32 (3, R, R) as rfdetr's predict() prepares its input: /255, plain
+    bilinear resize to R x R (no letterbox, no antialias), ImageNet normalisation. Resizing before the
+    /255 is the same linear map; it agrees with torchvision to ~1e-4 (torch's CPU kernel rounds its
+    interpolation weights to 1/65536, ours are exact)."""
+    x = resize_bilinear(rgb, resolution, resolution) / np.float32(255.0)
+    x = (x - np.asarray(means, np.float32)) / np.asarray(stds, np.float32)
+    return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)

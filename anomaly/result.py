@@ -1,0 +1,131 @@
+"""The response object of the deployment guide, built from the pipeline's stage outputs.
+
+Seed fields (never renamed): frame_id, image_size, anomalies[] (anomaly_id, defect_type, structure_type,
+bbox, geometry{area_pixels, length_pixels, width_pixels, orientation_degrees}, confidence{detection,
+segmentation, combined}), anomaly_count, structures[], processing_time_ms. Extra fields are additive.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import numpy as np
+
+from anomaly import geometry as geo
+from anomaly.detector import Detections, DetectorMetadata
+from anomaly.masks import crop_to_rle
+from anomaly.options import RequestOptions
+
+# A structure is the one an anomaly lies on when its box covers at least this share of the anomaly's box.
+MIN_STRUCTURE_COVERAGE = 0.5
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+
+
+def bbox_dict(box) -> dict:
+    """Integer pixel edges: the box spans columns x_min..x_max-1 and rows y_min..y_max-1."""
+    x0, y0, x1, y1 = (int(v) for v in box)
+    return {"x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1}
+
+
+def int_box(box: np.ndarray, image_hw: tuple[int, int]) -> tuple[int, int, int, int]:
+    from anomaly.segmenter import crop_box
+
+    return crop_box(box, image_hw)
+
+
+def coverage(inner: tuple, outer: tuple) -> float:
+    """Share of `inner`'s area inside `outer` (boxes as x0, y0, x1, y1)."""
+    w = min(inner[2], outer[2]) - max(inner[0], outer[0])
+    h = min(inner[3], outer[3]) - max(inner[1], outer[1])
+    area = (inner[2] - inner[0]) * (inner[3] - inner[1])
+    return max(w, 0) * max(h, 0) / area if area > 0 else 0.0
+
+
+def is_crack(defect_type: str) -> bool:
+    return "crack" in defect_type.lower()
+
+
+def build_response(
+    *,
+    image_hw: tuple[int, int],
+    detections: Detections,
+    metadata: DetectorMetadata,
+    seg_index: np.ndarray,
+    mask_boxes: np.ndarray,
+    masks: list[np.ndarray],
+    mask_scores: np.ndarray,
+    geometries: list[dict],
+    options: RequestOptions,
+    severity_thresholds_mm: tuple[float, float, float],
+    warnings: list[str],
+    processing_time_ms: float,
+) -> dict:
+    height, width = image_hw
+    structures = []
+    for i in range(len(detections)):
+        if metadata.role(int(detections.class_ids[i])) == "structure":
+            box = int_box(detections.boxes[i], image_hw)
+            structures.append(
+                {
+                    "structure_id": new_id("struct"),
+                    "structure_type": metadata.name(int(detections.class_ids[i])),
+                    "bbox": bbox_dict(box),
+                    "confidence": round(float(detections.scores[i]), 4),
+                    "_box": box,
+                }
+            )
+
+    anomalies = []
+    for k, det in enumerate(np.asarray(seg_index, int)):
+        box = tuple(int(v) for v in mask_boxes[k])
+        defect_type = metadata.name(int(detections.class_ids[det]))
+        host, best = None, 0.0
+        for s in structures:
+            c = coverage(box, s["_box"])
+            if c >= MIN_STRUCTURE_COVERAGE and (
+                c > best or (c == best and host and s["confidence"] > host["confidence"])
+            ):
+                host, best = s, c
+        det_conf = float(detections.scores[det])
+        seg_conf = float(mask_scores[k])
+        g = dict(geometries[k])
+        g["area_pixels"] = int(g["area_pixels"])
+        if options.mm_per_pixel:
+            g |= geo.to_millimetres(g, options.mm_per_pixel)
+        anomaly = {
+            "anomaly_id": new_id("anom"),
+            "defect_type": defect_type,
+            "structure_type": host["structure_type"] if host else "unknown",
+            "structure_id": host["structure_id"] if host else None,
+            "bbox": bbox_dict(box),
+            "geometry": g,
+            "confidence": {
+                "detection": round(det_conf, 4),
+                "segmentation": round(seg_conf, 4),
+                "combined": round((det_conf + seg_conf) / 2.0, 4),
+            },
+        }
+        if options.mm_per_pixel and is_crack(defect_type):
+            anomaly["severity"] = geo.crack_severity(g["max_width_mm"], severity_thresholds_mm)
+        if options.include_masks:
+            anomaly["mask"] = crop_to_rle(masks[k], box, image_hw)
+        anomalies.append(anomaly)
+
+    for s in structures:
+        del s["_box"]
+    response = {
+        "frame_id": options.frame_id or new_id("frame"),
+        "image_size": {"width": int(width), "height": int(height)},
+        "anomalies": anomalies,
+        "anomaly_count": len(anomalies),
+        "structures": structures,
+        "processing_time_ms": round(float(processing_time_ms), 2),
+    }
+    if options.mm_per_pixel:
+        response["mm_per_pixel"] = options.mm_per_pixel
+    response["untrained_weights"] = any(w.startswith("UNTRAINED") for w in warnings)
+    response["warnings"] = list(warnings)
+    return response

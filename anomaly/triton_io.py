@@ -1,0 +1,118 @@
+"""What every Triton Python model of the pipeline shares: reading inputs and options, answering, and
+turning exceptions into per-request errors so that one bad request never takes the server down.
+
+`pb_utils` (triton_python_backend_utils) exists only inside Triton's stub process, so it is passed in.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from anomaly.config import settings
+from anomaly.errors import InputError
+from anomaly.options import RequestOptions, parse_options
+
+log = logging.getLogger("anomaly.triton")
+
+
+def setup_logging() -> None:
+    if not logging.getLogger().handlers:
+        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+
+def metadata_path(args: dict) -> Path:
+    """The detector's metadata file, found from this model's own folder in the repository."""
+    return Path(args["model_repository"]).parent / "detector" / "1" / "metadata.json"
+
+
+def params_of(request) -> dict:
+    raw = request.parameters()
+    return json.loads(raw) if raw else {}
+
+
+def options_of(request) -> RequestOptions:
+    s = settings()
+    return parse_options(params_of(request), s.confidence_threshold, s.mm_per_pixel)
+
+
+def array(pb_utils, request, name: str) -> np.ndarray:
+    tensor = pb_utils.get_input_tensor_by_name(request, name)
+    if tensor is None:
+        raise InputError(name, "is missing from the request")
+    return tensor.as_numpy()
+
+
+def image_bytes(pb_utils, request, name: str = "IMAGE") -> bytes:
+    """The one encoded image of a request, refusing batches it would otherwise silently drop."""
+    values = array(pb_utils, request, name).reshape(-1)
+    if values.size != 1:
+        raise InputError(name, f"must hold exactly one encoded image, got {values.size} elements")
+    value = values[0]
+    return value if isinstance(value, bytes) else bytes(value)
+
+
+def bytes_tensor(items: list[bytes]) -> np.ndarray:
+    out = np.empty(len(items), dtype=np.object_)
+    for i, item in enumerate(items):
+        out[i] = item
+    return out
+
+
+def respond(pb_utils, outputs: dict[str, np.ndarray]):
+    return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
+
+
+def error_response(pb_utils, exc: BaseException):
+    if isinstance(exc, InputError):
+        return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
+    log.error("internal error: %s", "".join(traceback.format_exception(exc)))
+    return pb_utils.InferenceResponse(
+        error=pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+    )
+
+
+def answer_each(pb_utils, requests, handle: Callable) -> list:
+    """handle(request) -> outputs dict, for each request; an exception answers that request alone."""
+    responses = []
+    for request in requests:
+        try:
+            responses.append(respond(pb_utils, handle(request)))
+        except Exception as exc:  # noqa: BLE001 - every failure must become this request's error
+            responses.append(error_response(pb_utils, exc))
+    return responses
+
+
+def answer_batched(pb_utils, requests, input_name: str, item_shape: tuple, run: Callable, output_names: tuple) -> list:
+    """One run over the requests Triton's dynamic batcher gathered; a request whose input has the wrong
+    shape is answered with an error alone, the others still run."""
+    responses: list = [None] * len(requests)
+    good: list[tuple[int, np.ndarray]] = []
+    for i, request in enumerate(requests):
+        try:
+            x = array(pb_utils, request, input_name)
+            if x.shape[1:] != item_shape:
+                raise InputError(
+                    input_name, f"must have shape (batch, {', '.join(map(str, item_shape))}), got {x.shape}"
+                )
+            good.append((i, x))
+        except Exception as exc:  # noqa: BLE001
+            responses[i] = error_response(pb_utils, exc)
+    if good:
+        try:
+            outputs = run(np.concatenate([x for _, x in good]))
+            offset = 0
+            for i, x in good:
+                part = {name: out[offset : offset + len(x)] for name, out in zip(output_names, outputs)}
+                responses[i] = respond(pb_utils, part)
+                offset += len(x)
+        except Exception as exc:  # noqa: BLE001
+            for i, _ in good:
+                responses[i] = error_response(pb_utils, exc)
+    return responses

@@ -1,0 +1,260 @@
+"""Start the real tritonserver on the model repository, wait until every model is ready, stop it cleanly.
+
+Where the binary comes from, first found wins: TRITON_HOME, the official container's /opt/tritonserver,
+or the `nvidia-pytriton` wheel unpacked in .triton/ (`make triton`), whose Python backend is linked
+into a backend folder next to it. On a machine without a GPU the CUDA memory pools are switched off.
+The Python backend's shared-memory regions get a per-server prefix so a stop can remove exactly its own.
+
+`python -m anomaly.triton_server` runs it in the foreground until SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import argparse
+import atexit
+import glob
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from anomaly.config import REPO_ROOT, Settings, load_settings
+
+PYTRITON_HOME = REPO_ROOT / ".triton" / "pkgs" / "pytriton" / "tritonserver"
+CONTAINER_HOME = Path("/opt/tritonserver")
+
+
+class TritonStartError(RuntimeError):
+    pass
+
+
+def has_gpu() -> bool:
+    if not Path("/dev/nvidia0").exists() or not shutil.which("nvidia-smi"):
+        return False
+    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+def find_triton(settings: Settings) -> tuple[Path, Path]:
+    """(tritonserver binary, backend directory)."""
+    homes = [Path(settings.triton_home)] if settings.triton_home else [CONTAINER_HOME, PYTRITON_HOME]
+    for home in homes:
+        binary = home / "bin" / "tritonserver"
+        if not binary.is_file():
+            continue
+        if (home / "backends" / "python" / "triton_python_backend_stub").exists():
+            return binary, home / "backends"  # a complete install, as in the official container
+        return binary, _link_pytriton_backend(home)
+    raise TritonStartError(
+        f"tritonserver not found in {', '.join(str(h) for h in homes)}; run `make triton` "
+        "(installs the nvidia-pytriton wheel into .triton/) or set TRITON_HOME"
+    )
+
+
+def _link_pytriton_backend(home: Path) -> Path:
+    """The wheel keeps the stub apart from the backend; Triton wants them in one folder. Symlinks keep
+    the stub next to the libraries it was built with."""
+    major_minor = f"{sys.version_info.major}.{sys.version_info.minor}"
+    stub = home / "python_backend_stubs" / major_minor / "triton_python_backend_stub"
+    if not stub.is_file():
+        raise TritonStartError(f"no Python backend stub for Python {major_minor} in {home}")
+    backends = REPO_ROOT / ".triton" / "backends"
+    target = backends / "python"
+    target.mkdir(parents=True, exist_ok=True)
+    for source in (
+        home / "backends" / "python" / "libtriton_python.so",
+        home / "backends" / "python" / "triton_python_backend_utils.py",
+        stub,
+    ):
+        link = target / source.name
+        if link.is_symlink() or link.exists():
+            if link.resolve() == source.resolve():
+                continue
+            link.unlink()
+        link.symlink_to(source.resolve())
+    return backends
+
+
+class TritonServer:
+    """A tritonserver child process; usable as a context manager."""
+
+    def __init__(
+        self,
+        settings: Settings | None = None,
+        model_repository: Path | None = None,
+        log_path: Path | None = None,
+        env: dict | None = None,
+        model_config_name: str = "",
+    ):
+        self.settings = settings or load_settings()
+        self.model_repository = Path(model_repository or self.settings.model_repository)
+        self.log_path = log_path
+        self.extra_env = env or {}
+        self.model_config_name = model_config_name
+        self.process: subprocess.Popen | None = None
+        self.shm_prefix = f"anomaly_{os.getpid()}_{int(time.time() * 1000) % 10**8}_"
+        self._log_file = None
+
+    @property
+    def client_host(self) -> str:
+        host = self.settings.triton_host
+        return "127.0.0.1" if host in ("0.0.0.0", "::") else host
+
+    @property
+    def http_url(self) -> str:
+        return f"{self.client_host}:{self.settings.triton_http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{self.client_host}:{self.settings.triton_grpc_port}"
+
+    def command(self) -> list[str]:
+        binary, backends = find_triton(self.settings)
+        s = self.settings
+        cmd = [
+            str(binary),
+            f"--model-repository={self.model_repository}",
+            f"--backend-directory={backends}",
+            f"--http-address={s.triton_host}",
+            f"--http-port={s.triton_http_port}",
+            f"--grpc-address={s.triton_host}",
+            f"--grpc-port={s.triton_grpc_port}",
+            f"--metrics-address={s.triton_host}",
+            f"--metrics-port={s.triton_metrics_port}",
+            f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
+            "--backend-config=python,stub-timeout-seconds=120",
+            "--exit-timeout-secs=10",
+            "--strict-readiness=true",
+            "--log-verbose=0",
+        ]
+        if self.model_config_name:
+            cmd.append(f"--model-config-name={self.model_config_name}")
+        if not has_gpu():
+            cmd += [
+                "--pinned-memory-pool-byte-size=0",
+                "--cuda-memory-pool-byte-size=0:0",
+                "--allow-gpu-metrics=false",
+            ]
+        return cmd
+
+    def environment(self) -> dict:
+        env = dict(os.environ)
+        # Triton's Python stub finds packages through the python on PATH, not PYTHONPATH.
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        # Each model is its own process: only the detector and SAM size their thread pools (COMPUTE_THREADS);
+        # everything else stays single-threaded so the cores are not oversubscribed.
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env.setdefault(var, "1")
+        env.setdefault("PYTHONUNBUFFERED", "1")
+        env.update(self.extra_env)
+        return env
+
+    def start(self, ready_timeout: float = 300.0) -> TritonServer:
+        cmd = self.command()
+        if self.log_path:
+            self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
+        self.process = subprocess.Popen(
+            cmd,
+            env=self.environment(),
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT if self._log_file else None,
+            start_new_session=True,  # its own process group: stop() reaches the stubs too
+        )
+        atexit.register(self.stop)  # a crashing parent must not leave a server behind
+        try:
+            self.wait_ready(ready_timeout)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def is_ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process and self.process.poll() is not None:
+                raise TritonStartError(f"tritonserver exited with code {self.process.returncode}{self._log_tail()}")
+            if self.is_ready():
+                return
+            time.sleep(0.25)
+        raise TritonStartError(f"tritonserver was not ready after {timeout:.0f} s{self._log_tail()}")
+
+    def _log_tail(self) -> str:
+        if not self.log_path or not Path(self.log_path).exists():
+            return ""
+        lines = Path(self.log_path).read_text(errors="replace").splitlines()
+        return "; log tail:\n" + "\n".join(lines[-25:])
+
+    def stop(self, timeout: float = 20.0) -> int | None:
+        """SIGTERM, then SIGKILL for the whole group after `timeout`; removes leftover shared memory."""
+        code = None
+        if self.process and self.process.poll() is None:
+            try:
+                os.killpg(self.process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+            try:
+                code = self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                code = self.process.wait()
+        elif self.process:
+            code = self.process.returncode
+        if self.process:
+            try:  # stubs that outlived the server
+                os.killpg(self.process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for leftover in glob.glob(f"/dev/shm/{self.shm_prefix}*"):
+            Path(leftover).unlink(missing_ok=True)
+        if self._log_file:
+            self._log_file.close()
+            self._log_file = None
+        return code
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m anomaly.triton_server", description=__doc__)
+    parser.add_argument("--ready-timeout", type=float, default=600.0)
+    args = parser.parse_args(argv)
+    server = TritonServer()
+    stopping = []
+
+    def on_signal(signum, _frame):
+        stopping.append(signum)
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    try:
+        server.start(args.ready_timeout)
+    except TritonStartError as exc:
+        print(f"triton: {exc}", file=sys.stderr)
+        return 1
+    print(f"triton ready: HTTP {server.http_url}, gRPC {server.grpc_url}, model anomaly_pipeline", flush=True)
+    while not stopping and server.process.poll() is None:
+        time.sleep(0.5)
+    died = server.process.poll() is not None and not stopping
+    code = server.stop()
+    if died:
+        print(f"triton: tritonserver exited unexpectedly with code {code}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Model export and weight preparation (`python -m export`, run by `make models`)."""

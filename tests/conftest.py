@@ -1,0 +1,127 @@
+"""Shared fixtures. End-to-end fixtures start the real tritonserver (from the nvidia-pytriton wheel) on free
+ports with the exported models; nothing here is mocked.
+
+No weights can be downloaded on the machines this runs on, so the models are the real RF-DETR and SAM2.1
+architectures with untrained, seeded weights (written once by `python -m export`)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import socket
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+# Before anything reads the settings: untrained weights are expected here, and SAM tiny keeps CPU runs short.
+os.environ.setdefault("ALLOW_UNTRAINED_WEIGHTS", "1")
+os.environ.setdefault("SAM2_VARIANT", "tiny")
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "samples"
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.fixture(scope="session")
+def exported():
+    """The exported detector metadata (exporting first if `make test` has not already)."""
+    from anomaly.config import load_settings
+    from anomaly.weights import make_untrained_sam2, segmenter_candidates
+    from export.detector import export_detector
+
+    settings = load_settings()
+    meta = export_detector(settings)
+    spec = segmenter_candidates(settings)[0][0]
+    if spec.untrained:
+        make_untrained_sam2(spec.variant, Path(spec.checkpoint))
+    return meta
+
+
+@pytest.fixture(scope="session")
+def triton(exported, tmp_path_factory):
+    """A real tritonserver serving the model repository, on free ports."""
+    from anomaly.config import load_settings
+    from anomaly.triton_server import TritonServer
+
+    http, grpc, metrics = free_ports(3)
+    os.environ.update(TRITON_HTTP_PORT=str(http), TRITON_GRPC_PORT=str(grpc), TRITON_METRICS_PORT=str(metrics))
+    log = tmp_path_factory.mktemp("triton") / "triton.log"
+    server = TritonServer(load_settings(), log_path=log)
+    server.start(ready_timeout=600)
+    yield server
+    _record_memory(server)
+    server.stop()
+
+
+def _record_memory(server) -> None:
+    """RSS of tritonserver and its model processes after the run, for the benchmark notes."""
+    import psutil
+
+    try:
+        root = psutil.Process(server.process.pid)
+        procs = [root, *root.children(recursive=True)]
+        rows = {f"{p.pid} {' '.join(p.cmdline()[:1] + p.cmdline()[-1:])[-80:]}": p.memory_info().rss for p in procs}
+    except psutil.Error:
+        return
+    out = REPO / "bench_output"
+    out.mkdir(exist_ok=True)
+    total = sum(rows.values())
+    (out / "server_rss_after_tests.json").write_text(
+        json.dumps(
+            {
+                "total_mib": round(total / 2**20, 1),
+                "processes_mib": {k: round(v / 2**20, 1) for k, v in rows.items()},
+            },
+            indent=2,
+        )
+    )
+
+
+@pytest.fixture(scope="session")
+def grpc_client(triton):
+    from client import AnomalyClient
+
+    with AnomalyClient(triton.grpc_url, "grpc") as c:
+        yield c
+
+
+@pytest.fixture(scope="session")
+def http_client(triton):
+    from client import AnomalyClient
+
+    with AnomalyClient(triton.http_url, "http") as c:
+        yield c
+
+
+@pytest.fixture(params=["grpc", "http"])
+def client(request, grpc_client, http_client):
+    return grpc_client if request.param == "grpc" else http_client
+
+
+def encode(rgb: np.ndarray, fmt: str = "JPEG", **kwargs) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format=fmt, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="session")
+def deck_jpeg() -> bytes:
+    return (SAMPLES / "bridge_deck.jpg").read_bytes()
+
+
+@pytest.fixture(scope="session")
+def pier_png() -> bytes:
+    return (SAMPLES / "pier_spalling.png").read_bytes()

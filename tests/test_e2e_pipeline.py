@@ -1,0 +1,180 @@
+"""anomaly_pipeline through a real tritonserver, over HTTP and gRPC, with real JPEG and PNG images."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from anomaly.masks import rle_to_mask
+from client import AnomalyServiceError
+from tests.conftest import SAMPLES, encode
+
+SEED_FIELDS = {"frame_id", "image_size", "anomalies", "anomaly_count", "structures", "processing_time_ms"}
+ANOMALY_FIELDS = {"anomaly_id", "defect_type", "structure_type", "bbox", "geometry", "confidence"}
+GEOMETRY_FIELDS = {"area_pixels", "length_pixels", "width_pixels", "orientation_degrees"}
+CONFIDENCE_FIELDS = {"detection", "segmentation", "combined"}
+LOW = 0.25  # the untrained detector's scores sit around 0.2-0.45; this keeps a handful of boxes
+
+
+def check_response(response: dict, width: int, height: int, meta) -> None:
+    assert SEED_FIELDS <= set(response)
+    assert response["image_size"] == {"width": width, "height": height}
+    assert response["anomaly_count"] == len(response["anomalies"])
+    assert response["processing_time_ms"] > 0
+    defect_names = set(meta.classes_with_role("defect"))
+    structure_names = set(meta.classes_with_role("structure"))
+    ids = set()
+    for a in response["anomalies"]:
+        assert ANOMALY_FIELDS <= set(a)
+        assert a["anomaly_id"].startswith("anom_") and a["anomaly_id"] not in ids
+        ids.add(a["anomaly_id"])
+        assert a["defect_type"] in defect_names
+        assert a["structure_type"] == "unknown" or a["structure_type"] in structure_names
+        b = a["bbox"]
+        assert 0 <= b["x_min"] < b["x_max"] <= width and 0 <= b["y_min"] < b["y_max"] <= height
+        assert GEOMETRY_FIELDS <= set(a["geometry"])
+        g = a["geometry"]
+        assert isinstance(g["area_pixels"], int)
+        assert 0 <= g["area_pixels"] <= (b["x_max"] - b["x_min"]) * (b["y_max"] - b["y_min"])
+        if g["area_pixels"]:
+            assert g["width_pixels"] == pytest.approx(g["area_pixels"] / g["length_pixels"], rel=0.01, abs=0.01)
+        assert 0 <= g["orientation_degrees"] < 180
+        assert set(a["confidence"]) == CONFIDENCE_FIELDS
+        assert all(0 <= v <= 1 for v in a["confidence"].values())
+    for s in response["structures"]:
+        assert s["structure_type"] in structure_names
+        b = s["bbox"]
+        assert 0 <= b["x_min"] < b["x_max"] <= width and 0 <= b["y_min"] < b["y_max"] <= height
+
+
+def test_jpeg_1080p_every_seed_field(client, deck_jpeg, exported):
+    response = client.detect(deck_jpeg, frame_id="deck-001", confidence_threshold=LOW)
+    assert response["frame_id"] == "deck-001"
+    check_response(response, 1920, 1080, exported)
+    assert response["anomaly_count"] + len(response["structures"]) > 0
+    # Untrained weights are never served silently.
+    assert response["untrained_weights"] is True
+    assert any(w.startswith("UNTRAINED WEIGHTS") for w in response["warnings"])
+
+
+def test_png_with_masks_decodes_inside_bboxes(client, pier_png, exported):
+    response = client.detect(pier_png, include_masks=True, confidence_threshold=LOW)
+    check_response(response, 800, 450, exported)
+    assert response["anomalies"], "the pier sample should give defects at this threshold"
+    for a in response["anomalies"]:
+        mask = rle_to_mask(a["mask"])
+        assert mask.shape == (450, 800)
+        b = a["bbox"]
+        outside = mask.copy()
+        outside[b["y_min"] : b["y_max"], b["x_min"] : b["x_max"]] = False
+        assert not outside.any()
+        assert mask.sum() == a["geometry"]["area_pixels"]
+
+
+def test_no_mask_bytes_unless_asked(grpc_client, pier_png):
+    response = grpc_client.detect(pier_png, confidence_threshold=LOW)
+    assert response["anomalies"]
+    assert all("mask" not in a for a in response["anomalies"])
+
+
+def test_threshold_is_applied(grpc_client, pier_png):
+    full = grpc_client.detect_full(pier_png, confidence_threshold=LOW)
+    strict = grpc_client.detect_full(pier_png, confidence_threshold=0.4)
+    assert (full.arrays["SCORES"] > LOW).all() and (strict.arrays["SCORES"] > 0.4).all()
+    assert len(strict.arrays["SCORES"]) < len(full.arrays["SCORES"])
+    none = grpc_client.detect(pier_png, confidence_threshold=1.0)
+    assert none["anomaly_count"] == 0 and none["structures"] == []
+
+
+def test_exif_orientation_is_honoured(http_client):
+    # Stored 800 wide x 600 high with orientation 6: upright it is 600 wide x 800 high.
+    response = http_client.detect((SAMPLES / "tunnel_wall_exif.jpg").read_bytes(), confidence_threshold=0.9)
+    assert response["image_size"] == {"width": 600, "height": 800}
+
+
+@pytest.mark.parametrize("fmt", ["WEBP", "BMP", "TIFF"])
+def test_other_formats(grpc_client, fmt):
+    rgb = np.asarray(Image.open(SAMPLES / "pier_spalling.png").convert("RGB"))[:200, :300]
+    response = grpc_client.detect(encode(rgb, fmt), confidence_threshold=0.9)
+    assert response["image_size"] == {"width": 300, "height": 200}
+
+
+def _bomb_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(buf, format="PNG")  # 144 Mpx, a few kB
+    return buf.getvalue()
+
+
+BAD_IMAGES = {
+    "empty": (b"", "empty"),
+    "not an image": (b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 10, "not a decodable image"),
+    "truncated jpeg": ((SAMPLES / "bridge_deck.jpg").read_bytes()[:5000], "truncated or corrupt"),
+    "corrupt png": (
+        (SAMPLES / "pier_spalling.png").read_bytes()[:200] + b"\x00" * 500,
+        "truncated or corrupt",
+    ),
+    "decompression bomb": (_bomb_png(), "pixels, more than the"),
+    "gif": (encode(np.zeros((8, 8, 3), np.uint8), "GIF"), "format GIF is not accepted"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_IMAGES))
+def test_bad_images_get_clear_errors_and_server_keeps_serving(client, case, pier_png):
+    data, expected = BAD_IMAGES[case]
+    with pytest.raises(AnomalyServiceError) as err:
+        client.detect(data)
+    assert err.value.bad_input, str(err.value)
+    assert "image" in str(err.value) and expected in str(err.value)
+    assert client.detect(pier_png, confidence_threshold=0.9)["image_size"]["width"] == 800
+
+
+BAD_OPTIONS = {
+    "threshold above 1": ({"confidence_threshold": 1.5}, "confidence_threshold"),
+    "threshold below 0": ({"confidence_threshold": -0.1}, "confidence_threshold"),
+    "frame_id with spaces": ({"frame_id": "a b; rm -rf"}, "frame_id"),
+    "mm_per_pixel zero": ({"mm_per_pixel": 0.0}, "mm_per_pixel"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_OPTIONS))
+def test_bad_options_name_the_field(client, case, pier_png):
+    options, field = BAD_OPTIONS[case]
+    with pytest.raises(AnomalyServiceError) as err:
+        client.detect(pier_png, **options)
+    assert err.value.bad_input and field in str(err.value)
+
+
+def test_unknown_parameter_is_refused_not_ignored(triton, pier_png):
+    import tritonclient.grpc as tc
+    from tritonclient.utils import InferenceServerException
+
+    client = tc.InferenceServerClient(triton.grpc_url)
+    tensor = tc.InferInput("IMAGE", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([pier_png], dtype=np.object_))
+    with pytest.raises(InferenceServerException, match="confidence_treshold"):
+        client.infer("anomaly_pipeline", [tensor], parameters={"confidence_treshold": 0.5})
+
+
+def test_two_images_in_one_request_are_refused(triton, pier_png):
+    import tritonclient.http as tc
+    from tritonclient.utils import InferenceServerException
+
+    client = tc.InferenceServerClient(triton.http_url)
+    tensor = tc.InferInput("IMAGE", [2], "BYTES")
+    tensor.set_data_from_numpy(np.array([pier_png, pier_png], dtype=np.object_))
+    with pytest.raises(InferenceServerException):  # the config's dims [1] refuse it before any model runs
+        client.infer("anomaly_pipeline", [tensor])
+
+
+def test_concurrent_requests_over_grpc(grpc_client, pier_png, deck_jpeg):
+    """Several frames in flight at once (the detector batches them); each answer belongs to its request."""
+    jobs = [(f"frame-{i}", pier_png if i % 2 else deck_jpeg) for i in range(4)]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda j: grpc_client.detect(j[1], frame_id=j[0], confidence_threshold=0.5), jobs))
+    for (frame_id, data), response in zip(jobs, results):
+        assert response["frame_id"] == frame_id
+        assert response["image_size"]["width"] == (800 if data is pier_png else 1920)
