@@ -37,7 +37,7 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, field: str = "ima
             field, f"is not a decodable image ({len(data)} bytes); expected JPEG, PNG, WebP, BMP or TIFF"
         ) from None
     except Exception as exc:  # PIL raises many types for hostile headers
-        raise InputError(field, f"could not be read as an image: {exc}") from None
+        raise InputError(field, f"is truncated or corrupt ({exc})") from None
     if img.format not in ALLOWED_FORMATS:
         raise InputError(field, f"format {img.format} is not accepted; send JPEG, PNG, WebP, BMP or TIFF")
     width, height = img.size

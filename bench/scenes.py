@@ -8,7 +8,7 @@ import math
 import cv2
 import numpy as np
 
-from tests.synthetic import rasterise_polylines
+from tests.synthetic import thick_segments
 
 
 def _crack(rng: np.random.Generator) -> np.ndarray:
@@ -25,8 +25,7 @@ def _crack(rng: np.random.Generator) -> np.ndarray:
         start = lines[0][steps // 2]
         a = heading + rng.choice([-1, 1]) * rng.uniform(0.6, 1.2)
         lines.append(np.array([start, start + rng.uniform(40, 200) * np.array([math.cos(a), math.sin(a)])]))
-    mask, _ = rasterise_polylines(lines, width, margin=3)
-    return mask
+    return thick_segments(lines, width, margin=3)
 
 
 def _blob(rng: np.random.Generator, lo: float, hi: float) -> np.ndarray:

@@ -1,0 +1,178 @@
+"""Geometry against synthetic masks whose true length, width and orientation are known by construction."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from anomaly.geometry import crack_severity, measure, orientation_degrees, skeleton_length, to_millimetres
+from tests.synthetic import branches, segment, thick_arc, thick_segments
+
+RNG_SEED = 12345
+
+
+def width_error(measured: float, true_width: float) -> float:
+    """Relative error for widths of 10 px and more, absolute pixels below (the issue's two criteria)."""
+    return abs(measured - true_width) / true_width if true_width >= 10 else abs(measured - true_width)
+
+
+def angle_error(a: float, b: float) -> float:
+    d = abs(a - b) % 180.0
+    return min(d, 180.0 - d)
+
+
+def cases(kind: str, n: int):
+    rng = np.random.default_rng(RNG_SEED + hash(kind) % 1000)
+    for _ in range(n):
+        width = rng.uniform(2, 30)
+        length = rng.uniform(50, 1500)
+        angle = rng.uniform(0, 180)
+        if kind == "straight":
+            yield thick_segments([segment(length, angle)], width), length, width, angle
+        elif kind == "curved":
+            radius = rng.uniform(max(length / 5.0, 3 * width), 3 * length)  # sweeps up to ~290 degrees
+            sweep = math.degrees(length / radius)
+            yield thick_arc(radius, rng.uniform(0, 360), sweep, width), length, width, None
+        else:
+            n_arms = int(rng.integers(3, 5))
+            arms = rng.uniform(0.2, 0.5, n_arms)
+            arms = np.maximum(arms / arms.sum() * length, 3 * width)  # a shorter arm is a bump, not a branch
+            spread = rng.uniform(0, 360) + np.arange(n_arms) * 360.0 / n_arms + rng.uniform(-15, 15, n_arms)
+            yield thick_segments(branches(arms, spread), width), float(arms.sum()), width, None
+
+
+@pytest.mark.parametrize("kind,n", [("straight", 40), ("curved", 30), ("branching", 25)])
+def test_length_and_width_of_thick_polylines(kind, n):
+    length_errors, wide_errors, thin_errors, angle_errors = [], [], [], []
+    for mask, length, width, angle in cases(kind, n):
+        g = measure(mask)
+        length_errors.append(abs(g["length_pixels"] - length) / length)
+        (wide_errors if width >= 10 else thin_errors).append(width_error(g["width_pixels"], width))
+        if angle is not None and length / width >= 3:
+            angle_errors.append(angle_error(g["orientation_degrees"], angle))
+        assert g["area_pixels"] == int(mask.sum())
+        assert g["width_pixels"] == pytest.approx(g["area_pixels"] / g["length_pixels"], rel=1e-3, abs=0.006)
+    assert np.median(length_errors) <= 0.02, f"median length error {np.median(length_errors):.4f}"
+    assert np.median(wide_errors) <= 0.05, f"median width error (>= 10 px) {np.median(wide_errors):.4f}"
+    assert np.median(thin_errors) <= 0.5, f"median width error (< 10 px) {np.median(thin_errors):.3f} px"
+    if kind == "straight":
+        assert max(angle_errors) <= 2.0, f"worst orientation error {max(angle_errors):.2f} degrees"
+
+
+@pytest.mark.parametrize("angle", [0, 15, 30, 45, 60, 89.5, 90, 120, 135, 179])
+def test_orientation_counter_clockwise_with_y_up(angle):
+    g = measure(thick_segments([segment(300, angle)], 6))
+    assert angle_error(g["orientation_degrees"], angle) <= 1.0
+    assert 0 <= g["orientation_degrees"] < 180
+
+
+def test_orientation_sign_on_screen():
+    """A line rising to the right as seen on screen (row index falling as x grows) is at +45, not 135."""
+    mask = np.zeros((50, 50), bool)
+    for i in range(40):
+        mask[45 - i, 5 + i] = True
+    assert orientation_degrees(mask) == pytest.approx(45, abs=0.5)
+
+
+def test_branching_counts_every_branch():
+    arms = branches([200, 150, 120], [0, 120, 240])
+    g = measure(thick_segments(arms, 5))
+    assert g["length_pixels"] == pytest.approx(470, rel=0.03)
+
+
+def test_spurs_shorter_than_the_width_are_pruned():
+    """A thick bar with a one-pixel burr on its edge: the burr must not add length."""
+    mask = thick_segments([segment(400, 0)], 20)
+    clean = measure(mask)["length_pixels"]
+    h, w = mask.shape
+    mask[h // 2 - 14 : h // 2 - 9, w // 2] = True  # a 5-px whisker leaving the top edge
+    assert measure(mask)["length_pixels"] == pytest.approx(clean, abs=2.0)
+
+
+def test_max_width_from_the_distance_transform():
+    mask = thick_segments([segment(400, 0)], 9)  # 9 rows on the centre line
+    assert measure(mask)["max_width_pixels"] == pytest.approx(9, abs=1.0)
+    # A crack that widens: the maximum is the wide part's width.
+    wide = thick_segments([np.array([[0, 0], [300, 0]]), np.array([[300, 0], [400, 0]])], 5)
+    blob = thick_segments([np.array([[330.0, 0.0], [370.0, 0.0]])], 15)
+    canvas = np.zeros((max(wide.shape[0], blob.shape[0]), max(wide.shape[1], blob.shape[1])), bool)
+    canvas[: wide.shape[0], : wide.shape[1]] |= wide
+    off = (canvas.shape[0] - blob.shape[0]) // 2
+    canvas[off : off + blob.shape[0], 320 : 320 + blob.shape[1]] |= blob
+    assert measure(canvas)["max_width_pixels"] >= 13
+
+
+def test_disc_blob_length_is_its_diameter():
+    yy, xx = np.mgrid[0:101, 0:101]
+    disc = (xx - 50) ** 2 + (yy - 50) ** 2 <= 40**2
+    g = measure(disc)
+    assert g["length_pixels"] == pytest.approx(81, abs=2)
+    assert g["width_pixels"] == pytest.approx(math.pi * 81 / 4, rel=0.05)
+
+
+def test_ellipse_blob_along_its_major_axis():
+    yy, xx = np.mgrid[0:121, 0:201]
+    ellipse = ((xx - 100) / 80.0) ** 2 + ((yy - 60) / 40.0) ** 2 <= 1
+    g = measure(ellipse)
+    assert angle_error(g["orientation_degrees"], 0) < 1
+    # Its medial axis (about 120 px) is shorter than twice its width: a blob, measured along its major axis.
+    assert g["length_pixels"] == pytest.approx(161, abs=2)
+    assert g["width_pixels"] == pytest.approx(g["area_pixels"] / g["length_pixels"], rel=1e-3, abs=0.006)
+    assert g["width_pixels"] < g["length_pixels"]
+
+
+def test_one_pixel_and_empty_masks():
+    one = np.zeros((5, 5), bool)
+    one[2, 3] = True
+    assert measure(one) == {
+        "area_pixels": 1,
+        "length_pixels": 1.0,
+        "width_pixels": 1.0,
+        "orientation_degrees": 0.0,
+        "max_width_pixels": 1.0,
+    }
+    empty = measure(np.zeros((7, 9), bool))
+    assert empty["area_pixels"] == 0 and empty["length_pixels"] == 0 and empty["width_pixels"] == 0
+    assert measure(np.zeros((0, 0), bool))["area_pixels"] == 0
+
+
+def test_mask_touching_the_border_is_measured_inside_the_frame():
+    """A crack running off the frame: what is visible is measured, the frame edge reading as its end
+    (the skeleton stops about half a width short of it, as at any end)."""
+    full = thick_segments([segment(300, 0)], 7)
+    h, w = full.shape
+    cut = full[:, w // 2 :]  # the right half, touching the left border of the crop
+    g = measure(cut)
+    assert g["length_pixels"] == pytest.approx(150 - 3.5, abs=4)
+    assert g["max_width_pixels"] == pytest.approx(7, abs=1)
+    assert g["area_pixels"] == int(cut.sum())
+
+
+def test_skeleton_length_of_digital_lines():
+    """The corner-count estimator on one-pixel lines: exact-ish at 0, 45 and in between."""
+    for slope in (0.0, 0.2, 0.4142, 0.5, 0.75, 1.0):
+        n = 400
+        mask = np.zeros((n + 1, n + 1), bool)
+        xs = np.arange(n + 1)
+        mask[np.round(xs * slope).astype(int), xs] = True  # a Bresenham line, 8-connected
+        true = n * math.hypot(1.0, slope)
+        assert skeleton_length(mask) == pytest.approx(true, rel=0.01), slope
+        assert skeleton_length(mask.T) == pytest.approx(true, rel=0.01), slope
+
+
+def test_millimetres_and_severity():
+    g = {"area_pixels": 400, "length_pixels": 200.0, "width_pixels": 2.0, "max_width_pixels": 3.0}
+    mm = to_millimetres(g, 0.05)
+    assert mm == {"length_mm": 10.0, "width_mm": 0.1, "max_width_mm": 0.15, "area_mm2": 1.0}
+    bands = (0.1, 0.3, 1.0)
+    assert [crack_severity(w, bands) for w in (0.05, 0.1, 0.29, 0.3, 0.99, 1.0, 5.0)] == [
+        "hairline",
+        "fine",
+        "fine",
+        "medium",
+        "medium",
+        "wide",
+        "wide",
+    ]
