@@ -1,0 +1,37 @@
+"""Request options: defaults, coercion from strings (perf_analyzer, forms), and errors naming the field."""
+
+from __future__ import annotations
+
+import pytest
+
+from anomaly.errors import InputError
+from anomaly.options import RequestOptions, parse_options
+
+
+def test_defaults_and_coercion():
+    assert parse_options({}, 0.3) == RequestOptions(0.3, False, None, None)
+    assert parse_options({}, 0.3, 0.05).mm_per_pixel == 0.05
+    got = parse_options({"confidence_threshold": "0.5", "include_masks": "true", "frame_id": "cam1/0001.jpg",
+                         "mm_per_pixel": 0.1, "sequence_id": 0}, 0.3)  # fmt: skip
+    assert got == RequestOptions(0.5, True, "cam1/0001.jpg", 0.1)
+    assert parse_options({"confidence_threshold": 1, "include_masks": 0}, 0.3) == RequestOptions(1.0, False)
+
+
+@pytest.mark.parametrize(
+    "params,field,words",
+    [
+        ({"confidence_threshold": 1.01}, "confidence_threshold", "must be in [0.0, 1.0]"),
+        ({"confidence_threshold": "high"}, "confidence_threshold", "must be a number"),
+        ({"confidence_threshold": float("nan")}, "confidence_threshold", "finite"),
+        ({"confidence_threshold": True}, "confidence_threshold", "boolean"),
+        ({"include_masks": "perhaps"}, "include_masks", "true or false"),
+        ({"frame_id": "x" * 129}, "frame_id", "1-128"),
+        ({"frame_id": "<script>"}, "frame_id", "letters, digits"),
+        ({"mm_per_pixel": -1}, "mm_per_pixel", "(0.0, 1000.0]"),
+        ({"confidence_treshold": 0.2}, "confidence_treshold", "not a known option"),
+    ],
+)
+def test_errors_name_the_field(params, field, words):
+    with pytest.raises(InputError) as err:
+        parse_options(params, 0.3)
+    assert err.value.field == field and words in str(err.value)
