@@ -53,7 +53,7 @@ serve: $(VENV_STAMP) $(TRITON_STAMP) models
 
 demo: $(VENV_STAMP) $(TRITON_STAMP)
 	$(DEV_ENV) $(PY) -m export
-	$(DEV_ENV) $(PY) -m bench.demo
+	$(DEV_ENV) $(PY) -m client.demo
 
 test: $(VENV_STAMP) $(TRITON_STAMP)
 	$(DEV_ENV) $(PY) -m export

@@ -70,6 +70,10 @@ KNOBS: tuple[Knob, ...] = (
         "",
         "Triton gRPC address the handler and gateway use (default TRITON_HOST:TRITON_GRPC_PORT)",
     ),
+    Knob("MAX_BATCH_IMAGES", "16", "most images in one batch request (REST /detect/batch, serverless `images`)"),
+    Knob("MAX_REQUEST_BYTES", str(100 * 1024 * 1024), "largest REST request body, in bytes (larger: 413)"),
+    Knob("RUNPOD_CONCURRENCY", "4", "jobs one serverless worker keeps in flight (runpod concurrency_modifier)"),
+    Knob("TRITON_READY_TIMEOUT", "900", "seconds the entrypoint and handler wait for Triton to become ready"),
     Knob("COMPUTE_THREADS", "", "CPU threads for the detector and the segmenter (default: all cores)"),
     Knob("DEVICE", "auto", "`auto`, `cpu` or `cuda`"),
 )
@@ -155,6 +159,10 @@ class Settings:
     triton_url: str
     compute_threads: int
     device: str
+    max_batch_images: int
+    max_request_bytes: int
+    runpod_concurrency: int
+    triton_ready_timeout: int
 
 
 def _severity() -> tuple[float, float, float]:
@@ -204,6 +212,10 @@ def load_settings() -> Settings:
         triton_url=env("TRITON_URL") or f"{'127.0.0.1' if host == '0.0.0.0' else host}:{grpc_port}",
         compute_threads=_int("COMPUTE_THREADS") if threads else (os.cpu_count() or 1),
         device=_choice("DEVICE", ("auto", "cpu", "cuda")),
+        max_batch_images=_int("MAX_BATCH_IMAGES"),
+        max_request_bytes=_int("MAX_REQUEST_BYTES"),
+        runpod_concurrency=_int("RUNPOD_CONCURRENCY"),
+        triton_ready_timeout=_int("TRITON_READY_TIMEOUT"),
     )
 
 

@@ -75,6 +75,25 @@ def warnings_for(meta: DetectorMetadata, segmenter_info: dict, notes: list[str])
     return found + list(notes)
 
 
+def models_info(meta: DetectorMetadata, segmenter: dict) -> dict:
+    """Which models and weights produced a response: an inspection record must say."""
+    return {
+        "detector": {
+            "name": f"rf-detr-{meta.variant}",
+            "weights": Path(meta.weights).name if meta.weights != "coco" else "coco",
+            "untrained": meta.untrained,
+            "resolution": meta.resolution,
+        },
+        "segmenter": {
+            "name": f"{segmenter.get('kind', 'sam2.1')}-{segmenter.get('variant')}",
+            "weights": Path(segmenter.get("checkpoint", "")).name,
+            "untrained": bool(segmenter.get("untrained")),
+            "device": segmenter.get("device", ""),
+            "note": segmenter.get("note", ""),
+        },
+    }
+
+
 def pack_crops(crops: list[MaskCrop]) -> dict[str, np.ndarray]:
     return {
         "MASK_BOXES": np.asarray([c.box for c in crops], np.int32).reshape(len(crops), 4),
@@ -94,13 +113,14 @@ class InProcessPipeline:
     """Every stage in this process: the baseline the Triton ensemble is compared with."""
 
     def __init__(self, settings: Settings, model_repository: Path | None = None):
-        from anomaly.weights import load_segmenter
+        from anomaly.weights import load_segmenter, segmenter_info
 
         repo = model_repository or settings.model_repository
         self.settings = settings
         self.meta = DetectorMetadata.load(repo / "detector" / "1" / "metadata.json")
         self.detector = OnnxDetector(repo / "detector" / "1" / "model.onnx", settings.compute_threads, settings.device)
-        self.segmenter, self.segmenter_spec = load_segmenter(settings)
+        self.segmenter, spec = load_segmenter(settings)
+        self.segmenter_info = segmenter_info(self.segmenter, spec)
 
     def __call__(self, data: bytes, options: RequestOptions) -> dict:
         start = time.monotonic_ns()
@@ -127,8 +147,9 @@ class InProcessPipeline:
             geometries=geometry_dicts(table),
             options=options,
             severity_thresholds_mm=self.settings.severity_thresholds_mm,
-            warnings=warnings_for(self.meta, self.segmenter_spec.describe(), notes),
+            warnings=warnings_for(self.meta, self.segmenter_info, notes),
             processing_time_ms=(time.monotonic_ns() - start) / 1e6,
+            models=models_info(self.meta, self.segmenter_info),
         )
 
 

@@ -62,6 +62,7 @@ def build_response(
     severity_thresholds_mm: tuple[float, float, float],
     warnings: list[str],
     processing_time_ms: float,
+    models: dict | None = None,
 ) -> dict:
     height, width = image_hw
     structures = []
@@ -128,4 +129,6 @@ def build_response(
         response["mm_per_pixel"] = options.mm_per_pixel
     response["untrained_weights"] = any(w.startswith("UNTRAINED") for w in warnings)
     response["warnings"] = list(warnings)
+    if models:
+        response["models"] = models
     return response

@@ -117,6 +117,11 @@ def load_segmenter(settings: Settings):
     raise WeightsMissingError(missing_sam_message(settings, notes))
 
 
+def segmenter_info(segmenter, spec: SegmenterSpec) -> dict:
+    """What runs, for responses and /info: the chosen weights and the device they landed on."""
+    return spec.describe() | {"device": segmenter.device}
+
+
 def check_untrained_allowed(settings: Settings, what: str) -> None:
     if not settings.allow_untrained:
         raise ConfigError(f"{what} would need untrained weights; set ALLOW_UNTRAINED_WEIGHTS=1 to allow that")

@@ -41,5 +41,6 @@ class TritonPythonModel:
             severity_thresholds_mm=settings().severity_thresholds_mm,
             warnings=pipeline.warnings_for(self.meta, segmenter_info, notes),
             processing_time_ms=(time.monotonic_ns() - int(get("START_NS")[0])) / 1e6,
+            models=pipeline.models_info(self.meta, segmenter_info),
         )
         return {"RESULT_JSON": np.array([pipeline.to_json(response)], dtype=np.object_)}

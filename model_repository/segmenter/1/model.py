@@ -6,15 +6,16 @@ import triton_python_backend_utils as pb_utils
 
 from anomaly import pipeline, triton_io
 from anomaly.config import settings
-from anomaly.weights import UNTRAINED_BANNER, load_segmenter
+from anomaly.weights import UNTRAINED_BANNER, load_segmenter, segmenter_info
 
 
 class TritonPythonModel:
     def initialize(self, args):
         triton_io.setup_logging()
         self.segmenter, self.spec = load_segmenter(settings())
-        self.info = json.dumps(self.spec.describe()).encode()
-        triton_io.log.info("segmenter: %s", self.spec.describe())
+        info = segmenter_info(self.segmenter, self.spec)
+        self.info = json.dumps(info).encode()
+        triton_io.log.info("segmenter: %s", info)
         if self.spec.untrained:
             triton_io.log.warning(UNTRAINED_BANNER.format(what=f"the segmenter (SAM2.1 {self.spec.variant})"))
 

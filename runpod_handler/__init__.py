@@ -1,0 +1,1 @@
+"""RunPod deployment: serverless handler, pod REST gateway, and the entrypoint that starts either."""

@@ -1,0 +1,109 @@
+"""Container entrypoint (and `make serve`): Triton first, then the REST gateway (RUNPOD_SERVERLESS=false)
+or the serverless worker (true).
+
+1. Copies the model repository's code to MODEL_REPOSITORY when that points elsewhere (a volume), so the
+   exported models persist across cold starts, and exports whatever is missing (`python -m export`).
+2. Starts tritonserver and waits until every model is ready.
+3. Starts the gateway (uvicorn on API_HOST:API_PORT) or the RunPod handler.
+4. SIGTERM/SIGINT stop both; if Triton dies the other is stopped and the exit code is non-zero.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import logging
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from anomaly.config import REPO_ROOT, load_settings
+from anomaly.errors import ConfigError
+from anomaly.triton_server import TritonServer, TritonStartError
+
+log = logging.getLogger("anomaly.entrypoint")
+SOURCE_REPOSITORY = REPO_ROOT / "model_repository"
+
+
+def sync_model_repository(target: Path) -> None:
+    """Copy config.pbtxt and model.py files into `target` when it is not the bundled repository."""
+    if target.resolve() == SOURCE_REPOSITORY.resolve():
+        return
+    for source in [*SOURCE_REPOSITORY.glob("*/config.pbtxt"), *SOURCE_REPOSITORY.glob("*/1/model.py")]:
+        destination = target / source.relative_to(SOURCE_REPOSITORY)
+        if destination.exists() and filecmp.cmp(source, destination, shallow=False):
+            continue
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, destination)
+    (target / "anomaly_pipeline" / "1").mkdir(parents=True, exist_ok=True)  # ensembles need a version folder
+
+
+def front_command(serverless: bool, settings) -> list[str]:
+    if serverless:
+        return [sys.executable, str(REPO_ROOT / "runpod_handler" / "handler.py")]
+    return [
+        sys.executable, "-m", "uvicorn", "runpod_handler.gateway:app",
+        "--host", settings.api_host, "--port", str(settings.api_port), "--workers", "1",
+    ]  # fmt: skip
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        settings = load_settings()
+    except ConfigError as exc:
+        print(f"entrypoint: {exc}", file=sys.stderr)
+        return 2
+    stopping: list[int] = []
+    signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
+    signal.signal(signal.SIGINT, lambda signum, _frame: stopping.append(signum))
+
+    sync_model_repository(settings.model_repository)
+    export = subprocess.run([sys.executable, "-m", "export"], cwd=REPO_ROOT)
+    if export.returncode != 0:
+        print("entrypoint: model export failed (see above); not starting", file=sys.stderr)
+        return 2
+    if stopping:
+        return 0
+
+    server = TritonServer(settings)
+    try:
+        server.start(settings.triton_ready_timeout)
+    except TritonStartError as exc:
+        print(f"entrypoint: {exc}", file=sys.stderr)
+        return 1
+    mode = (
+        "serverless worker"
+        if settings.runpod_serverless
+        else f"REST gateway on {settings.api_host}:{settings.api_port}"
+    )
+    log.info("Triton ready (HTTP %s, gRPC %s); starting the %s", server.http_url, server.grpc_url, mode)
+    front = subprocess.Popen(front_command(settings.runpod_serverless, settings), cwd=REPO_ROOT)
+
+    code = 0
+    while not stopping:
+        if server.process.poll() is not None:
+            print(f"entrypoint: tritonserver died (exit {server.process.returncode}); stopping", file=sys.stderr)
+            code = 1
+            break
+        if front.poll() is not None:
+            code = front.returncode or 0
+            log.info("the %s exited with %s; stopping Triton", mode, code)
+            break
+        time.sleep(0.2)
+
+    if front.poll() is None:
+        front.terminate()
+        try:
+            front.wait(5)
+        except subprocess.TimeoutExpired:
+            front.kill()
+            front.wait()
+    server.stop(timeout=8)
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

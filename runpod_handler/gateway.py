@@ -1,0 +1,230 @@
+"""Pod-mode REST API of the deployment guide, in front of Triton (which stays reachable on its own ports).
+
+  GET  /health          200 only when Triton and every model are ready, else 503
+  GET  /info            detector, segmenter, weights (and whether untrained), classes, versions, device
+  POST /detect          {"image": b64, "frame_id"?, "include_masks"?, "confidence_threshold"?, "mm_per_pixel"?}
+  POST /detect/batch    {"images": [b64...], "frame_ids"?: [...], same options}
+  POST /detect/upload   multipart: file, and the same options as form fields
+  GET  /docs            OpenAPI documentation (/openapi.json)
+
+Status codes: 400 a field is malformed or missing (the message names it), 413 body too large, 422 the
+image itself is unusable (corrupt, too many pixels, ...), 503 Triton not ready. Run with
+`uvicorn runpod_handler.gateway:app --host $API_HOST --port $API_PORT` (the entrypoint does).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import threading
+import time
+from typing import Annotated, Any
+
+from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
+
+from anomaly.config import settings
+from anomaly.errors import InputError
+from anomaly.options import parse_options
+from client import AnomalyClient, AnomalyServiceError
+from runpod_handler.jobs import Job, parse_batch, parse_single, run_job
+
+log = logging.getLogger("anomaly.gateway")
+PIPELINE_MODELS = ("preprocess", "detector", "select_detections", "segmenter", "geometry", "result", "anomaly_pipeline")
+
+app = FastAPI(
+    title="Infrastructure anomaly detection",
+    version=importlib.metadata.version("anomaly-inspection"),
+    description="RF-DETR + SAM2.1 on Triton: defects with boxes, masks, measured geometry and structural element.",
+)
+
+
+class DetectRequest(BaseModel):
+    image: str = Field(description="base64 of a JPEG, PNG, WebP, BMP or TIFF image (a data: URL also works)")
+    frame_id: str | None = Field(None, description="echoed back; generated when absent")
+    include_masks: bool = Field(False, description="add each anomaly's mask as COCO RLE")
+    confidence_threshold: float | None = Field(None, description="detection threshold in [0, 1]")
+    mm_per_pixel: float | None = Field(None, description="pixel size: adds *_mm fields and crack severity")
+    model_config = {"extra": "forbid"}
+
+
+class BatchRequest(BaseModel):
+    images: list[str] = Field(description="base64 images")
+    frame_ids: list[str] | None = Field(None, description="one per image")
+    include_masks: bool = False
+    confidence_threshold: float | None = None
+    mm_per_pixel: float | None = None
+    model_config = {"extra": "forbid"}
+
+
+_local = threading.local()
+
+
+def triton() -> AnomalyClient:
+    """One gRPC client per worker thread."""
+    if not hasattr(_local, "client"):
+        _local.client = AnomalyClient(settings().triton_url, "grpc")
+    return _local.client
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": message})
+
+
+def _run(job: Job) -> Any:
+    try:
+        return run_job(triton(), job)
+    except AnomalyServiceError as exc:
+        if exc.bad_input:
+            return _error(422, str(exc))
+        if not triton().is_ready():
+            return _error(503, f"Triton is not ready: {exc}")
+        log.error("Triton failed: %s", exc)
+        return _error(500, str(exc))
+
+
+@app.middleware("http")
+async def limit_body_size(request: Request, call_next):
+    """Refuse oversized bodies from their declared length, before reading them."""
+    length = request.headers.get("content-length")
+    limit = settings().max_request_bytes
+    if length is not None and length.isdigit() and int(length) > limit:
+        return _error(413, f"request body is {length} bytes, more than the {limit} allowed (MAX_REQUEST_BYTES)")
+    return await call_next(request)
+
+
+@app.exception_handler(InputError)
+async def input_error(_request: Request, exc: InputError) -> JSONResponse:
+    return _error(400, str(exc))
+
+
+def readiness() -> dict:
+    client = AnomalyClient(settings().triton_url, "grpc")
+    try:
+        server = client._client.is_server_ready()
+        models = {m: bool(client._client.is_model_ready(m)) for m in PIPELINE_MODELS}
+    except Exception as exc:  # noqa: BLE001 - unreachable Triton is simply not ready
+        return {"ready": False, "triton": f"unreachable at {settings().triton_url}: {type(exc).__name__}", "models": {}}
+    finally:
+        client.close()
+    return {
+        "ready": bool(server and all(models.values())),
+        "triton": "ready" if server else "not ready",
+        "models": models,
+    }
+
+
+@app.get("/health", summary="ready only when Triton and every model of the pipeline are ready")
+def health():
+    state = readiness()
+    body = {"status": "ok" if state["ready"] else "unavailable", **state}
+    return JSONResponse(status_code=200 if state["ready"] else 503, content=body)
+
+
+_info_cache: dict = {}
+
+
+def _models_in_service() -> dict:
+    """The detector and segmenter actually loaded, as the pipeline reports them (one tiny probe, cached)."""
+    if "models" not in _info_cache:
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.new("RGB", (32, 32), (128, 128, 128)).save(buf, format="PNG")
+        response = triton().detect(buf.getvalue(), confidence_threshold=1.0, frame_id="info-probe")
+        _info_cache["models"] = response.get("models", {})
+        _info_cache["warnings"] = [w for w in response.get("warnings", []) if w.startswith("UNTRAINED")]
+    return _info_cache
+
+
+@app.get("/info", summary="models, weights, classes, versions and device in service")
+def info():
+    s = settings()
+    state = readiness()
+    if not state["ready"]:
+        return _error(503, f"Triton is not ready ({state['triton']})")
+    from anomaly.detector import onnx_providers
+
+    meta = _read_detector_metadata(s)
+    in_service = _models_in_service()
+    versions = {}
+    for package in ("rfdetr", "sam2", "torch", "onnxruntime", "tritonclient", "runpod", "anomaly-inspection"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    server = triton()._client.get_server_metadata()
+    versions["triton_server"] = server.version if hasattr(server, "version") else server.get("version")
+    detector = in_service["models"].get("detector", {})
+    segmenter = in_service["models"].get("segmenter", {})
+    providers = [p if isinstance(p, str) else p[0] for p in onnx_providers(s.device)]
+    return {
+        "mode": "serverless" if s.runpod_serverless else "pod",
+        "detector": detector | {"variant": s.detector_variant if meta is None else meta["variant"]},
+        "segmenter": segmenter | {"sam_model_path": s.sam_model_path},
+        "untrained_weights": bool(detector.get("untrained") or segmenter.get("untrained")),
+        "warnings": in_service["warnings"],
+        "classes": {
+            "defects": [n for n, r in zip(meta["class_names"], meta["roles"]) if r == "defect"] if meta else [],
+            "structures": [n for n, r in zip(meta["class_names"], meta["roles"]) if r == "structure"] if meta else [],
+        },
+        "device": {"segmenter": segmenter.get("device"), "detector_providers": providers},
+        "versions": versions,
+        "defaults": {
+            "confidence_threshold": s.confidence_threshold,
+            "mm_per_pixel": s.mm_per_pixel,
+            "severity_thresholds_mm": list(s.severity_thresholds_mm),
+            "max_detections": s.max_detections,
+            "max_batch_images": s.max_batch_images,
+        },
+        "triton": {"url": s.triton_url, "http_port": s.triton_http_port, "grpc_port": s.triton_grpc_port},
+    }
+
+
+def _read_detector_metadata(s) -> dict | None:
+    import json
+
+    path = s.model_repository / "detector" / "1" / "metadata.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+@app.post("/detect", summary="one base64 image -> the response object")
+def detect(body: DetectRequest):
+    return _run(parse_single(body.model_dump(exclude_none=True), settings()))
+
+
+@app.post("/detect/batch", summary="several base64 images -> {results, count, failed}")
+def detect_batch(body: BatchRequest):
+    s = settings()
+    return _run(parse_batch(body.model_dump(exclude_none=True), s, s.max_batch_images))
+
+
+@app.post("/detect/upload", summary="multipart image upload -> the response object")
+def detect_upload(
+    file: Annotated[UploadFile, File(description="the image file")],
+    include_masks: Annotated[bool, Form()] = False,
+    confidence_threshold: Annotated[float | None, Form()] = None,
+    frame_id: Annotated[str | None, Form()] = None,
+    mm_per_pixel: Annotated[float | None, Form()] = None,
+):
+    s = settings()
+    params = {"include_masks": include_masks, "confidence_threshold": confidence_threshold, "frame_id": frame_id,
+              "mm_per_pixel": mm_per_pixel}  # fmt: skip
+    options = parse_options({k: v for k, v in params.items() if v is not None}, s.confidence_threshold, s.mm_per_pixel)
+    data = file.file.read(s.max_image_bytes + 1)
+    if len(data) > s.max_image_bytes:
+        raise InputError("file", f"is more than the {s.max_image_bytes} bytes allowed (MAX_IMAGE_BYTES)")
+    if not data:
+        raise InputError("file", "is empty")
+    return _run(Job([(options.frame_id, data)], options, batch=False))
+
+
+@app.get("/", include_in_schema=False)
+def root():
+    return {"service": app.title, "docs": "/docs", "health": "/health", "started": _STARTED}
+
+
+_STARTED = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())

@@ -1,0 +1,128 @@
+"""The container entrypoint outside Docker (no Docker engine here): pod and serverless modes start for
+real, serve, and stop on SIGTERM within 10 s leaving no process behind; Triton dying stops everything."""
+
+from __future__ import annotations
+
+import base64
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import requests
+
+from tests.conftest import REPO, SAMPLES, free_ports
+
+PIER = base64.b64encode((SAMPLES / "pier_spalling.png").read_bytes()).decode()
+
+
+def launch(tmp_path, **env):
+    http, grpc, metrics, api = free_ports(4)
+    full_env = dict(
+        os.environ,
+        TRITON_HTTP_PORT=str(http), TRITON_GRPC_PORT=str(grpc), TRITON_METRICS_PORT=str(metrics),
+        API_HOST="127.0.0.1", API_PORT=str(api), TRITON_URL="",
+    )  # fmt: skip
+    full_env.update(env)
+    log = open(tmp_path / "entrypoint.log", "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "runpod_handler.entrypoint"],
+        env=full_env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )
+    return proc, api, tmp_path / "entrypoint.log"
+
+
+def wait_http(url: str, proc, log, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.ConnectionError:
+            pass
+        assert proc.poll() is None, f"entrypoint exited early:\n{log.read_text()[-3000:]}"
+        time.sleep(0.5)
+    raise AssertionError(f"{url} not up:\n{log.read_text()[-3000:]}")
+
+
+def descendants(proc) -> list[psutil.Process]:
+    return psutil.Process(proc.pid).children(recursive=True)
+
+
+def stop_within_10s(proc, family) -> None:
+    assert any("tritonserver" in " ".join(p.cmdline()) for p in family)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(15)
+    elapsed = time.monotonic() - start
+    assert code == 0
+    assert elapsed < 10, f"stopping took {elapsed:.1f} s"
+    time.sleep(0.5)
+    alive = [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    assert not alive, f"left behind: {[p.cmdline()[:2] for p in alive]}"
+
+
+def test_pod_mode_serves_and_stops_cleanly(tmp_path):
+    bad_sam = tmp_path / "sam2.1_hiera_tiny.pt"
+    bad_sam.write_bytes(b"this is not a checkpoint")
+    proc, api, log = launch(tmp_path, RUNPOD_SERVERLESS="false", SAM_MODEL_PATH=str(bad_sam))
+    try:
+        wait_http(f"http://127.0.0.1:{api}/health", proc, log)
+        r = requests.post(
+            f"http://127.0.0.1:{api}/detect", json={"image": PIER, "confidence_threshold": 0.5}, timeout=300
+        )
+        assert r.status_code == 200 and r.json()["image_size"]["width"] == 800
+        # An unusable SAM_MODEL_PATH is reported and the documented fallback serves.
+        segmenter = requests.get(f"http://127.0.0.1:{api}/info", timeout=60).json()["segmenter"]
+        assert segmenter["sam_model_path"] == str(bad_sam)
+        assert "could not be loaded" in segmenter["note"] and segmenter["untrained"] is True
+        assert "could not be loaded as SAM2.1 tiny" in log.read_text()
+        stop_within_10s(proc, descendants(proc))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_serverless_mode_serves_and_stops_cleanly(tmp_path):
+    (realtime,) = free_ports(1)
+    proc, _api, log = launch(tmp_path, RUNPOD_SERVERLESS="true", RUNPOD_REALTIME_PORT=str(realtime))
+    try:
+        wait_http(f"http://127.0.0.1:{realtime}/docs", proc, log)
+        r = requests.post(
+            f"http://127.0.0.1:{realtime}/runsync", json={"input": {"image": PIER, "frame_id": "s1"}}, timeout=300
+        )
+        assert r.json()["status"] == "COMPLETED" and r.json()["output"]["frame_id"] == "s1"
+        stop_within_10s(proc, descendants(proc))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def test_triton_dying_stops_the_entrypoint_with_an_error(tmp_path):
+    proc, api, log = launch(tmp_path, RUNPOD_SERVERLESS="false")
+    try:
+        wait_http(f"http://127.0.0.1:{api}/health", proc, log)
+        family = descendants(proc)
+        (triton,) = [p for p in family if p.name() == "tritonserver"]
+        os.killpg(triton.pid, signal.SIGKILL)
+        assert proc.wait(20) != 0
+        assert "tritonserver died" in log.read_text()
+        time.sleep(0.5)
+        assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+@pytest.mark.parametrize("bad", [{"DETECTOR_VARIANT": "huge"}, {"API_PORT": "eighty"}])
+def test_bad_configuration_is_refused_at_start(tmp_path, bad):
+    proc, _api, log = launch(tmp_path, **bad)
+    assert proc.wait(60) == 2
+    name = next(iter(bad))
+    assert name in log.read_text()

@@ -1,0 +1,80 @@
+"""The product's other users: perf_analyzer (from the tritonclient 2.51.0 wheel) and the `anomaly` CLI."""
+
+from __future__ import annotations
+
+import base64
+import json
+import struct
+import subprocess
+import sys
+
+import numpy as np
+from PIL import Image
+
+from anomaly.geometry import measure
+from bench.perf import FRAMES, INPUT_DATA, run_perf_analyzer
+from tests.conftest import REPO, SAMPLES
+from tests.synthetic import segment, thick_segments
+
+
+def test_shipped_perf_input_is_the_sample_jpegs():
+    data = json.loads(INPUT_DATA.read_text())["data"]
+    assert len(data) == len(FRAMES)
+    for entry, name in zip(data, FRAMES):
+        raw = base64.b64decode(entry["IMAGE"]["b64"])
+        (length,) = struct.unpack("<I", raw[:4])
+        assert raw[4:] == (SAMPLES / name).read_bytes() and length == len(raw) - 4
+        assert raw[4:6] == b"\xff\xd8"  # JPEG
+
+
+def test_perf_analyzer_drives_the_pipeline(triton, tmp_path):
+    for protocol, url in (("grpc", triton.grpc_url), ("http", triton.http_url)):
+        rows = run_perf_analyzer(url, protocol, tmp_path / f"{protocol}.csv", "1:1", 2)
+        assert len(rows) == 1 and float(rows[0]["Inferences/Second"]) > 0
+
+
+def cli(*args, check=True):
+    return subprocess.run(
+        [sys.executable, "-m", "anomaly.cli", *args], capture_output=True, text=True, cwd=REPO, check=check
+    )
+
+
+def test_cli_measure_uses_the_server_geometry(tmp_path):
+    line = thick_segments([segment(300, 30)], 6)
+    Image.fromarray(line.astype(np.uint8) * 255).save(tmp_path / "crack.png")
+    Image.fromarray(np.zeros((10, 10), np.uint8)).save(tmp_path / "empty.png")
+    out = cli("measure", str(tmp_path / "crack.png"), str(tmp_path / "empty.png"), "--mm-per-pixel", "0.5")
+    first, second = (json.loads(x) for x in out.stdout.splitlines())
+    expected = measure(line)
+    assert {k: first[k] for k in expected} == expected
+    assert first["length_mm"] == round(expected["length_pixels"] * 0.5, 3)
+    assert abs(first["length_pixels"] - 300) < 6 and abs(first["orientation_degrees"] - 30) < 1
+    assert second["area_pixels"] == 0 and second["file"].endswith("empty.png")
+    bad = cli("measure", str(REPO / "README.md"), check=False)
+    assert bad.returncode == 1 and "not a readable mask image" in bad.stderr
+
+
+def test_cli_detect_prints_json_and_annotates(triton, tmp_path):
+    out = cli(
+        "detect", str(SAMPLES / "pier_spalling.png"), str(SAMPLES / "tunnel_wall_exif.jpg"),
+        "--url", triton.http_url, "--protocol", "http", "--threshold", "0.25", "--frame-ids",
+        "--annotate-dir", str(tmp_path),
+    )  # fmt: skip
+    pier, wall = (json.loads(x) for x in out.stdout.splitlines())
+    assert pier["frame_id"] == "pier_spalling" and pier["image_size"] == {"width": 800, "height": 450}
+    assert wall["image_size"] == {"width": 600, "height": 800}
+    assert all("mask" not in a for a in pier["anomalies"])  # masks were fetched for drawing only
+    annotated = np.asarray(Image.open(tmp_path / "pier_spalling_annotated.jpg"))
+    original = np.asarray(Image.open(SAMPLES / "pier_spalling.png").convert("RGB"))
+    assert annotated.shape == original.shape
+    assert np.abs(annotated.astype(int) - original).mean() > 1  # something was drawn
+
+
+def test_cli_detect_reports_bad_files_and_goes_on(triton, tmp_path):
+    (tmp_path / "junk.jpg").write_bytes(b"not really a jpeg")
+    out = cli(
+        "detect", str(tmp_path / "junk.jpg"), str(SAMPLES / "pier_spalling.png"), "--url", triton.grpc_url, check=False
+    )
+    assert out.returncode == 1
+    assert "junk.jpg: image: is not a decodable image" in out.stderr
+    assert json.loads(out.stdout)["image_size"]["width"] == 800
