@@ -33,7 +33,11 @@ KNOBS: tuple[Knob, ...] = (
         "",
         "number of classes of DETECTOR_WEIGHTS (read from the checkpoint if empty)",
     ),
-    Knob("SAM_MODEL_PATH", "/models/sam3.pt", "segmenter weights: a SAM2.1 checkpoint (`sam2.1_hiera_*.pt`)"),
+    Knob(
+        "SAM_MODEL_PATH",
+        "/models/sam3.pt",
+        "segmenter weights: a SAM2.1 checkpoint (`sam2.1_hiera_*.pt`); SAM3 files are recognised, not yet served",
+    ),
     Knob("CONFIDENCE_THRESHOLD", "0.3", "default detection threshold in [0, 1], overridable per request"),
     Knob("API_HOST", "0.0.0.0", "REST gateway host (pod mode)"),
     Knob("API_PORT", "8080", "REST gateway port (pod mode); 8000 is Triton's HTTP port"),
