@@ -42,7 +42,8 @@ $(TRITON_STAMP): | $(VENV_STAMP)
 	rm -rf .triton/pkgs .triton/deb
 	$(PY) -m pip install -q --no-deps --target .triton/pkgs nvidia-pytriton==0.7.0 tritonclient==2.51.0 \
 		nvidia-cuda-runtime-cu12==12.9.79
-	mkdir -p .triton/deb && cd .triton/deb && apt-get download libb64-0d && dpkg -x libb64-0d_*.deb root
+	mkdir -p .triton/deb && cd .triton/deb && (apt-get download libb64-0d || (apt-get update -qq && apt-get download libb64-0d)) \
+		&& dpkg -x libb64-0d_*.deb root
 	touch $@
 
 models: $(VENV_STAMP)
