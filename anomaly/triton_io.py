@@ -1,7 +1,7 @@
 """What every Triton Python model of the pipeline shares: reading inputs and options, answering, and
 turning exceptions into per-request errors so that one bad request never takes the server down.
 
-`pb_utils` (triton_python_backend_utils) exists only inside Triton's stub process, so it is passed in.
+`triton_python_backend_utils` exists only inside Triton's stub process, so it is imported where used.
 """
 
 from __future__ import annotations
@@ -16,10 +16,17 @@ from pathlib import Path
 import numpy as np
 
 from anomaly.config import settings
+from anomaly.detector import DetectorMetadata
 from anomaly.errors import InputError
 from anomaly.options import RequestOptions, parse_options
 
 log = logging.getLogger("anomaly.triton")
+
+
+def _pb():
+    import triton_python_backend_utils
+
+    return triton_python_backend_utils
 
 
 def setup_logging() -> None:
@@ -42,16 +49,16 @@ def options_of(request) -> RequestOptions:
     return parse_options(params_of(request), s.confidence_threshold, s.mm_per_pixel)
 
 
-def array(pb_utils, request, name: str) -> np.ndarray:
-    tensor = pb_utils.get_input_tensor_by_name(request, name)
+def array(request, name: str) -> np.ndarray:
+    tensor = _pb().get_input_tensor_by_name(request, name)
     if tensor is None:
         raise InputError(name, "is missing from the request")
     return tensor.as_numpy()
 
 
-def image_bytes(pb_utils, request, name: str = "IMAGE") -> bytes:
+def image_bytes(request, name: str = "IMAGE") -> bytes:
     """The one encoded image of a request, refusing batches it would otherwise silently drop."""
-    values = array(pb_utils, request, name).reshape(-1)
+    values = array(request, name).reshape(-1)
     if values.size != 1:
         raise InputError(name, f"must hold exactly one encoded image, got {values.size} elements")
     value = values[0]
@@ -65,11 +72,13 @@ def bytes_tensor(items: list[bytes]) -> np.ndarray:
     return out
 
 
-def respond(pb_utils, outputs: dict[str, np.ndarray]):
+def respond(outputs: dict[str, np.ndarray]):
+    pb_utils = _pb()
     return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in outputs.items()])
 
 
-def error_response(pb_utils, exc: BaseException):
+def error_response(exc: BaseException):
+    pb_utils = _pb()
     if isinstance(exc, InputError):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
     log.error("internal error: %s", "".join(traceback.format_exception(exc)))
@@ -78,41 +87,60 @@ def error_response(pb_utils, exc: BaseException):
     )
 
 
-def answer_each(pb_utils, requests, handle: Callable) -> list:
+def answer_each(requests, handle: Callable) -> list:
     """handle(request) -> outputs dict, for each request; an exception answers that request alone."""
     responses = []
     for request in requests:
         try:
-            responses.append(respond(pb_utils, handle(request)))
+            responses.append(respond(handle(request)))
         except Exception as exc:  # noqa: BLE001 - every failure must become this request's error
-            responses.append(error_response(pb_utils, exc))
+            responses.append(error_response(exc))
     return responses
 
 
-def answer_batched(pb_utils, requests, input_name: str, item_shape: tuple, run: Callable, output_names: tuple) -> list:
+class StageModel:
+    """Base of the pipeline's Triton models: logging, the detector's metadata, one answer per request.
+    A stage implements `handle(request) -> {output name: array}` and, if it needs more, `setup(args)`."""
+
+    def initialize(self, args: dict) -> None:
+        setup_logging()
+        self.meta = DetectorMetadata.load(metadata_path(args))
+        self.setup(args)
+
+    def setup(self, args: dict) -> None:
+        pass
+
+    def execute(self, requests) -> list:
+        return answer_each(requests, self.handle)
+
+    def handle(self, request) -> dict:
+        raise NotImplementedError
+
+
+def answer_batched(requests, input_name: str, item_shape: tuple, run: Callable, output_names: tuple) -> list:
     """One run over the requests Triton's dynamic batcher gathered; a request whose input has the wrong
     shape is answered with an error alone, the others still run."""
     responses: list = [None] * len(requests)
     good: list[tuple[int, np.ndarray]] = []
     for i, request in enumerate(requests):
         try:
-            x = array(pb_utils, request, input_name)
+            x = array(request, input_name)
             if x.shape[1:] != item_shape:
                 raise InputError(
                     input_name, f"must have shape (batch, {', '.join(map(str, item_shape))}), got {x.shape}"
                 )
             good.append((i, x))
         except Exception as exc:  # noqa: BLE001
-            responses[i] = error_response(pb_utils, exc)
+            responses[i] = error_response(exc)
     if good:
         try:
             outputs = run(np.concatenate([x for _, x in good]))
             offset = 0
             for i, x in good:
                 part = {name: out[offset : offset + len(x)] for name, out in zip(output_names, outputs)}
-                responses[i] = respond(pb_utils, part)
+                responses[i] = respond(part)
                 offset += len(x)
         except Exception as exc:  # noqa: BLE001
             for i, _ in good:
-                responses[i] = error_response(pb_utils, exc)
+                responses[i] = error_response(exc)
     return responses

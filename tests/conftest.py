@@ -23,6 +23,24 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples"
 
 
+def wait_http(url: str, proc, log_path, timeout: float = 300, ok=(200,)) -> None:
+    """Poll `url` until it answers with a status in `ok`; fail early, with the log, if `proc` exits."""
+    import time
+
+    import requests
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code in ok:
+                return
+        except requests.ConnectionError:
+            pass
+        assert proc.poll() is None, f"{proc.args[:3]} exited early:\n{Path(log_path).read_text()[-3000:]}"
+        time.sleep(0.3)
+    raise AssertionError(f"{url} not up after {timeout} s:\n{Path(log_path).read_text()[-3000:]}")
+
+
 def free_ports(n: int) -> list[int]:
     socks = [socket.socket() for _ in range(n)]
     for s in socks:

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import requests
 
-from tests.conftest import REPO, SAMPLES, free_ports
+from tests.conftest import REPO, SAMPLES, free_ports, wait_http
 
 PIER = base64.b64encode((SAMPLES / "pier_spalling.png").read_bytes()).decode()
 
@@ -36,19 +36,6 @@ def launch(tmp_path, **env):
         cwd=REPO,
     )
     return proc, api, tmp_path / "entrypoint.log"
-
-
-def wait_http(url: str, proc, log, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if requests.get(url, timeout=2).status_code == 200:
-                return
-        except requests.ConnectionError:
-            pass
-        assert proc.poll() is None, f"entrypoint exited early:\n{log.read_text()[-3000:]}"
-        time.sleep(0.5)
-    raise AssertionError(f"{url} not up:\n{log.read_text()[-3000:]}")
 
 
 def descendants(proc) -> list[psutil.Process]:
@@ -126,3 +113,30 @@ def test_bad_configuration_is_refused_at_start(tmp_path, bad):
     assert proc.wait(60) == 2
     name = next(iter(bad))
     assert name in log.read_text()
+
+
+def test_triton_launcher_stops_on_sigint_without_leftovers(tmp_path):
+    """`python -m anomaly.triton_server` (Triton alone): ready, then SIGINT leaves no process and no
+    shared-memory region of its own."""
+    import glob
+
+    http, grpc, metrics = free_ports(3)
+    env = dict(os.environ, TRITON_HTTP_PORT=str(http), TRITON_GRPC_PORT=str(grpc), TRITON_METRICS_PORT=str(metrics))
+    log = tmp_path / "triton.log"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "anomaly.triton_server"], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{http}/v2/health/ready", proc, log)
+        family = descendants(proc)
+        regions = {p for p in glob.glob("/dev/shm/anomaly_*")}
+        assert regions, "the Python backend's shared memory should carry the launcher's prefix"
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(15) == 0
+        time.sleep(0.5)
+        assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        prefix = {r.rsplit("_", 1)[0] for r in regions if f"anomaly_{proc.pid}_" in r}
+        assert prefix and not [r for r in glob.glob("/dev/shm/anomaly_*") if r.rsplit("_", 1)[0] in prefix]
+    finally:
+        if proc.poll() is None:
+            proc.kill()

@@ -6,12 +6,11 @@ import base64
 import os
 import subprocess
 import sys
-import time
 
 import pytest
 import requests
 
-from tests.conftest import REPO, SAMPLES, free_ports
+from tests.conftest import REPO, SAMPLES, free_ports, wait_http
 
 PIER_BYTES = (SAMPLES / "pier_spalling.png").read_bytes()
 PIER = base64.b64encode(PIER_BYTES).decode()
@@ -27,15 +26,8 @@ def start_gateway(triton_url: str, log_path, **env) -> tuple[subprocess.Popen, s
         cwd=REPO,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            requests.get(f"{url}/openapi.json", timeout=2)
-            return proc, url
-        except requests.ConnectionError:
-            assert proc.poll() is None, open(log_path).read()
-            time.sleep(0.3)
-    raise AssertionError("gateway did not start")
+    wait_http(f"{url}/openapi.json", proc, log_path, timeout=60)
+    return proc, url
 
 
 @pytest.fixture(scope="module")

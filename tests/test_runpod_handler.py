@@ -9,14 +9,13 @@ import json
 import os
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import REPO, SAMPLES, encode, free_ports
+from tests.conftest import REPO, SAMPLES, encode, free_ports, wait_http
 
 HANDLER = REPO / "runpod_handler" / "handler.py"
 PIER = base64.b64encode((SAMPLES / "pier_spalling.png").read_bytes()).decode()
@@ -76,20 +75,14 @@ def test_test_input_bad_field_fails_the_job(triton, tmp_path):
 @pytest.fixture(scope="module")
 def rp_api(triton, tmp_path_factory):
     (port,) = free_ports(1)
-    log = open(tmp_path_factory.mktemp("rp") / "rp_api.log", "w")  # noqa: SIM115
+    log_path = tmp_path_factory.mktemp("rp") / "rp_api.log"
+    log = open(log_path, "w")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, str(HANDLER), "--rp_serve_api", "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"],
         env=env_for(triton), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            requests.get(f"{url}/docs", timeout=2)
-            break
-        except requests.ConnectionError:
-            assert proc.poll() is None, "the runpod API server exited"
-            time.sleep(0.5)
+    wait_http(f"{url}/docs", proc, log_path, timeout=120)
     yield url
     proc.terminate()
     proc.wait(20)

@@ -3,25 +3,16 @@
 import time
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
 
 from anomaly import pipeline, triton_io
 from anomaly.config import settings
-from anomaly.detector import DetectorMetadata
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        triton_io.setup_logging()
-        self.meta = DetectorMetadata.load(triton_io.metadata_path(args))
-
-    def execute(self, requests):
-        return triton_io.answer_each(pb_utils, requests, self._one)
-
-    def _one(self, request):
+class TritonPythonModel(triton_io.StageModel):
+    def handle(self, request):
         start = time.monotonic_ns()
         triton_io.options_of(request)  # refuse bad options before any work is done
-        x, rgb = pipeline.preprocess(triton_io.image_bytes(pb_utils, request), self.meta, settings())
+        x, rgb = pipeline.preprocess(triton_io.image_bytes(request), self.meta, settings())
         return {
             "DET_INPUT": x,
             "RGB": rgb,

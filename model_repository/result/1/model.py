@@ -4,30 +4,22 @@ import json
 import time
 
 import numpy as np
-import triton_python_backend_utils as pb_utils
 
 from anomaly import pipeline, triton_io
 from anomaly.config import settings
-from anomaly.detector import Detections, DetectorMetadata
+from anomaly.detector import Detections
 from anomaly.result import build_response
 
 
-class TritonPythonModel:
-    def initialize(self, args):
-        triton_io.setup_logging()
-        self.meta = DetectorMetadata.load(triton_io.metadata_path(args))
-
-    def execute(self, requests):
-        return triton_io.answer_each(pb_utils, requests, self._one)
-
-    def _one(self, request):
+class TritonPythonModel(triton_io.StageModel):
+    def handle(self, request):
         def get(name):
-            return triton_io.array(pb_utils, request, name)
+            return triton_io.array(request, name)
 
         options = triton_io.options_of(request)
         mask_boxes = get("MASK_BOXES").reshape(-1, 4)
         notes = [bytes(n).decode() for n in get("NOTES").reshape(-1)]
-        segmenter_info = json.loads(bytes(get("SEGMENTER").reshape(-1)[0]))
+        segmenter = json.loads(bytes(get("SEGMENTER").reshape(-1)[0]))
         response = build_response(
             image_hw=tuple(int(v) for v in get("IMAGE_SIZE")),
             detections=Detections(get("BOXES").reshape(-1, 4), get("SCORES"), get("CLASS_IDS")),
@@ -39,8 +31,8 @@ class TritonPythonModel:
             geometries=pipeline.geometry_dicts(get("GEOMETRY")),
             options=options,
             severity_thresholds_mm=settings().severity_thresholds_mm,
-            warnings=pipeline.warnings_for(self.meta, segmenter_info, notes),
+            warnings=pipeline.warnings_for(self.meta, segmenter, notes),
             processing_time_ms=(time.monotonic_ns() - int(get("START_NS")[0])) / 1e6,
-            models=pipeline.models_info(self.meta, segmenter_info),
+            models=pipeline.models_info(self.meta, segmenter),
         )
         return {"RESULT_JSON": np.array([pipeline.to_json(response)], dtype=np.object_)}
