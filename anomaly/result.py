@@ -15,6 +15,7 @@ from anomaly import geometry as geo
 from anomaly.detector import Detections, DetectorMetadata
 from anomaly.masks import crop_to_rle
 from anomaly.options import RequestOptions
+from anomaly.segmenter import crop_box
 
 # A structure is the one an anomaly lies on when its box covers at least this share of the anomaly's box.
 MIN_STRUCTURE_COVERAGE = 0.5
@@ -28,12 +29,6 @@ def bbox_dict(box) -> dict:
     """Integer pixel edges: the box spans columns x_min..x_max-1 and rows y_min..y_max-1."""
     x0, y0, x1, y1 = (int(v) for v in box)
     return {"x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1}
-
-
-def int_box(box: np.ndarray, image_hw: tuple[int, int]) -> tuple[int, int, int, int]:
-    from anomaly.segmenter import crop_box
-
-    return crop_box(box, image_hw)
 
 
 def coverage(inner: tuple, outer: tuple) -> float:
@@ -68,7 +63,7 @@ def build_response(
     structures = []
     for i in range(len(detections)):
         if metadata.role(int(detections.class_ids[i])) == "structure":
-            box = int_box(detections.boxes[i], image_hw)
+            box = crop_box(detections.boxes[i], image_hw)
             structures.append(
                 {
                     "structure_id": new_id("struct"),

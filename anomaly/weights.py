@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from anomaly.config import Settings
@@ -67,14 +67,13 @@ def segmenter_candidates(settings: Settings) -> tuple[list[SegmenterSpec], list[
     notes: list[str] = []
     candidates: list[SegmenterSpec] = []
     given = Path(settings.sam_model_path)
-    if given.is_file():
-        if "sam3" in given.name.lower():
-            notes.append(f"SAM_MODEL_PATH={given} looks like SAM3 weights; this build serves SAM2.1, falling back")
-        else:
-            variant = sam2_variant_from_path(given) or settings.sam2_variant
-            candidates.append(SegmenterSpec("sam2.1", variant, str(given), False))
-    else:
+    if not given.is_file():
         notes.append(f"SAM_MODEL_PATH={given} does not exist")
+    elif "sam3" in given.name.lower():
+        notes.append(f"SAM_MODEL_PATH={given} looks like SAM3 weights; this build serves SAM2.1, falling back")
+    else:
+        variant = sam2_variant_from_path(given) or settings.sam2_variant
+        candidates.append(SegmenterSpec("sam2.1", variant, str(given), False))
     variant = settings.sam2_variant
     default = settings.weights_dir / SAM2_CHECKPOINTS[variant]
     if default.is_file():
@@ -82,8 +81,8 @@ def segmenter_candidates(settings: Settings) -> tuple[list[SegmenterSpec], list[
     else:
         notes.append(f"{default} does not exist")
     if settings.allow_untrained:
-        path = untrained_sam2_path(settings, variant)
-        candidates.append(SegmenterSpec("sam2.1", variant, str(path), True, "; ".join(notes)))
+        path = str(untrained_sam2_path(settings, variant))
+        candidates.append(SegmenterSpec("sam2.1", variant, path, True, "; ".join(notes)))
     return candidates, notes
 
 
@@ -97,10 +96,12 @@ def missing_sam_message(settings: Settings, notes: list[str]) -> str:
 
 
 def load_segmenter(settings: Settings):
-    """The first candidate that loads: (segmenter, spec). A file that fails to load is reported and skipped."""
+    """The first candidate that loads: (segmenter, spec). A file that fails to load is reported and skipped;
+    the spec's note says what was passed over on the way."""
     from anomaly.segmenter import Sam2Segmenter
 
     candidates, notes = segmenter_candidates(settings)
+    failures: list[str] = []
     for spec in candidates:
         try:
             if spec.untrained:
@@ -109,12 +110,10 @@ def load_segmenter(settings: Settings):
         except Exception as exc:  # a corrupt or mismatched checkpoint: say so and fall back
             message = f"{spec.checkpoint} could not be loaded as SAM2.1 {spec.variant} ({type(exc).__name__}: {exc})"
             log.error(message)
-            notes.append(message)
+            failures.append(message)
             continue
-        if notes and spec.note != "; ".join(notes):
-            spec = SegmenterSpec(spec.kind, spec.variant, spec.checkpoint, spec.untrained, "; ".join(notes))
-        return segmenter, spec
-    raise WeightsMissingError(missing_sam_message(settings, notes))
+        return segmenter, replace(spec, note="; ".join(filter(None, [spec.note, *failures])))
+    raise WeightsMissingError(missing_sam_message(settings, notes + failures))
 
 
 def segmenter_info(segmenter, spec: SegmenterSpec) -> dict:
