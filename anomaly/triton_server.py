@@ -221,6 +221,20 @@ class TritonServer:
             self._log_file = None
         return code
 
+    def memory_mib(self) -> dict:
+        """Resident memory of tritonserver and of each model's stub process, in MiB."""
+        import psutil
+
+        root = psutil.Process(self.process.pid)
+        rows = {"tritonserver": root.memory_info().rss}
+        for child in root.children(recursive=True):
+            args = child.cmdline()
+            where = next((a for a in args if str(self.model_repository) in a), "")
+            name = Path(where).parts[len(self.model_repository.parts)] if where else f"pid {child.pid}"
+            rows[name] = rows.get(name, 0) + child.memory_info().rss
+        mib = {k: round(v / 2**20, 1) for k, v in rows.items()}
+        return {"total_mib": round(sum(mib.values()), 1), "processes_mib": mib}
+
     def __enter__(self) -> TritonServer:
         return self.start()
 

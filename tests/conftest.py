@@ -84,26 +84,9 @@ def triton(exported, tmp_path_factory):
 
 def _record_memory(server) -> None:
     """RSS of tritonserver and its model processes after the run, for the benchmark notes."""
-    import psutil
-
-    try:
-        root = psutil.Process(server.process.pid)
-        procs = [root, *root.children(recursive=True)]
-        rows = {f"{p.pid} {' '.join(p.cmdline()[:1] + p.cmdline()[-1:])[-80:]}": p.memory_info().rss for p in procs}
-    except psutil.Error:
-        return
     out = REPO / "bench_output"
     out.mkdir(exist_ok=True)
-    total = sum(rows.values())
-    (out / "server_rss_after_tests.json").write_text(
-        json.dumps(
-            {
-                "total_mib": round(total / 2**20, 1),
-                "processes_mib": {k: round(v / 2**20, 1) for k, v in rows.items()},
-            },
-            indent=2,
-        )
-    )
+    (out / "server_rss_after_tests.json").write_text(json.dumps(server.memory_mib(), indent=2) + "\n")
 
 
 @pytest.fixture(scope="session")
