@@ -106,15 +106,16 @@ def select_detections(
     )
 
 
-def onnx_providers(device: str) -> list:
-    """TensorRT (FP16, cached engines) then CUDA when onnxruntime-gpu and a GPU are present, else the CPU."""
+def onnx_providers(device: str, engine_cache: Path | None = None) -> list:
+    """TensorRT (FP16, engines cached in `engine_cache`) then CUDA when onnxruntime-gpu and a GPU are present,
+    else the CPU."""
     import onnxruntime as ort
 
     available = ort.get_available_providers()
     chosen: list = []
     if device in ("auto", "cuda"):
-        if "TensorrtExecutionProvider" in available:
-            cache = Path(__file__).resolve().parent.parent / "weights" / "trt_cache"
+        if "TensorrtExecutionProvider" in available and engine_cache is not None:
+            cache = engine_cache
             cache.mkdir(parents=True, exist_ok=True)
             chosen.append(
                 (
@@ -137,14 +138,15 @@ def onnx_providers(device: str) -> list:
 class OnnxDetector:
     """The exported RF-DETR graph in onnxruntime; takes a batch (B, 3, R, R) float32."""
 
-    def __init__(self, onnx_path: str | Path, threads: int, device: str = "auto"):
+    def __init__(self, onnx_path: str | Path, threads: int, device: str = "auto", engine_cache: Path | None = None):
         import onnxruntime as ort
 
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=onnx_providers(device))
+        providers = onnx_providers(device, engine_cache)
+        self.session = ort.InferenceSession(str(onnx_path), options, providers=providers)
         self.providers = self.session.get_providers()
 
     def __call__(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

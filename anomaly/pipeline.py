@@ -118,7 +118,12 @@ class InProcessPipeline:
         repo = model_repository or settings.model_repository
         self.settings = settings
         self.meta = DetectorMetadata.load(repo / "detector" / "1" / "metadata.json")
-        self.detector = OnnxDetector(repo / "detector" / "1" / "model.onnx", settings.compute_threads, settings.device)
+        self.detector = OnnxDetector(
+            repo / "detector" / "1" / "model.onnx",
+            settings.compute_threads,
+            settings.device,
+            settings.weights_dir / "trt_cache",
+        )
         self.segmenter, spec = load_segmenter(settings)
         self.segmenter_info = segmenter_info(self.segmenter, spec)
 

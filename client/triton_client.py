@@ -73,6 +73,15 @@ class AnomalyClient:
         except Exception:  # noqa: BLE001 - not reachable is simply not ready
             return False
 
+    def readiness(self, models: tuple[str, ...]) -> tuple[bool, dict[str, bool]]:
+        """(server ready?, {model: ready?}); raises when Triton cannot be reached."""
+        server = bool(self._client.is_server_ready())
+        return server, {m: bool(self._client.is_model_ready(m)) for m in models}
+
+    def server_version(self) -> str:
+        meta = self._client.get_server_metadata()
+        return meta.version if hasattr(meta, "version") else meta.get("version", "")
+
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
         while not self.is_ready():

@@ -208,6 +208,21 @@ optimization {{ execution_accelerators {{ gpu_execution_accelerator: [{{
 """
 
 
+TRT_CONFIG = """# Triton's native TensorRT backend on the FP16 engine model.plan, selected with
+# --model-config-name=tensorrt. Written by `make models` when TensorRT and a GPU were present.
+name: "detector"
+platform: "tensorrt_plan"
+max_batch_size: 8
+input [{{ name: "input", data_type: TYPE_FP32, dims: [3, {res}, {res}] }}]
+output [
+  {{ name: "dets", data_type: TYPE_FP32, dims: [300, 4] }},
+  {{ name: "labels", data_type: TYPE_FP32, dims: [300, {slots}] }}
+]
+dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
+instance_group [{{ kind: KIND_GPU, count: 1 }}]
+"""
+
+
 def rfdetr_version() -> str:
     from importlib.metadata import version
 
@@ -247,7 +262,8 @@ def export_detector(settings: Settings, force: bool = False) -> DetectorMetadata
     configs = settings.model_repository / "detector" / "configs"
     configs.mkdir(exist_ok=True)
     (configs / "onnxruntime.pbtxt").write_text(ORT_CONFIG.format(res=metadata.resolution, slots=len(names)))
-    build_tensorrt_engine(onnx_path, version_dir / "model.plan", metadata.resolution)
+    if build_tensorrt_engine(onnx_path, version_dir / "model.plan", metadata.resolution):
+        (configs / "tensorrt.pbtxt").write_text(TRT_CONFIG.format(res=metadata.resolution, slots=len(names)))
     log.info("exported %s (%s, untrained=%s) to %s", settings.detector_variant, weights, untrained, onnx_path)
     return metadata
 

@@ -102,8 +102,7 @@ async def input_error(_request: Request, exc: InputError) -> JSONResponse:
 def readiness() -> dict:
     client = AnomalyClient(settings().triton_url, "grpc")
     try:
-        server = client._client.is_server_ready()
-        models = {m: bool(client._client.is_model_ready(m)) for m in PIPELINE_MODELS}
+        server, models = client.readiness(PIPELINE_MODELS)
     except Exception as exc:  # noqa: BLE001 - unreachable Triton is simply not ready
         return {"ready": False, "triton": f"unreachable at {settings().triton_url}: {type(exc).__name__}", "models": {}}
     finally:
@@ -156,11 +155,10 @@ def info():
             versions[package] = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
-    server = triton()._client.get_server_metadata()
-    versions["triton_server"] = server.version if hasattr(server, "version") else server.get("version")
+    versions["triton_server"] = triton().server_version()
     detector = in_service["models"].get("detector", {})
     segmenter = in_service["models"].get("segmenter", {})
-    providers = [p if isinstance(p, str) else p[0] for p in onnx_providers(s.device)]
+    providers = [p if isinstance(p, str) else p[0] for p in onnx_providers(s.device, s.weights_dir / "trt_cache")]
     return {
         "mode": "serverless" if s.runpod_serverless else "pod",
         "detector": detector | {"variant": s.detector_variant if meta is None else meta["variant"]},
