@@ -51,13 +51,13 @@ def select(
 
 
 def measure_all(crops: list[np.ndarray]) -> np.ndarray:
-    """Mask crops -> (N, 5) float32 in GEOMETRY_FIELDS order."""
+    """Mask crops -> (N, 5) float64 in GEOMETRY_FIELDS order (float32 would round areas above 2**24)."""
     rows = [[geometry.measure(m)[f] for f in GEOMETRY_FIELDS] for m in crops]
-    return np.asarray(rows, np.float32).reshape(len(crops), len(GEOMETRY_FIELDS))
+    return np.asarray(rows, np.float64).reshape(len(crops), len(GEOMETRY_FIELDS))
 
 
 def geometry_dicts(table: np.ndarray) -> list[dict]:
-    """(N, 5) float32 -> dicts with the values measure() rounded to (float32 would add noise digits)."""
+    """(N, 5) -> dicts, the values rounded as measure() rounds them."""
     out = []
     for row in np.asarray(table, np.float64).reshape(-1, len(GEOMETRY_FIELDS)):
         g = {f: round(float(v), 2) for f, v in zip(GEOMETRY_FIELDS, row)}
