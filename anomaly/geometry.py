@@ -8,7 +8,9 @@ Definitions (DESIGN.md):
   skeleton (see _tangent_length), which is exact for straight digital lines at any angle.
 - width_pixels: mean width = area / length.
 - max_width_pixels: twice the largest distance-transform value on the skeleton, minus one pixel
-  (the distance is measured between pixel centres, the width between pixel edges).
+  (the distance is measured between pixel centres, the width between pixel edges). The distance is
+  OpenCV's 5x5 chamfer approximation of the Euclidean one (within about 2%, a third of a pixel at 30 px),
+  twice as fast as the exact transform on the hot path.
 - orientation_degrees: principal axis of the mask's second moments, counter-clockwise from +x with y up
   (as seen on screen), in [0, 180).
 Compact shapes (spalling, stains): when the pruned skeleton is shorter than twice the shape's maximum
