@@ -189,38 +189,41 @@ def source_description(settings: Settings) -> dict:
     }
 
 
-ORT_CONFIG = """# Triton's native onnxruntime backend (the official container), selected with
-# --model-config-name=onnxruntime. Written by `make models` for this export's resolution.
-name: "detector"
-backend: "onnxruntime"
-max_batch_size: 8
-input [{{ name: "input", data_type: TYPE_FP32, dims: [3, {res}, {res}] }}]
-output [
-  {{ name: "dets", data_type: TYPE_FP32, dims: [300, 4] }},
-  {{ name: "labels", data_type: TYPE_FP32, dims: [300, {slots}] }}
-]
-dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
-instance_group [{{ kind: KIND_GPU, count: 1 }}]
-optimization {{ execution_accelerators {{ gpu_execution_accelerator: [{{
-  name: "tensorrt"
-  parameters {{ key: "precision_mode" value: "FP16" }}
-}}] }} }}
-"""
+NATIVE_BACKENDS = {
+    # --model-config-name: (how Triton runs it, extra config)
+    "onnxruntime": (
+        'backend: "onnxruntime"',
+        "optimization { execution_accelerators { gpu_execution_accelerator: [{\n"
+        '  name: "tensorrt"\n  parameters { key: "precision_mode" value: "FP16" }\n}] } }\n',
+    ),
+    "tensorrt": ('platform: "tensorrt_plan"', ""),
+}
 
 
-TRT_CONFIG = """# Triton's native TensorRT backend on the FP16 engine model.plan, selected with
-# --model-config-name=tensorrt. Written by `make models` when TensorRT and a GPU were present.
-name: "detector"
-platform: "tensorrt_plan"
-max_batch_size: 8
-input [{{ name: "input", data_type: TYPE_FP32, dims: [3, {res}, {res}] }}]
-output [
-  {{ name: "dets", data_type: TYPE_FP32, dims: [300, 4] }},
-  {{ name: "labels", data_type: TYPE_FP32, dims: [300, {slots}] }}
-]
-dynamic_batching {{ max_queue_delay_microseconds: 2000 }}
-instance_group [{{ kind: KIND_GPU, count: 1 }}]
-"""
+def native_config(kind: str, resolution: int, queries: int, slots: int) -> str:
+    """A detector config for Triton's own onnxruntime or TensorRT backend (the official container), used
+    instead of the Python-backend one with `tritonserver --model-config-name=<kind>`."""
+    runtime, extra = NATIVE_BACKENDS[kind]
+    return (
+        f"# Triton's native {kind} backend, selected with --model-config-name={kind}. Written by `make models`.\n"
+        f'name: "detector"\n{runtime}\nmax_batch_size: 8\n'
+        f'input [{{ name: "input", data_type: TYPE_FP32, dims: [3, {resolution}, {resolution}] }}]\n'
+        "output [\n"
+        f'  {{ name: "dets", data_type: TYPE_FP32, dims: [{queries}, 4] }},\n'
+        f'  {{ name: "labels", data_type: TYPE_FP32, dims: [{queries}, {slots}] }}\n'
+        "]\n"
+        "dynamic_batching { max_queue_delay_microseconds: 2000 }\n"
+        "instance_group [{ kind: KIND_GPU, count: 1 }]\n" + extra
+    )
+
+
+def onnx_queries(onnx_path: Path) -> int:
+    """The number of queries the exported graph outputs (-1 where onnxruntime cannot tell)."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    dim = next(o for o in session.get_outputs() if o.name == "dets").shape[1]
+    return dim if isinstance(dim, int) else -1
 
 
 def rfdetr_version() -> str:
@@ -261,9 +264,10 @@ def export_detector(settings: Settings, force: bool = False) -> DetectorMetadata
     metadata.save(meta_path)
     configs = settings.model_repository / "detector" / "configs"
     configs.mkdir(exist_ok=True)
-    (configs / "onnxruntime.pbtxt").write_text(ORT_CONFIG.format(res=metadata.resolution, slots=len(names)))
+    queries = onnx_queries(onnx_path)
+    (configs / "onnxruntime.pbtxt").write_text(native_config("onnxruntime", metadata.resolution, queries, len(names)))
     if build_tensorrt_engine(onnx_path, version_dir / "model.plan", metadata.resolution):
-        (configs / "tensorrt.pbtxt").write_text(TRT_CONFIG.format(res=metadata.resolution, slots=len(names)))
+        (configs / "tensorrt.pbtxt").write_text(native_config("tensorrt", metadata.resolution, queries, len(names)))
     log.info("exported %s (%s, untrained=%s) to %s", settings.detector_variant, weights, untrained, onnx_path)
     return metadata
 

@@ -103,3 +103,24 @@ def test_export_refuses_untrained_without_permission(tmp_path, monkeypatch):
     monkeypatch.setenv("DETECTOR_WEIGHTS", str(tmp_path / "missing.pth"))
     with pytest.raises(WeightsMissingError, match="missing.pth does not exist"):
         export_detector(load_settings())
+
+
+def test_native_onnxruntime_config_matches_the_exported_graph(exported):
+    """Triton's own onnxruntime backend cannot run here; what it would check can: the config's tensor
+    names, types and shapes against the ONNX file."""
+    import re
+
+    import onnxruntime as ort
+
+    from anomaly.config import load_settings
+
+    repo = load_settings().model_repository / "detector"
+    config = (repo / "configs" / "onnxruntime.pbtxt").read_text()
+    session = ort.InferenceSession(str(repo / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
+    declared = {
+        m.group(1): [int(d) for d in m.group(2).split(",")]
+        for m in re.finditer(r'name: "(\w+)", data_type: TYPE_FP32, dims: \[([\d, ]+)\]', config)
+    }
+    graph = {t.name: t.shape[1:] for t in [*session.get_inputs(), *session.get_outputs()]}
+    assert declared == graph
+    assert 'backend: "onnxruntime"' in config and "max_batch_size: 8" in config
