@@ -20,6 +20,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from anomaly.config import REPO_ROOT, Settings, load_settings
@@ -155,6 +157,7 @@ class TritonServer:
     def start(self, ready_timeout: float = 300.0) -> TritonServer:
         cmd = self.command()
         if self.log_path:
+            Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
         self.process = subprocess.Popen(
             cmd,
@@ -240,6 +243,22 @@ class TritonServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+@contextmanager
+def running_server(settings: Settings | None = None, log_path: Path | None = None) -> Iterator[TritonServer]:
+    """The Triton already answering on the configured ports, else one started here and stopped on exit.
+    `server.process` is None for a server this process did not start."""
+    server = TritonServer(settings, log_path=log_path)
+    if server.is_ready():
+        yield server
+        return
+    print(f"starting tritonserver (log: {log_path}) ...", file=sys.stderr, flush=True)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -56,17 +56,13 @@ def bench_geometry(repeats: int = 7) -> dict:
 
 def bench_latency(image: str, threshold: float, repeats: int) -> dict:
     from anomaly.pipeline import InProcessPipeline
-    from anomaly.triton_server import TritonServer
+    from anomaly.triton_server import running_server
     from client import AnomalyClient
 
     settings = load_settings()
     data = (REPO_ROOT / "samples" / image).read_bytes()
     out = REPO_ROOT / "bench_output"
-    server = TritonServer(settings, log_path=out / "triton.log")
-    started = not server.is_ready()
-    if started:
-        server.start()
-    try:
+    with running_server(settings, out / "triton.log") as server:
         local = InProcessPipeline(settings)
         options = RequestOptions(threshold)
         with AnomalyClient(server.grpc_url, "grpc") as client:
@@ -81,10 +77,7 @@ def bench_latency(image: str, threshold: float, repeats: int) -> dict:
                 t = time.perf_counter()
                 local(data, options)
                 in_process.append(time.perf_counter() - t)
-        memory = server.memory_mib()
-    finally:
-        if started:
-            server.stop()
+        memory = server.memory_mib() if server.process else {"note": "a Triton already running was measured"}
     s, p = statistics.median(served), statistics.median(in_process)
     return {
         "image": image,

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from anomaly.config import REPO_ROOT, load_settings
-from anomaly.triton_server import TritonServer
+from anomaly.triton_server import running_server
 
 INPUT_DATA = REPO_ROOT / "perf" / "input_data.json"
 FRAMES = ("bridge_deck.jpg", "tunnel_wall_exif.jpg")  # a 1080p frame and a portrait phone photo
@@ -97,11 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = load_settings()
     out = REPO_ROOT / "perf_output"
     out.mkdir(exist_ok=True)
-    server = TritonServer(settings, log_path=out / "triton.log")
-    started = not server.is_ready()
-    if started:
-        server.start()
-    try:
+    with running_server(settings, out / "triton.log") as server:
         for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
             rows = run_perf_analyzer(url, protocol, out / f"{protocol}.csv", args.concurrency, args.requests)
             for row in rows:
@@ -109,9 +105,6 @@ def main(argv: list[str] | None = None) -> int:
                     f"{protocol}: concurrency {row['Concurrency']}: {float(row['Inferences/Second']):.3f} infer/s, "
                     f"p50 {int(row['p50 latency']) / 1000:.0f} ms, p99 {int(row['p99 latency']) / 1000:.0f} ms"
                 )
-    finally:
-        if started:
-            server.stop()
     return 0
 
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from anomaly.config import REPO_ROOT, load_settings
 from anomaly.images import decode_image
-from anomaly.triton_server import TritonServer
+from anomaly.triton_server import running_server
 from client.annotate import annotate
 from client.triton_client import AnomalyClient
 
@@ -23,13 +23,8 @@ SAMPLES = sorted(p for p in (REPO_ROOT / "samples").iterdir() if p.suffix.lower(
 def main() -> int:
     out = REPO_ROOT / "demo_output"
     out.mkdir(exist_ok=True)
-    server = TritonServer(load_settings(), log_path=out / "triton.log")
-    started = not server.is_ready()
-    if started:
-        print("starting tritonserver (log: demo_output/triton.log) ...", file=sys.stderr, flush=True)
-        server.start()
     warned = set()
-    try:
+    with running_server(load_settings(), out / "triton.log") as server:
         with AnomalyClient(server.grpc_url, "grpc") as client:
             for path in SAMPLES:
                 data = path.read_bytes()
@@ -41,9 +36,6 @@ def main() -> int:
                 print(json.dumps(response, indent=2), flush=True)
                 print(f"-> {target.relative_to(REPO_ROOT)}", file=sys.stderr)
                 warned.update(response["warnings"])
-    finally:
-        if started:
-            server.stop()
     for warning in sorted(warned):
         print(f"WARNING {warning}", file=sys.stderr)
     return 0
