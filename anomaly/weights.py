@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from anomaly.config import Settings
-from anomaly.errors import ConfigError, WeightsMissingError
+from anomaly.errors import WeightsMissingError
 from anomaly.segmenter import SAM2_CHECKPOINTS, SAM2_CONFIGS, SAM2_URL, sam2_variant_from_path
 
 log = logging.getLogger(__name__)
@@ -121,6 +121,13 @@ def segmenter_info(segmenter, spec: SegmenterSpec) -> dict:
     return spec.describe() | {"device": segmenter.device}
 
 
-def check_untrained_allowed(settings: Settings, what: str) -> None:
-    if not settings.allow_untrained:
-        raise ConfigError(f"{what} would need untrained weights; set ALLOW_UNTRAINED_WEIGHTS=1 to allow that")
+def prepare_segmenter_weights(settings: Settings) -> SegmenterSpec:
+    """The segmenter weights the server will try first, written now if they are the untrained ones, so the
+    server, the tests and the baselines share one file. Raises WeightsMissingError when there are none."""
+    candidates, notes = segmenter_candidates(settings)
+    if not candidates:
+        raise WeightsMissingError(missing_sam_message(settings, notes))
+    spec = candidates[0]
+    if spec.untrained:
+        make_untrained_sam2(spec.variant, Path(spec.checkpoint))
+    return spec

@@ -10,11 +10,10 @@ import argparse
 import logging
 import sys
 import warnings
-from pathlib import Path
 
 from anomaly.config import load_settings
 from anomaly.errors import ConfigError
-from anomaly.weights import UNTRAINED_BANNER, make_untrained_sam2, missing_sam_message, segmenter_candidates
+from anomaly.weights import UNTRAINED_BANNER, prepare_segmenter_weights
 from export.detector import export_detector
 
 
@@ -29,12 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = load_settings()
         meta = export_detector(settings, force=args.force)
-        candidates, notes = segmenter_candidates(settings)
-        if not candidates:
-            raise ConfigError(missing_sam_message(settings, notes))
-        spec = candidates[0]
-        if spec.untrained:
-            make_untrained_sam2(spec.variant, Path(spec.checkpoint))
+        spec = prepare_segmenter_weights(settings)
     except ConfigError as exc:
         print(f"export failed: {exc}", file=sys.stderr)
         return 2

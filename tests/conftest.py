@@ -55,15 +55,12 @@ def free_ports(n: int) -> list[int]:
 def exported():
     """The exported detector metadata (exporting first if `make test` has not already)."""
     from anomaly.config import load_settings
-    from anomaly.weights import make_untrained_sam2, segmenter_candidates
+    from anomaly.weights import prepare_segmenter_weights
     from export.detector import export_detector
 
     settings = load_settings()
-    meta = export_detector(settings)
-    spec = segmenter_candidates(settings)[0][0]
-    if spec.untrained:
-        make_untrained_sam2(spec.variant, Path(spec.checkpoint))
-    return meta
+    prepare_segmenter_weights(settings)
+    return export_detector(settings)
 
 
 @pytest.fixture(scope="session")
