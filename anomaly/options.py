@@ -59,6 +59,16 @@ def _boolean(name: str, value) -> bool:
     raise InputError(name, f"must be true or false, got {value!r}")
 
 
+def frame_id_value(value, field: str = "frame_id") -> str | None:
+    """A frame id as given (None when absent or empty), refusing what could not be a file or key name."""
+    if value is None or value == "":
+        return None
+    text = value if isinstance(value, str) else str(value)
+    if not _FRAME_ID.match(text):
+        raise InputError(field, f"must be 1-128 letters, digits or . _ : / - characters, got {text[:40]!r}")
+    return text
+
+
 def parse_options(
     params: dict, default_threshold: float, default_mm_per_pixel: float | None = None, allow_extra: tuple = ()
 ) -> RequestOptions:
@@ -70,16 +80,7 @@ def parse_options(
     threshold = default_threshold if threshold is None else _number("confidence_threshold", threshold, 0.0, 1.0)
     mm = params.get("mm_per_pixel")
     mm = default_mm_per_pixel if mm is None or mm == "" else _number("mm_per_pixel", mm, 0.0, 1000.0, lo_open=True)
-    frame_id = params.get("frame_id")
-    if frame_id is not None and frame_id != "":
-        if not isinstance(frame_id, str):
-            frame_id = str(frame_id)
-        if not _FRAME_ID.match(frame_id):
-            raise InputError(
-                "frame_id", f"must be 1-128 letters, digits or . _ : / - characters, got {frame_id[:40]!r}"
-            )
-    else:
-        frame_id = None
+    frame_id = frame_id_value(params.get("frame_id"))
     include = params.get("include_masks")
     include = False if include is None else _boolean("include_masks", include)
     return RequestOptions(threshold, include, frame_id, mm)

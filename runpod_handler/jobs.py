@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from anomaly.config import Settings
 from anomaly.errors import InputError
-from anomaly.options import OPTION_NAMES, RequestOptions, parse_options
+from anomaly.options import OPTION_NAMES, RequestOptions, frame_id_value, parse_options
 from client import AnomalyClient, AnomalyServiceError
 
 _DATA_URL = re.compile(r"^data:image/[\w.+-]+;base64,", re.IGNORECASE)
@@ -84,8 +84,7 @@ def parse_batch(payload, settings: Settings, max_images: int) -> Job:
     options = _options({k: v for k, v in payload.items() if k not in BATCH_FIELDS}, settings, ())
     items = []
     for i, (value, frame_id) in enumerate(zip(images, frame_ids)):
-        if frame_id is not None:  # validated like any frame_id
-            frame_id = parse_options({"frame_id": frame_id}, 0.0).frame_id if frame_id != "" else None
+        frame_id = frame_id_value(frame_id, f"frame_ids[{i}]")
         items.append((frame_id, decode_base64(value, f"images[{i}]", settings.max_image_bytes)))
     return Job(items, options, batch=True)
 

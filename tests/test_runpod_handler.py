@@ -131,6 +131,7 @@ BAD_JOBS = [
     ({"image": PIER, "images": [PIER]}, "image: send either image or images"),
     ({"images": "one.jpg"}, "images: must be a non-empty list"),
     ({"images": [PIER], "frame_id": "x"}, "frame_id: is for single images"),
+    ({"images": [PIER, PIER], "frame_ids": ["ok", "no spaces please"]}, "frame_ids[1]: must be 1-128"),
 ]
 
 
