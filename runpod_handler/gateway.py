@@ -25,6 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from anomaly.config import settings
+from anomaly.detector import DetectorMetadata, onnx_providers
 from anomaly.errors import InputError
 from anomaly.options import parse_options
 from client import AnomalyClient, AnomalyServiceError
@@ -145,9 +146,9 @@ def info():
     state = readiness()
     if not state["ready"]:
         return _error(503, f"Triton is not ready ({state['triton']})")
-    from anomaly.detector import onnx_providers
 
-    meta = _read_detector_metadata(s)
+    # Triton is ready, so the export it serves is there (the probe below goes through the same models).
+    meta = DetectorMetadata.load(s.model_repository / "detector" / "1" / "metadata.json")
     in_service = _models_in_service()
     versions = {}
     for package in ("rfdetr", "sam2", "torch", "onnxruntime", "tritonclient", "runpod", "anomaly-inspection"):
@@ -161,13 +162,13 @@ def info():
     providers = [p if isinstance(p, str) else p[0] for p in onnx_providers(s.device, s.weights_dir / "trt_cache")]
     return {
         "mode": "serverless" if s.runpod_serverless else "pod",
-        "detector": detector | {"variant": s.detector_variant if meta is None else meta["variant"]},
+        "detector": detector | {"variant": meta.variant},
         "segmenter": segmenter | {"sam_model_path": s.sam_model_path},
         "untrained_weights": bool(detector.get("untrained") or segmenter.get("untrained")),
         "warnings": in_service["warnings"],
         "classes": {
-            "defects": [n for n, r in zip(meta["class_names"], meta["roles"]) if r == "defect"] if meta else [],
-            "structures": [n for n, r in zip(meta["class_names"], meta["roles"]) if r == "structure"] if meta else [],
+            "defects": meta.classes_with_role("defect"),
+            "structures": meta.classes_with_role("structure"),
         },
         "device": {"segmenter": segmenter.get("device"), "detector_providers": providers},
         "versions": versions,
@@ -180,13 +181,6 @@ def info():
         },
         "triton": {"url": s.triton_url, "http_port": s.triton_http_port, "grpc_port": s.triton_grpc_port},
     }
-
-
-def _read_detector_metadata(s) -> dict | None:
-    import json
-
-    path = s.model_repository / "detector" / "1" / "metadata.json"
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 @app.post("/detect", summary="one base64 image -> the response object")
