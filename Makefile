@@ -49,7 +49,7 @@ $(TRITON_STAMP): | $(VENV_STAMP)
 models: $(VENV_STAMP)
 	$(PY) -m export
 
-serve: $(VENV_STAMP) $(TRITON_STAMP) models
+serve: $(VENV_STAMP) $(TRITON_STAMP)  # the entrypoint exports what is missing
 	RUNPOD_SERVERLESS=false $(PY) -m runpod_handler.entrypoint
 
 demo: $(VENV_STAMP) $(TRITON_STAMP)
