@@ -16,23 +16,25 @@ def env(monkeypatch, tmp_path):
     return monkeypatch, tmp_path
 
 
-def test_given_sam2_checkpoint_comes_first_and_names_its_variant(env):
+def given_file(env, name: str, allow_untrained: bool):
+    """SAM_MODEL_PATH pointing at a (dummy) file of that name: its name alone decides the candidates."""
     monkeypatch, tmp = env
-    given = tmp / "sam2.1_hiera_small.pt"
-    given.write_bytes(b"x")
-    monkeypatch.setenv("SAM_MODEL_PATH", str(given))
-    monkeypatch.setenv("ALLOW_UNTRAINED_WEIGHTS", "1")
+    path = tmp / name
+    path.write_bytes(b"x")
+    monkeypatch.setenv("SAM_MODEL_PATH", str(path))
+    monkeypatch.setenv("ALLOW_UNTRAINED_WEIGHTS", "1" if allow_untrained else "0")
+    return path
+
+
+def test_given_sam2_checkpoint_comes_first_and_names_its_variant(env):
+    given = given_file(env, "sam2.1_hiera_small.pt", allow_untrained=True)
     candidates, _ = segmenter_candidates(load_settings())
     assert [(c.checkpoint, c.variant, c.untrained) for c in candidates][0] == (str(given), "small", False)
     assert candidates[-1].untrained and candidates[-1].variant == "large"
 
 
 def test_sam3_and_missing_files_fall_back_with_reasons(env):
-    monkeypatch, tmp = env
-    sam3 = tmp / "sam3.pt"
-    sam3.write_bytes(b"x")
-    monkeypatch.setenv("SAM_MODEL_PATH", str(sam3))
-    monkeypatch.setenv("ALLOW_UNTRAINED_WEIGHTS", "1")
+    given_file(env, "sam3.pt", allow_untrained=True)
     (only,), notes = segmenter_candidates(load_settings())
     assert only.untrained
     assert "looks like SAM3" in only.note and "sam2.1_hiera_large.pt does not exist" in only.note
