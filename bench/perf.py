@@ -50,35 +50,30 @@ def perf_env() -> dict:
 
 
 def run_perf_analyzer(
-    url: str, protocol: str, csv_path: Path, concurrency: str = "1:2", requests_per_window: int = 4, extra=()
+    url: str,
+    protocol: str,
+    csv_path: Path,
+    concurrency: int = 1,
+    request_count: int = 12,
+    stability: float | None = None,
 ) -> list[dict]:
-    """One perf_analyzer run; returns its CSV rows (one per concurrency level)."""
+    """One perf_analyzer run at one concurrency level; returns its CSV rows.
+
+    By default it sends exactly `request_count` requests and reports them (`--request-count`): on a shared
+    machine perf_analyzer's stability search (three windows within a few percent) may never settle, and
+    then it exits with an error. With `stability` (percent) it searches as usual, windows of
+    `request_count` requests, at most 10 of them.
+    """
     if not PERF_ANALYZER.is_file():
         raise SystemExit(f"{PERF_ANALYZER} is missing: run `make triton`")
-    cmd = [
-        str(PERF_ANALYZER),
-        "-m",
-        "anomaly_pipeline",
-        "-i",
-        protocol,
-        "-u",
-        url,
-        "--input-data",
-        str(INPUT_DATA),
-        "--concurrency-range",
-        concurrency,
-        "--measurement-mode",
-        "count_windows",
-        "--measurement-request-count",
-        str(requests_per_window),
-        "--max-trials",
-        "4",
-        "--stability-percentage",
-        "50",
-        "-f",
-        str(csv_path),
-        *extra,
-    ]
+    cmd = [str(PERF_ANALYZER), "-m", "anomaly_pipeline", "-i", protocol, "-u", url]
+    cmd += ["--input-data", str(INPUT_DATA), "--concurrency-range", f"{concurrency}:{concurrency}"]
+    if stability is None:
+        cmd += ["--request-count", str(request_count)]
+    else:
+        cmd += ["--measurement-mode", "count_windows", "--measurement-request-count", str(request_count)]
+        cmd += ["--stability-percentage", str(stability), "--max-trials", "10"]
+    cmd += ["-f", str(csv_path)]
     print("+", " ".join(cmd), flush=True)
     subprocess.run(cmd, env=perf_env(), check=True)
     with open(csv_path) as f:
@@ -88,8 +83,11 @@ def run_perf_analyzer(
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.perf", description=__doc__)
     parser.add_argument("--write-input", action="store_true", help="regenerate perf/input_data.json and stop")
-    parser.add_argument("--concurrency", default="1:2", help="perf_analyzer --concurrency-range")
-    parser.add_argument("--requests", type=int, default=4, help="requests per measurement window")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 2], help="concurrency levels to run")
+    parser.add_argument("--requests", type=int, default=12, help="requests per level (per window with --stability)")
+    parser.add_argument(
+        "--stability", type=float, help="use perf_analyzer's stability search with this percentage (quiet machines)"
+    )
     args = parser.parse_args(argv)
     if args.write_input:
         print(f"wrote {write_input_data()}")
@@ -99,8 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(exist_ok=True)
     with running_server(settings, out / "triton.log") as server:
         for protocol, url in (("grpc", server.grpc_url), ("http", server.http_url)):
-            rows = run_perf_analyzer(url, protocol, out / f"{protocol}.csv", args.concurrency, args.requests)
-            for row in rows:
+            for level in args.concurrency:
+                csv_path = out / f"{protocol}_c{level}.csv"
+                (row,) = run_perf_analyzer(url, protocol, csv_path, level, args.requests, args.stability)
                 print(
                     f"{protocol}: concurrency {row['Concurrency']}: {float(row['Inferences/Second']):.3f} infer/s, "
                     f"p50 {int(row['p50 latency']) / 1000:.0f} ms, p99 {int(row['p99 latency']) / 1000:.0f} ms"

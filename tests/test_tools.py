@@ -27,10 +27,21 @@ def test_shipped_perf_input_is_the_sample_jpegs():
         assert raw[4:6] == b"\xff\xd8"  # JPEG
 
 
+def pipeline_inference_count(triton) -> int:
+    """How many requests Triton itself has counted for the ensemble."""
+    import tritonclient.http as httpclient
+
+    with httpclient.InferenceServerClient(triton.http_url) as c:
+        return int(c.get_inference_statistics("anomaly_pipeline")["model_stats"][0]["inference_count"])
+
+
 def test_perf_analyzer_drives_the_pipeline(triton, tmp_path):
     for protocol, url in (("grpc", triton.grpc_url), ("http", triton.http_url)):
-        rows = run_perf_analyzer(url, protocol, tmp_path / f"{protocol}.csv", "1:1", 2)
-        assert len(rows) == 1 and float(rows[0]["Inferences/Second"]) > 0
+        before = pipeline_inference_count(triton)
+        (row,) = run_perf_analyzer(url, protocol, tmp_path / f"{protocol}.csv", concurrency=1, request_count=3)
+        assert pipeline_inference_count(triton) - before == 3  # every request it reports reached the ensemble
+        assert row["Concurrency"] == "1" and float(row["Inferences/Second"]) > 0
+        assert int(row["p50 latency"]) > 0
 
 
 def cli(*args, check=True):
