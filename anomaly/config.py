@@ -80,6 +80,27 @@ KNOBS: tuple[Knob, ...] = (
     Knob("TRITON_READY_TIMEOUT", "900", "seconds the entrypoint and handler wait for Triton to become ready"),
     Knob("COMPUTE_THREADS", "", "CPU threads for the detector and the segmenter (default: all cores)"),
     Knob("DEVICE", "auto", "`auto`, `cpu` or `cuda`"),
+    # --- serving on GPUs (README, "Concurrency") ---
+    Knob(
+        "DETECTOR_BACKEND",
+        "auto",
+        "`auto`, `tensorrt`, `onnxruntime` or `torch`: what runs RF-DETR (auto: TensorRT, else onnxruntime's CUDA "
+        "provider, else torch on a GPU; onnxruntime on a CPU)",
+    ),
+    Knob(
+        "BATCH_FRAMES",
+        "auto",
+        "most frames the detector and the segmenter run as one batch (auto: 8 on a GPU; detector 8, segmenter 1 "
+        "on a CPU)",
+    ),
+    Knob("BATCH_DELAY_US", "0", "how long Triton holds a frame for a fuller batch, in microseconds"),
+    Knob(
+        "STEP_INSTANCES",
+        "auto",
+        "instances of each CPU step (preprocess, select_detections, geometry, result) (auto: cores / 4 on a GPU "
+        "machine, 1 on a CPU)",
+    ),
+    Knob("GEOMETRY_THREADS", "auto", "threads measuring one frame's masks (auto: 4 on a GPU machine, 1 on a CPU)"),
 )
 
 _DEFAULTS = {k.name: k.default for k in KNOBS}
@@ -117,6 +138,11 @@ def _int(name: str, lo: int = 1) -> int:
     if value < lo:
         raise ConfigError(f"{name}={raw} must be at least {lo}")
     return value
+
+
+def _auto_int(name: str) -> int | None:
+    """A positive integer, or None for `auto` (resolved where the machine is known: anomaly.serving)."""
+    return None if env(name).lower() == "auto" else _int(name)
 
 
 def _bool(name: str) -> bool:
@@ -167,6 +193,11 @@ class Settings:
     max_request_bytes: int
     runpod_concurrency: int
     triton_ready_timeout: int
+    detector_backend: str
+    batch_frames: int | None  # None: auto
+    batch_delay_us: int
+    step_instances: int | None  # None: auto
+    geometry_threads: int | None  # None: auto
 
 
 def _severity() -> tuple[float, float, float]:
@@ -220,6 +251,11 @@ def load_settings() -> Settings:
         max_request_bytes=_int("MAX_REQUEST_BYTES"),
         runpod_concurrency=_int("RUNPOD_CONCURRENCY"),
         triton_ready_timeout=_int("TRITON_READY_TIMEOUT"),
+        detector_backend=_choice("DETECTOR_BACKEND", ("auto", "tensorrt", "onnxruntime", "torch")),
+        batch_frames=_auto_int("BATCH_FRAMES"),
+        batch_delay_us=_int("BATCH_DELAY_US", lo=0),
+        step_instances=_auto_int("STEP_INSTANCES"),
+        geometry_threads=_auto_int("GEOMETRY_THREADS"),
     )
 
 

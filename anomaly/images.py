@@ -7,12 +7,17 @@ RGB uint8 array it returns, so orientation and colour handling live here alone.
 from __future__ import annotations
 
 import io
+import logging
 import warnings
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from anomaly.errors import InputError
+
+log = logging.getLogger(__name__)
+EXIF_ORIENTATION = 0x0112
 
 # Formats a camera, drone or inspection tool produces. MPO is the JPEG variant many cameras write.
 ALLOWED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"}
@@ -21,11 +26,18 @@ ALLOWED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"}
 Image.MAX_IMAGE_PIXELS = None
 
 
-def decode_image(data: bytes, max_bytes: int, max_pixels: int, field: str = "image") -> np.ndarray:
-    """Encoded bytes -> RGB uint8 array (H, W, 3), upright as the EXIF orientation says.
+@dataclass(frozen=True)
+class ImageHeader:
+    """What the header of an encoded image says, before any pixel is decoded."""
 
-    Raises InputError naming `field` for empty, oversized, undecodable, truncated or absurdly large images.
-    """
+    format: str
+    height: int  # upright, after the EXIF orientation
+    width: int
+    orientation: int  # EXIF orientation 1..8 (1: stored upright)
+
+
+def _open_checked(data: bytes, max_bytes: int, max_pixels: int, field: str) -> Image.Image:
+    """Encoded bytes -> an opened (not yet decoded) PIL image, after every check the header allows."""
     if data is None or len(data) == 0:
         raise InputError(field, "is empty; send the encoded bytes of a JPEG, PNG, WebP, BMP or TIFF image")
     if len(data) > max_bytes:
@@ -49,6 +61,34 @@ def decode_image(data: bytes, max_bytes: int, max_pixels: int, field: str = "ima
             field,
             f"is {width}x{height} = {width * height} pixels, more than the {max_pixels} allowed (MAX_IMAGE_PIXELS)",
         )
+    return img
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        value = int(img.getexif().get(EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - a broken EXIF block is treated as no EXIF, as exif_transpose does
+        return 1
+    return value if 1 <= value <= 8 else 1
+
+
+def read_header(data: bytes, max_bytes: int, max_pixels: int, field: str = "image") -> ImageHeader:
+    """The checks of decode_image that need no decoding (size limits, format, pixel count), and the upright
+    size. Cheap (the header only), so a request can be refused before any decoding or GPU work."""
+    img = _open_checked(data, max_bytes, max_pixels, field)
+    orientation = _orientation(img)
+    width, height = img.size
+    if orientation >= 5:  # stored on its side
+        width, height = height, width
+    return ImageHeader(img.format, height, width, orientation)
+
+
+def decode_image(data: bytes, max_bytes: int, max_pixels: int, field: str = "image") -> np.ndarray:
+    """Encoded bytes -> RGB uint8 array (H, W, 3), upright as the EXIF orientation says.
+
+    Raises InputError naming `field` for empty, oversized, undecodable, truncated or absurdly large images.
+    """
+    img = _open_checked(data, max_bytes, max_pixels, field)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -112,3 +152,82 @@ def rfdetr_preprocess(rgb: np.ndarray, resolution: int, means, stds) -> np.ndarr
     x = resize_bilinear(rgb, resolution, resolution) / np.float32(255.0)
     x = (x - np.asarray(means, np.float32)) / np.asarray(stds, np.float32)
     return np.ascontiguousarray(x.transpose(2, 0, 1), dtype=np.float32)
+
+
+# --- the same steps in torch, on the GPU when there is one -------------------------------------------------
+# The numpy path above is the reference (exact weights); these agree with it within float rounding and run
+# where the pixels already are, so a GPU frame never travels back through host memory.
+
+SAM_MEANS, SAM_STDS = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def orient(chw, orientation: int):
+    """A (C, H, W) tensor as stored -> upright, for EXIF orientation 1..8 (what ImageOps.exif_transpose does)."""
+    import torch
+
+    if orientation == 2:
+        return chw.flip(-1)
+    if orientation == 3:
+        return chw.flip(-1, -2)
+    if orientation == 4:
+        return chw.flip(-2)
+    if orientation == 5:
+        return chw.transpose(-1, -2)
+    if orientation == 6:
+        return torch.rot90(chw, -1, (-2, -1))
+    if orientation == 7:
+        return chw.transpose(-1, -2).flip(-1, -2)
+    if orientation == 8:
+        return torch.rot90(chw, 1, (-2, -1))
+    return chw
+
+
+_warned_gpu_decode = False
+
+
+def decode_to_tensor(data: bytes, device, max_bytes: int, max_pixels: int, field: str = "image"):
+    """Encoded bytes -> upright RGB uint8 tensor (3, H, W) on `device`.
+
+    On a GPU, JPEGs are decoded by nvJPEG (torchvision) on the card; other formats, and any JPEG nvJPEG
+    refuses, are decoded on the CPU by decode_image and copied over. On a CPU this is decode_image."""
+    import torch
+
+    device = torch.device(device)
+    header = read_header(data, max_bytes, max_pixels, field)
+    if device.type == "cuda" and header.format in ("JPEG", "MPO"):
+        try:
+            from torchvision.io import ImageReadMode, decode_jpeg
+
+            encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+            chw = orient(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device), header.orientation)
+            if tuple(chw.shape) == (3, header.height, header.width):
+                return chw
+        except Exception as exc:  # noqa: BLE001 - the CPU decoder below gives the user's error, if any
+            global _warned_gpu_decode
+            if not _warned_gpu_decode:
+                log.warning("nvJPEG could not decode a JPEG (%s); such images are decoded on the CPU", exc)
+                _warned_gpu_decode = True
+    rgb = decode_image(data, max_bytes, max_pixels, field)
+    return torch.from_numpy(rgb).permute(2, 0, 1).to(device)
+
+
+def rfdetr_input(chw, resolution: int, means, stds):
+    """Upright RGB uint8 (3, H, W) tensor -> float32 (3, R, R) as rfdetr_preprocess makes it (bilinear,
+    no antialias, /255, normalised), on the tensor's device."""
+    import torch
+
+    x = torch.nn.functional.interpolate(
+        chw[None].float(), size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=False
+    )[0]
+    mean = torch.tensor(means, dtype=torch.float32, device=x.device)[:, None, None]
+    std = torch.tensor(stds, dtype=torch.float32, device=x.device)[:, None, None]
+    return (x / 255.0 - mean) / std
+
+
+def sam_input(chw, resolution: int = 1024):
+    """Upright RGB uint8 (3, H, W) tensor -> float32 (3, S, S) as SAM2ImagePredictor prepares an image
+    (to [0, 1], resize with antialiasing, ImageNet normalisation), on the tensor's device."""
+    from torchvision.transforms import functional as TF
+
+    x = TF.resize(chw.float() / 255.0, [resolution, resolution], antialias=True)
+    return TF.normalize(x, SAM_MEANS, SAM_STDS)

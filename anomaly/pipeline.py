@@ -8,25 +8,20 @@ from __future__ import annotations
 
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 
 from anomaly import geometry, masks
 from anomaly.config import Settings
-from anomaly.detector import Detections, DetectorMetadata, OnnxDetector, select_detections
+from anomaly.detector import Detections, DetectorMetadata, select_detections
 from anomaly.geometry import GEOMETRY_FIELDS
-from anomaly.images import decode_image, rfdetr_preprocess
+from anomaly.images import read_header
 from anomaly.options import RequestOptions
 from anomaly.result import build_response
 from anomaly.segmenter import MaskCrop
 from anomaly.weights import UNTRAINED_BANNER
-
-
-def preprocess(data: bytes, meta: DetectorMetadata, settings: Settings) -> tuple[np.ndarray, np.ndarray]:
-    """Encoded image -> (detector input (1, 3, R, R), RGB uint8 (H, W, 3))."""
-    rgb = decode_image(data, settings.max_image_bytes, settings.max_image_pixels)
-    return rfdetr_preprocess(rgb, meta.resolution, meta.means, meta.stds)[None], rgb
 
 
 def select(
@@ -50,9 +45,15 @@ def select(
     return det, defects, notes
 
 
-def measure_all(crops: list[np.ndarray]) -> np.ndarray:
-    """Mask crops -> (N, 5) float64 in GEOMETRY_FIELDS order (float32 would round areas above 2**24)."""
-    rows = [[geometry.measure(m)[f] for f in GEOMETRY_FIELDS] for m in crops]
+def _measure_row(mask: np.ndarray) -> list[float]:
+    g = geometry.measure(mask)
+    return [g[f] for f in GEOMETRY_FIELDS]
+
+
+def measure_all(crops: list[np.ndarray], pool: ThreadPoolExecutor | None = None) -> np.ndarray:
+    """Mask crops -> (N, 5) float64 in GEOMETRY_FIELDS order (float32 would round areas above 2**24).
+    With a pool, the masks are measured in parallel: the thinning and OpenCV release the GIL."""
+    rows = list(pool.map(_measure_row, crops)) if pool and len(crops) > 1 else [_measure_row(m) for m in crops]
     return np.asarray(rows, np.float64).reshape(len(crops), len(GEOMETRY_FIELDS))
 
 
@@ -66,23 +67,30 @@ def geometry_dicts(table: np.ndarray) -> list[dict]:
     return out
 
 
-def warnings_for(meta: DetectorMetadata, segmenter_info: dict, notes: list[str]) -> list[str]:
+def warnings_for(meta: DetectorMetadata, segmenter_info: dict, notes: list[str], detector_info: dict) -> list[str]:
     found = []
     if meta.untrained:
         found.append(UNTRAINED_BANNER.format(what=f"the detector (RF-DETR {meta.variant})"))
     if segmenter_info.get("untrained"):
         found.append(UNTRAINED_BANNER.format(what=f"the segmenter (SAM2.1 {segmenter_info.get('variant')})"))
+    if detector_info.get("warning"):
+        found.append(detector_info["warning"])
     return found + list(notes)
 
 
-def models_info(meta: DetectorMetadata, segmenter: dict) -> dict:
-    """Which models and weights produced a response: an inspection record must say."""
+def models_info(meta: DetectorMetadata, segmenter: dict, detector: dict) -> dict:
+    """Which models and weights produced a response, and what ran them: an inspection record must say."""
     return {
         "detector": {
             "name": f"rf-detr-{meta.variant}",
             "weights": Path(meta.weights).name if meta.weights != "coco" else "coco",
             "untrained": meta.untrained,
             "resolution": meta.resolution,
+            "backend": detector.get("backend", ""),
+            "device": detector.get("device", ""),
+            "precision": detector.get("precision", ""),
+            "runtime": detector.get("runtime", ""),
+            "reason": detector.get("reason", ""),
         },
         "segmenter": {
             "name": f"{segmenter.get('kind', 'sam2.1')}-{segmenter.get('variant')}",
@@ -95,10 +103,14 @@ def models_info(meta: DetectorMetadata, segmenter: dict) -> dict:
 
 
 def pack_crops(crops: list[MaskCrop]) -> dict[str, np.ndarray]:
+    """One frame's crops as the segmenter step answers them (a leading batch axis of 1)."""
+    packed = np.empty((1, len(crops)), dtype=np.object_)
+    for i, c in enumerate(crops):
+        packed[0, i] = masks.pack(c.mask)
     return {
-        "MASK_BOXES": np.asarray([c.box for c in crops], np.int32).reshape(len(crops), 4),
-        "MASKS": np.array([masks.pack(c.mask) for c in crops] or [], dtype=np.object_),
-        "MASK_SCORES": np.asarray([c.score for c in crops], np.float32),
+        "MASK_BOXES": np.asarray([c.box for c in crops], np.int32).reshape(1, len(crops), 4),
+        "MASKS": packed,
+        "MASK_SCORES": np.asarray([c.score for c in crops], np.float32).reshape(1, len(crops)),
     }
 
 
@@ -110,39 +122,38 @@ def unpack_crops(mask_boxes: np.ndarray, packed: np.ndarray) -> list[np.ndarray]
 
 
 class InProcessPipeline:
-    """Every stage in this process: the baseline the Triton ensemble is compared with."""
+    """Every stage in this process, through the same objects the Triton steps use: the baseline the
+    ensemble is compared with."""
 
     def __init__(self, settings: Settings, model_repository: Path | None = None):
+        from anomaly.detector import DetectorRunner
         from anomaly.weights import load_segmenter, segmenter_info
 
         repo = model_repository or settings.model_repository
         self.settings = settings
         self.meta = DetectorMetadata.load(repo / "detector" / "1" / "metadata.json")
-        self.detector = OnnxDetector(
-            repo / "detector" / "1" / "model.onnx",
-            settings.compute_threads,
-            settings.device,
-            settings.weights_dir / "trt_cache",
-        )
+        self.detector = DetectorRunner(self.meta, repo / "detector" / "1" / "model.onnx", settings)
         self.segmenter, spec = load_segmenter(settings)
         self.segmenter_info = segmenter_info(self.segmenter, spec)
 
     def __call__(self, data: bytes, options: RequestOptions) -> dict:
         start = time.monotonic_ns()
-        x, rgb = preprocess(data, self.meta, self.settings)
-        boxes, logits = self.detector(x)
+        s = self.settings
+        header = read_header(data, s.max_image_bytes, s.max_image_pixels)
+        image_hw = (header.height, header.width)
+        x, _ = self.detector.prepare(data)
+        boxes, logits = self.detector.run([x])
         det, seg_index, notes = select(
-            boxes[0],
-            logits[0],
-            rgb.shape[:2],
-            options.confidence_threshold,
-            self.meta,
-            self.settings.max_detections,
+            boxes[0], logits[0], image_hw, options.confidence_threshold, self.meta, s.max_detections
         )
-        crops = self.segmenter.segment(rgb, det.boxes[seg_index])
+        seg_boxes = det.boxes[seg_index]
+        crops = []
+        if len(seg_boxes):
+            prepared, hw = self.segmenter.prepare(data, s.max_image_bytes, s.max_image_pixels)
+            crops = self.segmenter.segment_batch([(prepared, hw, seg_boxes)])[0]
         table = measure_all([c.mask for c in crops])
         return build_response(
-            image_hw=rgb.shape[:2],
+            image_hw=image_hw,
             detections=det,
             metadata=self.meta,
             seg_index=seg_index,
@@ -151,10 +162,10 @@ class InProcessPipeline:
             mask_scores=np.asarray([c.score for c in crops], np.float32),
             geometries=geometry_dicts(table),
             options=options,
-            severity_thresholds_mm=self.settings.severity_thresholds_mm,
-            warnings=warnings_for(self.meta, self.segmenter_info, notes),
+            severity_thresholds_mm=s.severity_thresholds_mm,
+            warnings=warnings_for(self.meta, self.segmenter_info, notes, self.detector.info),
             processing_time_ms=(time.monotonic_ns() - start) / 1e6,
-            models=models_info(self.meta, self.segmenter_info),
+            models=models_info(self.meta, self.segmenter_info, self.detector.info),
         )
 
 

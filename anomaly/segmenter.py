@@ -65,7 +65,8 @@ def resolve_device(device: str) -> str:
 
 
 class Sam2Segmenter:
-    """SAM2.1 image predictor used with box prompts."""
+    """SAM2.1 prompted with boxes: frames are embedded in batches (the image encoder, once per frame), then
+    every box of every frame is decoded from its frame's embedding."""
 
     name = "sam2.1"
 
@@ -79,7 +80,9 @@ class Sam2Segmenter:
         self.variant = variant
         self.device = resolve_device(device)
         model = build_sam2(SAM2_CONFIGS[variant], ckpt_path=str(checkpoint) if checkpoint else None, device=self.device)
-        self.predictor = SAM2ImagePredictor(model)
+        self.predictor = SAM2ImagePredictor(model)  # its transforms, feature sizes and threshold are the reference
+        self.model = model
+        self.resolution = model.image_size
         self._torch = torch
 
     def _autocast(self):
@@ -88,44 +91,94 @@ class Sam2Segmenter:
             return torch.autocast("cuda", dtype=torch.bfloat16)
         return torch.autocast("cpu", enabled=False)
 
-    def segment(self, rgb: np.ndarray, boxes: np.ndarray) -> list[MaskCrop]:
-        """RGB uint8 (H, W, 3) and float boxes (N, 4) xyxy -> one MaskCrop per box."""
-        if len(boxes) == 0:
-            return []
+    # --- preparing frames ---
+    def prepare(self, data: bytes, max_bytes: int, max_pixels: int, field: str = "image"):
+        """Encoded image -> (SAM input (3, S, S) on this segmenter's device, (height, width)); decoded on the
+        GPU when there is one (images.decode_to_tensor)."""
+        from anomaly.images import decode_to_tensor, sam_input
+
+        chw = decode_to_tensor(data, self.device, max_bytes, max_pixels, field)
+        return sam_input(chw, self.resolution), (int(chw.shape[1]), int(chw.shape[2]))
+
+    def prepare_rgb(self, rgb: np.ndarray):
+        """RGB uint8 (H, W, 3) -> (SAM input, (height, width)), as SAM2ImagePredictor.set_image prepares it."""
+        from anomaly.images import sam_input
+
+        chw = self._torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).to(self.device)
+        return sam_input(chw, self.resolution), rgb.shape[:2]
+
+    # --- the model ---
+    def embed(self, inputs) -> dict:
+        """(K, 3, S, S) prepared frames -> their features, as SAM2ImagePredictor.set_image_batch computes them."""
+        model, p = self.model, self.predictor
+        backbone_out = model.forward_image(inputs)
+        _, vision_feats, _, _ = model._prepare_backbone_features(backbone_out)
+        if model.directly_add_no_mem_embed:
+            vision_feats[-1] = vision_feats[-1] + model.no_mem_embed
+        k = inputs.shape[0]
+        feats = [
+            feat.permute(1, 2, 0).view(k, -1, *size) for feat, size in zip(vision_feats[::-1], p._bb_feat_sizes[::-1])
+        ][::-1]
+        return {"image_embed": feats[-1], "high_res_feats": feats[:-1]}
+
+    def decode(self, features: dict, frames: np.ndarray, boxes: np.ndarray, sizes: np.ndarray):
+        """Prompt encoder + mask decoder for `boxes` (N, 4) xyxy, box i on frame `frames[i]` of size `sizes[i]`
+        (height, width), as SAM2ImagePredictor._predict minus its full-frame upsample.
+        -> (low-res logits (N, 1, 256, 256) float32, predicted IoU (N,) numpy)."""
         torch = self._torch
-        height, width = rgb.shape[:2]
+        device = features["image_embed"].device
+        frame_index = torch.as_tensor(frames, dtype=torch.long, device=device)
+        wh = torch.as_tensor(np.asarray(sizes, np.float32)[:, ::-1].copy(), device=device)[:, None, :]
+        coords = torch.as_tensor(np.asarray(boxes, np.float32), device=device).reshape(-1, 2, 2)
+        coords = coords / wh * self.resolution  # SAM2Transforms.transform_boxes(normalize=True)
+        labels = torch.tensor([[2, 3]], dtype=torch.int, device=device).repeat(len(boxes), 1)
+        sparse, dense = self.model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
+        low_res, iou, _, _ = self.model.sam_mask_decoder(
+            image_embeddings=features["image_embed"][frame_index],
+            image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=False,
+            repeat_image=False,  # one embedding per box, gathered above: boxes of several frames in one call
+            high_res_features=[feat[frame_index] for feat in features["high_res_feats"]],
+        )
+        return low_res.float(), iou[:, 0].float().cpu().numpy()
+
+    # --- what the pipeline calls ---
+    def segment_batch(self, frames: list[tuple]) -> list[list[MaskCrop]]:
+        """[(prepared input, (height, width), boxes (N, 4) xyxy)] -> one MaskCrop list per frame. Frames without
+        boxes cost nothing; the others are embedded as one batch."""
+        torch = self._torch
+        out: list[list[MaskCrop]] = [[] for _ in frames]
+        busy = [i for i, (_, _, boxes) in enumerate(frames) if len(boxes)]
+        if not busy:
+            return out
+        frame_of_box = np.concatenate([np.full(len(frames[i][2]), k) for k, i in enumerate(busy)])
+        boxes = np.concatenate([np.asarray(frames[i][2], np.float32).reshape(-1, 4) for i in busy])
+        sizes = np.asarray([frames[i][1] for i in busy])[frame_of_box]
         with torch.inference_mode(), self._autocast():
-            self.predictor.set_image(rgb)
+            features = self.embed(torch.stack([frames[i][0] for i in busy]).to(self.device))
             # On a GPU all boxes go through the decoder at once; on a CPU one at a time is faster.
             step = len(boxes) if self.device == "cuda" else 1
             crops: list[MaskCrop] = []
             for start in range(0, len(boxes), step):
-                chunk = np.asarray(boxes[start : start + step], np.float32)
-                low_res, iou = self._decode(chunk)
-                for i, box in enumerate(chunk):
-                    window = crop_box(box, (height, width))
-                    mask = self._upsample_crop(low_res[i : i + 1], window, (height, width))
-                    crops.append(MaskCrop(window, mask, float(np.clip(iou[i], 0.0, 1.0))))
-        return crops
+                part = slice(start, start + step)
+                low_res, iou = self.decode(features, frame_of_box[part], boxes[part], sizes[part])
+                for j, box in enumerate(boxes[part]):
+                    hw = tuple(int(v) for v in sizes[start + j])
+                    window = crop_box(box, hw)
+                    mask = self._upsample_crop(low_res[j : j + 1], window, hw)
+                    crops.append(MaskCrop(window, mask, float(np.clip(iou[j], 0.0, 1.0))))
+        for k, i in enumerate(busy):
+            out[i] = [c for c, f in zip(crops, frame_of_box) if f == k]
+        return out
 
-    def _decode(self, boxes: np.ndarray):
-        """Prompt encoder + mask decoder for `boxes`, as SAM2ImagePredictor._predict, minus its full-frame upsample."""
-        torch = self._torch
-        p = self.predictor
-        _, _, _, box_coords = p._prep_prompts(None, None, boxes, None, normalize_coords=True)
-        box_labels = torch.tensor([[2, 3]], dtype=torch.int, device=box_coords.device).repeat(len(boxes), 1)
-        sparse, dense = p.model.sam_prompt_encoder(points=(box_coords, box_labels), boxes=None, masks=None)
-        high_res = [feat[-1].unsqueeze(0) for feat in p._features["high_res_feats"]]
-        low_res, iou, _, _ = p.model.sam_mask_decoder(
-            image_embeddings=p._features["image_embed"][-1].unsqueeze(0),
-            image_pe=p.model.sam_prompt_encoder.get_dense_pe(),
-            sparse_prompt_embeddings=sparse,
-            dense_prompt_embeddings=dense,
-            multimask_output=False,
-            repeat_image=len(boxes) > 1,
-            high_res_features=high_res,
-        )
-        return low_res.float(), iou[:, 0].float().cpu().numpy()
+    def segment(self, rgb: np.ndarray, boxes: np.ndarray) -> list[MaskCrop]:
+        """RGB uint8 (H, W, 3) and float boxes (N, 4) xyxy -> one MaskCrop per box."""
+        if len(boxes) == 0:
+            return []
+        prepared, hw = self.prepare_rgb(rgb)
+        return self.segment_batch([(prepared, hw, boxes)])[0]
 
     def _upsample_crop(self, low_res, window, image_hw) -> np.ndarray:
         """Bilinear samples of the (1, 1, 256, 256) logits at the window's pixel centres, thresholded at 0.

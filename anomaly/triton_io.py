@@ -117,30 +117,21 @@ class StageModel:
         raise NotImplementedError
 
 
-def answer_batched(requests, input_name: str, item_shape: tuple, run: Callable, output_names: tuple) -> list:
-    """One run over the requests Triton's dynamic batcher gathered; a request whose input has the wrong
-    shape is answered with an error alone, the others still run."""
+def answer_batch(requests, prepare: Callable, run: Callable) -> list:
+    """For a dynamically batched step: prepare(request) each request (a failure answers that request alone),
+    then run([prepared, ...]) -> [outputs dict, ...] once over the rest, in order."""
     responses: list = [None] * len(requests)
-    good: list[tuple[int, np.ndarray]] = []
+    ready: list[tuple[int, object]] = []
     for i, request in enumerate(requests):
         try:
-            x = array(request, input_name)
-            if x.shape[1:] != item_shape:
-                raise InputError(
-                    input_name, f"must have shape (batch, {', '.join(map(str, item_shape))}), got {x.shape}"
-                )
-            good.append((i, x))
-        except Exception as exc:  # noqa: BLE001
+            ready.append((i, prepare(request)))
+        except Exception as exc:  # noqa: BLE001 - this request's error, the others go on
             responses[i] = error_response(exc)
-    if good:
+    if ready:
         try:
-            outputs = run(np.concatenate([x for _, x in good]))
-            offset = 0
-            for i, x in good:
-                part = {name: out[offset : offset + len(x)] for name, out in zip(output_names, outputs)}
-                responses[i] = respond(part)
-                offset += len(x)
+            for (i, _), outputs in zip(ready, run([item for _, item in ready])):
+                responses[i] = respond(outputs)
         except Exception as exc:  # noqa: BLE001
-            for i, _ in good:
+            for i, _ in ready:
                 responses[i] = error_response(exc)
     return responses

@@ -25,6 +25,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from anomaly.config import REPO_ROOT, Settings, load_settings
+from anomaly.serving import CONFIG_NAME, has_gpu, serving_plan, write_serving_configs
 
 PYTRITON_HOME = REPO_ROOT / ".triton" / "pkgs" / "pytriton" / "tritonserver"
 CONTAINER_HOME = Path("/opt/tritonserver")
@@ -32,12 +33,6 @@ CONTAINER_HOME = Path("/opt/tritonserver")
 
 class TritonStartError(RuntimeError):
     pass
-
-
-def has_gpu() -> bool:
-    if not Path("/dev/nvidia0").exists() or not shutil.which("nvidia-smi"):
-        return False
-    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
 
 
 def find_triton(settings: Settings) -> tuple[Path, Path]:
@@ -97,6 +92,8 @@ class TritonServer:
         self.extra_env = env or {}
         self.model_config_name = model_config_name
         self.process: subprocess.Popen | None = None
+        self.plan = None
+        self._gpu: bool | None = None
         self.shm_prefix = f"anomaly_{os.getpid()}_{int(time.time() * 1000) % 10**8}_"
         self._log_file = None
 
@@ -132,9 +129,8 @@ class TritonServer:
             "--strict-readiness=true",
             "--log-verbose=0",
         ]
-        if self.model_config_name:
-            cmd.append(f"--model-config-name={self.model_config_name}")
-        if not has_gpu():
+        cmd.append(f"--model-config-name={self.model_config_name or CONFIG_NAME}")
+        if not self.gpu:
             cmd += [
                 "--pinned-memory-pool-byte-size=0",
                 "--cuda-memory-pool-byte-size=0:0",
@@ -154,7 +150,16 @@ class TritonServer:
         env.update(self.extra_env)
         return env
 
+    @property
+    def gpu(self) -> bool:
+        if self._gpu is None:
+            self._gpu = has_gpu()
+        return self._gpu
+
     def start(self, ready_timeout: float = 300.0) -> TritonServer:
+        if not self.model_config_name:  # this machine's instances and batching (anomaly.serving)
+            self.plan = serving_plan(self.settings, self.gpu)
+            write_serving_configs(self.model_repository, self.plan)
         cmd = self.command()
         if self.log_path:
             Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)

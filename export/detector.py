@@ -16,7 +16,7 @@ from pathlib import Path
 
 from anomaly import taxonomy
 from anomaly.config import Settings
-from anomaly.detector import DetectorMetadata
+from anomaly.detector import DetectorMetadata, load_rfdetr, rfdetr_class
 from anomaly.errors import ConfigError, WeightsMissingError
 from anomaly.weights import UNTRAINED_SEED, untrained_dir
 
@@ -24,17 +24,6 @@ log = logging.getLogger(__name__)
 
 UNTRAINED_NOISE_STD = 0.02  # untrained box heads start at zero; noise makes boxes and classes vary
 UNTRAINED_CLASS_BIAS = -2.6
-
-
-def _variant_class(variant: str):
-    import rfdetr
-
-    return {
-        "nano": rfdetr.RFDETRNano,
-        "small": rfdetr.RFDETRSmall,
-        "medium": rfdetr.RFDETRMedium,
-        "large": rfdetr.RFDETRLarge,
-    }[variant]
 
 
 def untrained_detector_path(settings: Settings) -> Path:
@@ -50,7 +39,7 @@ def make_untrained_detector(settings: Settings) -> Path:
         return path
     names = list(taxonomy.DEFAULT_CLASSES)
     torch.manual_seed(UNTRAINED_SEED)  # rfdetr initialises from the global generator
-    model = _variant_class(settings.detector_variant)(pretrain_weights=None, num_classes=len(names))
+    model = rfdetr_class(settings.detector_variant)(pretrain_weights=None, num_classes=len(names))
     generator = torch.Generator().manual_seed(UNTRAINED_SEED)
     with torch.no_grad():
         for p in model.model.model.parameters():
@@ -132,11 +121,10 @@ def resolve_weights(settings: Settings) -> tuple[str, bool]:
 
 def load_model(settings: Settings):
     """-> (rfdetr model, slot class names, slot roles, weights description, untrained)."""
-    cls = _variant_class(settings.detector_variant)
     weights, untrained = resolve_weights(settings)
     if weights == "coco":
         try:
-            model = cls()  # rfdetr downloads the official COCO checkpoint into its cache
+            model = load_rfdetr(settings.detector_variant, "coco")  # rfdetr downloads the official checkpoint
         except Exception as exc:
             if not settings.allow_untrained:
                 raise WeightsMissingError(
@@ -148,8 +136,7 @@ def load_model(settings: Settings):
             log.warning("COCO weights unavailable (%s); using untrained weights", type(exc).__name__)
             weights, untrained = str(make_untrained_detector(settings)), True
     if weights != "coco":
-        kwargs = {"num_classes": settings.detector_num_classes} if settings.detector_num_classes else {}
-        model = cls(pretrain_weights=weights, **kwargs)
+        model = load_rfdetr(settings.detector_variant, weights, settings.detector_num_classes)
     names, roles = slot_classes(model, settings)
     return model, names, roles, weights, untrained
 

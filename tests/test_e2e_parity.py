@@ -29,10 +29,10 @@ def rfdetr_model(exported):
     """rfdetr's own model class loading the very checkpoint the ONNX export was made from."""
     import torch
 
-    from export.detector import _variant_class
+    from anomaly.detector import rfdetr_class
 
     torch.set_num_threads(2)
-    return _variant_class(exported.variant)(pretrain_weights=exported.weights)
+    return rfdetr_class(exported.variant)(pretrain_weights=exported.weights)
 
 
 def _match(ours_boxes, ours_scores, ours_classes, ref_boxes, ref_scores, ref_classes):

@@ -1,20 +1,31 @@
-"""Triton stage 2: RF-DETR forward pass on a dynamic batch (anomaly.detector.OnnxDetector)."""
+"""Triton step 2: RF-DETR on a dynamic batch of frames, decoded where the model runs (anomaly.detector)."""
+
+import json
 
 from anomaly import triton_io
 from anomaly.config import settings
-from anomaly.detector import ONNX_BOXES, ONNX_INPUT, ONNX_LOGITS, OnnxDetector
+from anomaly.detector import ONNX_BOXES, ONNX_LOGITS, DetectorRunner
 from anomaly.weights import UNTRAINED_BANNER
 
 
 class TritonPythonModel(triton_io.StageModel):
     def setup(self, args):
-        s = settings()
         onnx_path = triton_io.metadata_path(args).parent / "model.onnx"
-        self.detector = OnnxDetector(onnx_path, s.compute_threads, s.device, s.weights_dir / "trt_cache")
-        triton_io.log.info("detector: RF-DETR %s on %s", self.meta.variant, self.detector.providers[0])
+        max_batch = int(json.loads(args["model_config"])["max_batch_size"])
+        self.runner = DetectorRunner(self.meta, onnx_path, settings(), max_batch)
+        self.info = triton_io.bytes_tensor([json.dumps(self.runner.info).encode()]).reshape(1, 1)
         if self.meta.untrained:
             triton_io.log.warning(UNTRAINED_BANNER.format(what=f"the detector (RF-DETR {self.meta.variant})"))
 
     def execute(self, requests):
-        shape = (3, self.meta.resolution, self.meta.resolution)
-        return triton_io.answer_batched(requests, ONNX_INPUT, shape, self.detector, (ONNX_BOXES, ONNX_LOGITS))
+        def prepare(request):
+            return self.runner.prepare(triton_io.image_bytes(request, "ENCODED"))[0]
+
+        def run(inputs):
+            boxes, logits = self.runner.run(inputs)
+            return [
+                {ONNX_BOXES: boxes[i : i + 1], ONNX_LOGITS: logits[i : i + 1], "DETECTOR": self.info}
+                for i in range(len(inputs))
+            ]
+
+        return triton_io.answer_batch(requests, prepare, run)

@@ -1,14 +1,20 @@
-"""Triton stage 5: geometry of every mask crop (anomaly.geometry via anomaly.pipeline.measure_all)."""
+"""Triton step 5: geometry of every mask crop of a frame (anomaly.geometry via anomaly.pipeline.measure_all),
+on the number of threads the launcher chose for this machine."""
+
+from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 
 from anomaly import pipeline, triton_io
+from anomaly.serving import config_parameter
 
 
 class TritonPythonModel(triton_io.StageModel):
     def setup(self, args):
-        cv2.setNumThreads(1)  # the SAM and detector processes own the cores
+        cv2.setNumThreads(1)  # parallel over masks instead; the SAM and detector processes own the rest
+        threads = int(config_parameter(args, "threads", "1"))
+        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
 
     def handle(self, request):
         crops = pipeline.unpack_crops(triton_io.array(request, "MASK_BOXES"), triton_io.array(request, "MASKS"))
-        return {"GEOMETRY": pipeline.measure_all(crops)}
+        return {"GEOMETRY": pipeline.measure_all(crops, self.pool)}

@@ -1,21 +1,23 @@
-"""Triton stage 1: encoded image -> RGB frame and RF-DETR input (anomaly.pipeline.preprocess)."""
+"""Triton step 1: refuse bad options and images early, from the header alone; pass the bytes on."""
 
 import time
 
 import numpy as np
 
-from anomaly import pipeline, triton_io
+from anomaly import triton_io
 from anomaly.config import settings
+from anomaly.images import read_header
 
 
 class TritonPythonModel(triton_io.StageModel):
     def handle(self, request):
         start = time.monotonic_ns()
         triton_io.options_of(request)  # refuse bad options before any work is done
-        x, rgb = pipeline.preprocess(triton_io.image_bytes(request), self.meta, settings())
+        data = triton_io.image_bytes(request)
+        s = settings()
+        header = read_header(data, s.max_image_bytes, s.max_image_pixels)
         return {
-            "DET_INPUT": x,
-            "RGB": rgb,
-            "IMAGE_SIZE": np.array(rgb.shape[:2], np.int32),
+            "ENCODED": triton_io.bytes_tensor([data]).reshape(1, 1),
+            "IMAGE_SIZE": np.array([header.height, header.width], np.int32),
             "START_NS": np.array([start], np.int64),
         }

@@ -1,6 +1,9 @@
-"""Triton stage 4: box-prompted SAM2.1 masks as bit-packed box crops (anomaly.segmenter)."""
+"""Triton step 4: box-prompted SAM2.1 masks as bit-packed box crops, the frames of a dynamic batch embedded
+together (anomaly.segmenter)."""
 
 import json
+
+import numpy as np
 
 from anomaly import pipeline, triton_io
 from anomaly.config import settings
@@ -11,12 +14,23 @@ class TritonPythonModel(triton_io.StageModel):
     def setup(self, args):
         self.segmenter, spec = load_segmenter(settings())
         info = segmenter_info(self.segmenter, spec)
-        self.info = json.dumps(info).encode()
+        self.info = triton_io.bytes_tensor([json.dumps(info).encode()]).reshape(1, 1)
         triton_io.log.info("segmenter: %s", info)
         if spec.untrained:
             triton_io.log.warning(UNTRAINED_BANNER.format(what=f"the segmenter (SAM2.1 {spec.variant})"))
 
-    def handle(self, request):
-        rgb = triton_io.array(request, "RGB")
-        crops = self.segmenter.segment(rgb, triton_io.array(request, "SEG_BOXES"))
-        return pipeline.pack_crops(crops) | {"SEGMENTER": triton_io.bytes_tensor([self.info])}
+    def execute(self, requests):
+        s = settings()
+
+        def prepare(request):
+            boxes = triton_io.array(request, "SEG_BOXES").reshape(-1, 4).astype(np.float32)
+            if not len(boxes):  # nothing to segment: no decoding, no SAM
+                return None, None, boxes
+            data = triton_io.image_bytes(request, "ENCODED")
+            return (*self.segmenter.prepare(data, s.max_image_bytes, s.max_image_pixels), boxes)
+
+        def run(frames):
+            crops_per_frame = self.segmenter.segment_batch(frames)
+            return [pipeline.pack_crops(crops) | {"SEGMENTER": self.info} for crops in crops_per_frame]
+
+        return triton_io.answer_batch(requests, prepare, run)
