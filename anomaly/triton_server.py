@@ -14,7 +14,6 @@ import argparse
 import atexit
 import glob
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -231,23 +230,42 @@ class TritonServer:
 
     def memory_mib(self) -> dict:
         """Resident memory of tritonserver and of each model's stub process, in MiB."""
+        return process_tree_mib(self.pid(), self.model_repository)
+
+    def pid(self) -> int | None:
+        """tritonserver's process id: ours, or that of the server already answering on our gRPC port."""
+        if self.process:
+            return self.process.pid
         import psutil
 
-        root = psutil.Process(self.process.pid)
-        rows = {"tritonserver": root.memory_info().rss}
-        for child in root.children(recursive=True):
-            args = child.cmdline()
-            where = next((a for a in args if str(self.model_repository) in a), "")
-            name = Path(where).parts[len(self.model_repository.parts)] if where else f"pid {child.pid}"
-            rows[name] = rows.get(name, 0) + child.memory_info().rss
-        mib = {k: round(v / 2**20, 1) for k, v in rows.items()}
-        return {"total_mib": round(sum(mib.values()), 1), "processes_mib": mib}
+        flag = f"--grpc-port={self.settings.triton_grpc_port}"
+        for proc in psutil.process_iter(["name", "cmdline"]):
+            if proc.info["name"] == "tritonserver" and flag in (proc.info["cmdline"] or []):
+                return proc.pid
+        return None
 
     def __enter__(self) -> TritonServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def process_tree_mib(pid: int | None, model_repository: Path) -> dict | None:
+    """Resident memory of a tritonserver and of each model's stub process (named by model), in MiB."""
+    if pid is None:
+        return None
+    import psutil
+
+    root = psutil.Process(pid)
+    rows = {"tritonserver": root.memory_info().rss}
+    for child in root.children(recursive=True):
+        args = child.cmdline()
+        where = next((a for a in args if str(model_repository) in a), "")
+        name = Path(where).parts[len(model_repository.parts)] if where else f"pid {child.pid}"
+        rows[name] = rows.get(name, 0) + child.memory_info().rss
+    mib = {k: round(v / 2**20, 1) for k, v in rows.items()}
+    return {"total_mib": round(sum(mib.values()), 1), "processes_mib": mib}
 
 
 @contextmanager

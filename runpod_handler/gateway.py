@@ -25,7 +25,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 
 from anomaly.config import settings
-from anomaly.detector import DetectorMetadata, onnx_providers
+from anomaly.detector import DetectorMetadata
 from anomaly.errors import InputError
 from anomaly.options import parse_options
 from client import AnomalyClient, AnomalyServiceError
@@ -136,7 +136,8 @@ def _models_in_service() -> dict:
         Image.new("RGB", (32, 32), (128, 128, 128)).save(buf, format="PNG")
         response = triton().detect(buf.getvalue(), confidence_threshold=1.0, frame_id="info-probe")
         _info_cache["models"] = response.get("models", {})
-        _info_cache["warnings"] = [w for w in response.get("warnings", []) if w.startswith("UNTRAINED")]
+        # At threshold 1.0 nothing is detected, so every warning is about the models (untrained, detector on CPU).
+        _info_cache["warnings"] = response.get("warnings", [])
     return _info_cache
 
 
@@ -159,7 +160,6 @@ def info():
     versions["triton_server"] = triton().server_version()
     detector = in_service["models"].get("detector", {})
     segmenter = in_service["models"].get("segmenter", {})
-    providers = [p if isinstance(p, str) else p[0] for p in onnx_providers(s.device, s.weights_dir / "trt_cache")]
     return {
         "mode": "serverless" if s.runpod_serverless else "pod",
         "detector": detector | {"variant": meta.variant},
@@ -170,7 +170,12 @@ def info():
             "defects": meta.classes_with_role("defect"),
             "structures": meta.classes_with_role("structure"),
         },
-        "device": {"segmenter": segmenter.get("device"), "detector_providers": providers},
+        "device": {
+            "segmenter": segmenter.get("device"),
+            "detector": detector.get("device"),
+            "detector_backend": detector.get("backend"),
+            "detector_runtime": detector.get("runtime"),
+        },
         "versions": versions,
         "defaults": {
             "confidence_threshold": s.confidence_threshold,

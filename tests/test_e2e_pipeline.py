@@ -178,3 +178,48 @@ def test_concurrent_requests_over_grpc(grpc_client, pier_png, deck_jpeg):
     for (frame_id, data), response in zip(jobs, results):
         assert response["frame_id"] == frame_id
         assert response["image_size"]["width"] == (800 if data is pier_png else 1920)
+
+
+DECLARED_OUTPUTS = ("RESULT_JSON", "BOXES", "SCORES", "CLASS_IDS", "SEG_INDEX", "MASK_SCORES", "GEOMETRY")
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_any_single_output_can_be_asked_for_alone(triton, pier_png, protocol):
+    """A plain tritonclient asking for one output (the natural call: RESULT_JSON alone) gets just that, with
+    the same content as when every output is asked for."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    tc = grpcclient if protocol == "grpc" else httpclient
+    url = triton.grpc_url if protocol == "grpc" else triton.http_url
+    client = tc.InferenceServerClient(url)
+    params = {"confidence_threshold": LOW, "frame_id": "same-frame"}
+
+    def infer(names):
+        image = tc.InferInput("IMAGE", [1], "BYTES")
+        image.set_data_from_numpy(np.array([pier_png], dtype=np.object_))
+        outputs = [tc.InferRequestedOutput(n) for n in names]
+        result = client.infer("anomaly_pipeline", [image], outputs=outputs, parameters=params)
+        return {n: result.as_numpy(n) for n in names}
+
+    everything = infer(DECLARED_OUTPUTS)
+    assert len(everything["SEG_INDEX"]) > 0  # masks and geometry are really computed
+    for name in DECLARED_OUTPUTS:
+        alone = infer([name])
+        assert set(alone) == {name}
+        if name == "RESULT_JSON":
+            import json
+
+            one, full = (json.loads(r[name].reshape(-1)[0]) for r in (alone, everything))
+            assert one["anomaly_count"] == full["anomaly_count"] and one["frame_id"] == "same-frame"
+        else:
+            np.testing.assert_allclose(alone[name], everything[name], rtol=1e-6)
+    client.close()
+
+
+def test_response_says_what_ran_the_detector(grpc_client, pier_png):
+    models = grpc_client.detect(pier_png, confidence_threshold=1.0)["models"]
+    detector = models["detector"]
+    assert detector["backend"] == "onnxruntime" and detector["device"] == "cpu"  # this machine has no GPU
+    assert "no GPU" in detector["reason"] and "CPUExecutionProvider" in detector["runtime"]
+    assert models["segmenter"]["device"] == "cpu"

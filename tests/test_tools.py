@@ -89,3 +89,26 @@ def test_cli_detect_reports_bad_files_and_goes_on(triton, tmp_path):
     assert out.returncode == 1
     assert "junk.jpg: image: is not a decodable image" in out.stderr
     assert json.loads(out.stdout)["image_size"]["width"] == 800
+
+
+def test_bench_gpu_runs_on_a_cpu_with_small_settings(triton, tmp_path):
+    """`make bench-gpu` on this CPU-only machine: one table from one run, every part of it filled."""
+    from bench import gpu
+
+    out = tmp_path / "gpu.json"
+    args = ["--concurrency", "1", "2", "--requests", "2", "--repeats", "1", "--defects", "1", "--out", str(out)]
+    assert gpu.main(args) == 0
+    result = json.loads(out.read_text())
+    assert result["gpu"] is False and "1 defects segmented" in result["workload"]
+    assert [row["concurrency"] for row in result["ensemble"]] == [1, 2]
+    for row in result["ensemble"]:
+        assert row["requests"] == 2 and not row["errors"] and 0 < row["p50_ms"] <= row["p90_ms"]
+        assert row["frames_per_s"] > 0
+    assert set(result["steps"]) == {
+        "preprocess", "detector", "select_detections", "segmenter", "geometry", "result", "anomaly_pipeline"
+    }  # fmt: skip
+    assert all(step["requests"] == 2 and step["compute_ms"] >= 0 for step in result["steps"].values())
+    assert result["steps"]["segmenter"]["compute_ms"] > result["steps"]["select_detections"]["compute_ms"]
+    assert result["in_process"]["p50_ms"] > 0
+    assert result["plain_script"]["p50_ms"] > 0 and result["plain_script"]["defects_segmented"] == 1
+    assert result["memory"]["resident"]["total_mib"] > 0

@@ -1,0 +1,268 @@
+"""`make bench-gpu`: the serving numbers of one machine in one run, each beside its baselines.
+
+1. The Triton ensemble over gRPC at several concurrency levels: p50, p90, frames/s, and per step the
+   queue and compute time per request and the mean batch size, from Triton's own statistics.
+2. The same stages in this process (anomaly.pipeline.InProcessPipeline, the objects the steps use).
+3. The plain-script reference a user would write: rfdetr's `predict` + SAM2ImagePredictor (set_image,
+   the same boxes) on the same weights, bf16 autocast on a GPU.
+4. Memory: GPU memory of Triton's processes (nvidia-smi) on a GPU, resident memory on a CPU.
+
+The workload: one frame (samples/bridge_deck.jpg by default) with the confidence threshold set so that
+`--defects` defects are segmented (10 by default). On a CPU the defaults shrink (2 defects, concurrency
+1 and 2, 3 requests a level) so the whole run takes about a minute; on a GPU: 10 defects, 1/4/8, 64.
+Nothing is downloaded: it needs the exported models (`python -m export`) and a tritonserver (`make
+triton`, or TRITON_HOME). Prints a table and writes bench_output/gpu.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+from anomaly.config import REPO_ROOT, Settings, load_settings
+from anomaly.options import RequestOptions
+
+STEPS = ("preprocess", "detector", "select_detections", "segmenter", "geometry", "result", "anomaly_pipeline")
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values, np.float64), q)) if values else float("nan")
+
+
+def device_name() -> tuple[bool, str]:
+    import torch
+
+    if torch.cuda.is_available():
+        return True, torch.cuda.get_device_name(0)
+    return False, f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads)"
+
+
+def threshold_for(pipeline, data: bytes, defects: int) -> tuple[float, int]:
+    """The confidence threshold at which `defects` defects are segmented on this frame (fewer if the frame has
+    fewer), halfway between the scores of the last one in and the first one out."""
+    x, hw = pipeline.detector.prepare(data)
+    boxes, logits = pipeline.detector.run([x])
+    from anomaly.pipeline import select
+
+    det, seg_index, _ = select(boxes[0], logits[0], hw, 0.0, pipeline.meta, 10**6)
+    scores = np.sort(det.scores[seg_index])[::-1]
+    if len(scores) <= defects:
+        return max(float(scores[-1]) - 1e-4, 0.0) if len(scores) else 0.0, len(scores)
+    return float((scores[defects - 1] + scores[defects]) / 2.0), defects
+
+
+def model_stats(client) -> dict[str, dict]:
+    """Triton's cumulative statistics of the pipeline's models, by name."""
+    stats = client.get_inference_statistics(as_json=True)["model_stats"]
+    return {s["name"]: s for s in stats if s["name"] in STEPS}
+
+
+def step_table(before: dict, after: dict) -> dict[str, dict]:
+    """Per step between two snapshots: requests, executions, mean batch, queue and compute ms per request."""
+    rows = {}
+    for name in STEPS:
+        a, b = before.get(name), after.get(name)
+        if not a or not b:
+            continue
+
+        def delta(key: str, field: str = "ns", a=a, b=b) -> float:
+            return float(b["inference_stats"][key].get(field, 0)) - float(a["inference_stats"][key].get(field, 0))
+
+        requests = delta("success", "count")
+        if requests <= 0:
+            continue
+        executions = float(b.get("execution_count", 0)) - float(a.get("execution_count", 0))
+        inferences = float(b.get("inference_count", 0)) - float(a.get("inference_count", 0))
+        compute = delta("compute_input") + delta("compute_infer") + delta("compute_output")
+        rows[name] = {
+            "requests": int(requests),
+            "mean_batch": round(inferences / executions, 2) if executions else None,
+            "queue_ms": round(delta("queue") / requests / 1e6, 2),
+            "compute_ms": round(compute / requests / 1e6, 2),
+        }
+    return rows
+
+
+def load(url: str, data: bytes, threshold: float, concurrency: int, requests: int) -> dict:
+    """`requests` frames sent by `concurrency` threads, each with its own gRPC client."""
+    from client import AnomalyClient
+
+    latencies: list[float] = []
+    server_ms: list[float] = []
+    errors: list[str] = []
+    counter = iter(range(requests))
+    lock = threading.Lock()
+
+    def worker():
+        with AnomalyClient(url, "grpc") as client:
+            while True:
+                with lock:
+                    if next(counter, None) is None:
+                        return
+                t = time.perf_counter()
+                try:
+                    response = client.detect(data, confidence_threshold=threshold)
+                except Exception as exc:  # noqa: BLE001 - counted and reported, the run goes on
+                    with lock:
+                        errors.append(str(exc)[:200])
+                    continue
+                with lock:
+                    latencies.append(time.perf_counter() - t)
+                    server_ms.append(response["processing_time_ms"])
+
+    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - start
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "errors": errors,
+        "p50_ms": round(percentile(latencies, 50) * 1000, 1),
+        "p90_ms": round(percentile(latencies, 90) * 1000, 1),
+        "server_p50_ms": round(percentile(server_ms, 50), 1),
+        "frames_per_s": round(len(latencies) / wall, 2) if wall else None,
+    }
+
+
+def timed(fn, repeats: int) -> dict:
+    fn()  # warm-up: lazy initialisation, cuDNN autotuning, CUDA graphs
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return {"p50_ms": round(percentile(times, 50) * 1000, 1), "repeats": repeats}
+
+
+def plain_script(settings: Settings, meta, data: bytes, threshold: float, repeats: int, gpu: bool) -> dict:
+    """What a user would write without Triton: rfdetr's predict, then SAM2ImagePredictor with its boxes."""
+    import torch
+    from sam2.build_sam import build_sam2
+    from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+    from anomaly.detector import load_rfdetr
+    from anomaly.images import decode_image
+    from anomaly.segmenter import SAM2_CONFIGS
+    from anomaly.weights import segmenter_candidates
+
+    detector = load_rfdetr(meta.variant, meta.weights, meta.source.get("num_classes"))
+    spec = segmenter_candidates(settings)[0][0]
+    device = "cuda" if gpu else "cpu"
+    predictor = SAM2ImagePredictor(build_sam2(SAM2_CONFIGS[spec.variant], spec.checkpoint, device=device))
+    defect_ids = np.array([i for i, r in enumerate(meta.roles) if r == "defect"])
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else torch.autocast("cpu", enabled=False)
+    found = {}
+
+    def run():
+        rgb = decode_image(data, settings.max_image_bytes, settings.max_image_pixels)
+        detections = detector.predict(rgb, threshold=threshold)
+        boxes = detections.xyxy[np.isin(detections.class_id, defect_ids)][: settings.max_detections]
+        with torch.inference_mode(), autocast:
+            predictor.set_image(rgb)
+            if len(boxes):
+                predictor.predict(box=boxes, multimask_output=False)
+        if gpu:
+            torch.cuda.synchronize()
+        found["boxes"] = len(boxes)
+
+    result = timed(run, repeats)
+    return result | {"defects_segmented": found["boxes"], "sam": f"SAM2.1 {spec.variant}"}
+
+
+def gpu_memory_mib(server) -> dict:
+    """GPU memory of Triton's processes (nvidia-smi), or resident memory where there is no GPU."""
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return {"gpu": None, "resident": server.memory_mib()}
+    used = {int(p): float(m) for p, m in (line.split(",") for line in out.strip().splitlines() if line.strip())}
+    pid = server.pid()
+    if pid:
+        import psutil
+
+        root = psutil.Process(pid)
+        pids = {root.pid, *(c.pid for c in root.children(recursive=True))}
+        used = {p: m for p, m in used.items() if p in pids}
+    return {"gpu_total_mib": round(sum(used.values()), 1), "gpu_processes": len(used)}
+
+
+def print_table(result: dict) -> None:
+    print(f"\n{result['device']}  |  {result['workload']}")
+    print(f"{'what':<34}{'p50 ms':>10}{'p90 ms':>10}{'frames/s':>10}")
+    for row in result["ensemble"]:
+        label = f"ensemble, concurrency {row['concurrency']}"
+        print(f"{label:<34}{row['p50_ms']:>10}{row['p90_ms']:>10}{row['frames_per_s']:>10}")
+    print(f"{'same stages in one process':<34}{result['in_process']['p50_ms']:>10}")
+    print(f"{'plain script (rfdetr + SAM2 pred.)':<34}{result['plain_script']['p50_ms']:>10}")
+    print(f"\n{'step (at the highest concurrency)':<34}{'queue ms':>10}{'compute ms':>12}{'batch':>8}")
+    for name, row in result["steps"].items():
+        print(f"{name:<34}{row['queue_ms']:>10}{row['compute_ms']:>12}{row['mean_batch'] or '':>8}")
+    print(f"\nmemory: {result['memory']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    gpu, device = device_name()
+    parser = argparse.ArgumentParser(prog="python -m bench.gpu", description=__doc__)
+    parser.add_argument("--image", default="bridge_deck.jpg")
+    parser.add_argument("--defects", type=int, default=10 if gpu else 2)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8] if gpu else [1, 2])
+    parser.add_argument("--requests", type=int, default=64 if gpu else 3, help="requests per concurrency level")
+    parser.add_argument("--repeats", type=int, default=20 if gpu else 2, help="runs of each in-process baseline")
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_output" / "gpu.json")
+    args = parser.parse_args(argv)
+
+    import tritonclient.grpc as grpcclient
+
+    from anomaly.pipeline import InProcessPipeline
+    from anomaly.triton_server import running_server
+
+    settings = load_settings()
+    data = (REPO_ROOT / "samples" / args.image).read_bytes()
+    local = InProcessPipeline(settings)
+    threshold, defects = threshold_for(local, data, args.defects)
+    workload = f"{args.image}, threshold {threshold:.4f} -> {defects} defects segmented"
+    print(f"{device}: {workload}", flush=True)
+    result: dict = {"device": device, "gpu": gpu, "workload": workload, "threshold": threshold}
+
+    with running_server(settings, REPO_ROOT / "bench_output" / "triton.log") as server:
+        stats_client = grpcclient.InferenceServerClient(server.grpc_url)
+        load(server.grpc_url, data, threshold, 1, 2)  # warm-up: first-call costs stay out of the numbers
+        result["ensemble"] = []
+        for level in args.concurrency:
+            before = model_stats(stats_client)
+            result["ensemble"].append(load(server.grpc_url, data, threshold, level, args.requests))
+            result["steps"] = step_table(before, model_stats(stats_client))  # the last level's are kept
+            print(json.dumps(result["ensemble"][-1]), flush=True)
+        result["memory"] = gpu_memory_mib(server)
+        stats_client.close()
+
+    result["in_process"] = timed(lambda: local(data, RequestOptions(threshold)), args.repeats)
+    meta = local.meta
+    local = None  # its GPU memory goes before the plain script loads the same models again
+    result["plain_script"] = plain_script(settings, meta, data, threshold, args.repeats, gpu)
+    print_table(result)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"\nwrote {args.out}")
+    return 0 if all(not row["errors"] for row in result["ensemble"]) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
