@@ -14,14 +14,15 @@ REGISTRY ?= your-registry
 # Tests and the demo run untrained models (no weights can be downloaded here) and the smallest SAM.
 DEV_ENV := ALLOW_UNTRAINED_WEIGHTS=$${ALLOW_UNTRAINED_WEIGHTS:-1} SAM2_VARIANT=$${SAM2_VARIANT:-tiny}
 
-.PHONY: help venv triton models serve demo test perf bench lint lock docker-build docker-push clean
+.PHONY: help venv triton models serve demo test perf bench bench-gpu lint lock docker-build docker-push clean
 
 help:
 	@echo "make serve   pod mode: Triton (HTTP 8000, gRPC 8001, metrics 8002) + REST gateway (8080)"
 	@echo "make demo    run the bundled sample images end to end, write demo_output/"
 	@echo "make test    the test suite (starts real tritonservers)"
 	@echo "make perf    perf_analyzer on anomaly_pipeline over gRPC and HTTP"
-	@echo "make bench   benchmarks: geometry, ensemble vs in-process latency, server memory"
+	@echo "make bench   benchmarks: geometry, preprocessing, ensemble vs in-process latency, server memory"
+	@echo "make bench-gpu  ensemble at several concurrencies, per-step times, in-process and plain-script baselines"
 	@echo "make lint    ruff and hadolint"
 	@echo "make models  export the detector and prepare segmenter weights"
 	@echo "make docker-build / docker-push  the image of the deployment guide"
@@ -67,6 +68,15 @@ perf: $(VENV_STAMP) $(TRITON_STAMP)
 bench: $(VENV_STAMP) $(TRITON_STAMP)
 	$(DEV_ENV) $(PY) -m export
 	$(DEV_ENV) $(PY) -m bench.bench
+
+# On a GPU machine without network, point PY at a Python that has the project's packages and set TRITON_HOME
+# (or unpack .triton/): `make bench-gpu PY=python3`. Nothing is installed or downloaded then.
+# The issue's workload: SAM2.1 large where there is a GPU, tiny on a CPU (untrained unless weights are given).
+GPU_BENCH_ENV := ALLOW_UNTRAINED_WEIGHTS=$${ALLOW_UNTRAINED_WEIGHTS:-1} \
+	SAM2_VARIANT=$${SAM2_VARIANT:-$$(nvidia-smi -L >/dev/null 2>&1 && echo large || echo tiny)}
+bench-gpu: $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV_STAMP) $(TRITON_STAMP))
+	$(GPU_BENCH_ENV) $(PY) -m export
+	$(GPU_BENCH_ENV) $(PY) -m bench.gpu $(BENCH_GPU_ARGS)
 
 lint: $(VENV_STAMP)
 	$(VENV)/bin/ruff check .

@@ -289,15 +289,23 @@ class TorchDetector:
             return boxes.float().cpu().numpy(), logits.float().cpu().numpy()
 
 
+def _torch_sees_gpu() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 class DetectorRunner:
     """The detector step: chooses what runs RF-DETR (choose_backend), prepares each image where the model runs
     (decoded and resized on the GPU for a GPU backend, by the exact numpy path on a CPU), runs batches."""
 
     def __init__(self, meta: DetectorMetadata, onnx_path: Path, settings, max_batch: int = 8, gpu: bool | None = None):
         import onnxruntime as ort
-        import torch
 
-        gpu = torch.cuda.is_available() if gpu is None else gpu
+        if gpu is None:  # torch is only imported where there is a GPU: on a CPU the detector runs without it
+            from anomaly.serving import has_gpu
+
+            gpu = has_gpu() and _torch_sees_gpu()
         self.meta, self.settings = meta, settings
         self.choice = choose_backend(settings.detector_backend, settings.device, gpu, ort.get_available_providers())
         warning = self.choice.warning

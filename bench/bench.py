@@ -1,10 +1,15 @@
 """`make bench`: the numbers the issues ask for, each beside a baseline measured in the same run.
 
 1. geometry: 20 masks of a 1080p inspection frame (bench/scenes.py) measured on their box crops, against
-   the same masks measured on full 1080p frames (what a pipeline that upsamples every mask would do).
-2. latency: one 1080p frame through the Triton ensemble (gRPC) against the same models and stages run
+   the same masks measured on full 1080p frames (what a pipeline that upsamples every mask would do), and
+   against the geometry code of commit 98451c8 (loaded from git, same masks, same process).
+   Also one typical crack crop (~400 x 300 px, 5 px wide) alone.
+2. preprocessing of one 1080p JPEG per frame: what 98451c8's preprocess step did (decode, exact resize)
+   against what the steps do now on a CPU (header check; decode + exact resize in the detector; decode +
+   SAM's transform in the segmenter) and against the same torch functions the GPU path runs, here on the CPU.
+3. latency: one 1080p frame through the Triton ensemble (gRPC) against the same models and stages run
    in this process (anomaly.pipeline.InProcessPipeline), alternated, median of N.
-3. memory: resident set size of tritonserver and its model processes after the runs.
+4. memory: resident set size of tritonserver and its model processes after the runs.
 Results go to stdout and bench_output/bench.json. This machine is shared and noisy: read the ratios.
 """
 
@@ -12,16 +17,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
+from pathlib import Path
 
+import cv2
 import numpy as np
 
 from anomaly.config import REPO_ROOT, load_settings
 from anomaly.geometry import measure
 from anomaly.options import RequestOptions
 from bench.scenes import inspection_masks
+
+BASELINE_COMMIT = "98451c8"  # the commit measured on the H100 before the GPU path
 
 
 def best_of(fn, repeats: int) -> float:
@@ -33,7 +43,40 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
+def _geometry_at(commit: str):
+    """anomaly/geometry.py as it was at `commit`, as a module (None without git history)."""
+    import importlib.util
+    import subprocess
+    import tempfile
+
+    try:
+        source = subprocess.run(
+            ["git", "show", f"{commit}:anomaly/geometry.py"], cwd=REPO_ROOT, capture_output=True, check=True
+        ).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    path = Path(tempfile.mkdtemp()) / f"geometry_{commit}.py"
+    path.write_bytes(source)
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def typical_crack() -> np.ndarray:
+    """A crack crop of about 400 x 300 px: 500 px long, 5 px wide, gently curving."""
+    from tests.synthetic import thick_segments
+
+    rng = np.random.default_rng(1)
+    heading, points = math.atan2(280, 380), [np.zeros(2)]
+    for _ in range(12):
+        heading += rng.normal(0, 0.15)
+        points.append(points[-1] + 40 * np.array([math.cos(heading), math.sin(heading)]))
+    return thick_segments([np.array(points)], 5, margin=3)
+
+
 def bench_geometry(repeats: int = 7) -> dict:
+    cv2.setNumThreads(1)  # one core, as in the geometry step
     crops = inspection_masks()
     frames = []
     for i, crop in enumerate(crops):  # the same masks, each in a 1080p frame of its own
@@ -46,11 +89,64 @@ def bench_geometry(repeats: int = 7) -> dict:
         measure(m)  # warm caches and lazy imports
     crop_s = best_of(lambda: [measure(m) for m in crops], repeats)
     frame_s = best_of(lambda: [measure(m) for m in frames], max(2, repeats // 3))
-    return {
+    crack = typical_crack()
+    out = {
         "masks": len(crops),
         "crops_ms": round(crop_s * 1000, 1),
         "full_frames_ms": round(frame_s * 1000, 1),
         "speedup_vs_full_frames": round(frame_s / crop_s, 2),
+        "typical_crack_crop": list(crack.shape),
+        "typical_crack_ms": round(best_of(lambda: measure(crack), repeats) * 1000, 2),
+    }
+    old = _geometry_at(BASELINE_COMMIT)
+    if old is not None:
+        assert all(old.measure(m) == measure(m) for m in crops)  # same numbers, only faster
+        old_s = best_of(lambda: [old.measure(m) for m in crops], repeats)
+        out |= {
+            f"crops_ms_at_{BASELINE_COMMIT}": round(old_s * 1000, 1),
+            f"typical_crack_ms_at_{BASELINE_COMMIT}": round(best_of(lambda: old.measure(crack), repeats) * 1000, 2),
+            f"speedup_vs_{BASELINE_COMMIT}": round(old_s / crop_s, 2),
+        }
+    return out
+
+
+def bench_preprocess(image: str, repeats: int = 7) -> dict:
+    """Per frame, ms: 98451c8's preprocess step; today's CPU path over all steps; the GPU path's torch code on
+    this CPU (on a GPU it decodes with nvJPEG and resizes there: not measurable here)."""
+    import torch
+
+    from anomaly.detector import DetectorMetadata
+    from anomaly.images import decode_image, decode_to_tensor, read_header, rfdetr_input, rfdetr_preprocess, sam_input
+
+    settings = load_settings()
+    meta = DetectorMetadata.load(settings.model_repository / "detector" / "1" / "metadata.json")
+    data = (REPO_ROOT / "samples" / image).read_bytes()
+    big = 1 << 40
+    torch.set_num_threads(settings.compute_threads)
+
+    def before():  # decode, RF-DETR input; SAM's own transform then ran on the RGB the segmenter received
+        rgb = decode_image(data, big, big)
+        rfdetr_preprocess(rgb, meta.resolution, meta.means, meta.stds)
+        sam_input(torch.from_numpy(rgb).permute(2, 0, 1))
+
+    def now_cpu():
+        read_header(data, big, big)  # preprocess step
+        rgb = decode_image(data, big, big)  # detector step
+        rfdetr_preprocess(rgb, meta.resolution, meta.means, meta.stds)
+        rgb = decode_image(data, big, big)  # segmenter step
+        sam_input(torch.from_numpy(rgb).permute(2, 0, 1))
+
+    def torch_path():
+        chw = decode_to_tensor(data, "cpu", big, big)
+        rfdetr_input(chw, meta.resolution, meta.means, meta.stds)
+        sam_input(decode_to_tensor(data, "cpu", big, big))
+
+    return {
+        "image": image,
+        f"at_{BASELINE_COMMIT}_ms": round(best_of(before, repeats) * 1000, 1),
+        "now_cpu_path_ms": round(best_of(now_cpu, repeats) * 1000, 1),
+        "torch_path_on_this_cpu_ms": round(best_of(torch_path, repeats) * 1000, 1),
+        "header_check_ms": round(best_of(lambda: read_header(data, big, big), repeats) * 1000, 2),
     }
 
 
@@ -101,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = {"geometry": bench_geometry()}
     print(json.dumps(results["geometry"]), flush=True)
+    results["preprocess"] = bench_preprocess(args.image)
+    print(json.dumps(results["preprocess"]), flush=True)
     if not args.skip_latency:
         results["latency"] = bench_latency(args.image, args.threshold, args.repeats)
         print(json.dumps(results["latency"], indent=1), flush=True)
