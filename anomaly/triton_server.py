@@ -93,6 +93,7 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self.plan = None
         self._gpu: bool | None = None
+        self._stubs: dict[int, str] = {}
         self.shm_prefix = f"anomaly_{os.getpid()}_{int(time.time() * 1000) % 10**8}_"
         self._log_file = None
 
@@ -176,7 +177,42 @@ class TritonServer:
         except BaseException:
             self.stop()
             raise
+        self._stubs = self.model_processes()
         return self
+
+    def model_processes(self) -> dict[int, str]:
+        """pid -> model name of each model instance's process (Triton runs every Python model instance in a
+        stub process of its own)."""
+        pid = self.pid()
+        if pid is None:
+            return {}
+        import psutil
+
+        found = {}
+        for child in psutil.Process(pid).children(recursive=True):
+            try:
+                name = _model_of(child.cmdline(), self.model_repository)
+            except psutil.Error:
+                continue
+            if name:
+                found[child.pid] = name
+        return found
+
+    def dead_models(self) -> list[str]:
+        """Models whose instance process has died since the server became ready. Triton 2.51's Python backend
+        does not restart such a process: every request needing that model fails while the server and the model
+        still report ready, so whoever supervises the server must act (the entrypoint exits non-zero)."""
+        import psutil
+
+        dead = []
+        for pid, name in self._stubs.items():
+            try:
+                alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                alive = False
+            if not alive:
+                dead.append(name)
+        return sorted(set(dead))
 
     def is_ready(self) -> bool:
         try:
@@ -251,6 +287,12 @@ class TritonServer:
         self.stop()
 
 
+def _model_of(cmdline: list[str], model_repository: Path) -> str:
+    """The model a stub process serves, from the model path on its command line ("" for other processes)."""
+    where = next((a for a in cmdline if str(model_repository) in a), "")
+    return Path(where).parts[len(model_repository.parts)] if where else ""
+
+
 def process_tree_mib(pid: int | None, model_repository: Path) -> dict | None:
     """Resident memory of a tritonserver and of each model's stub process (named by model), in MiB."""
     if pid is None:
@@ -260,9 +302,7 @@ def process_tree_mib(pid: int | None, model_repository: Path) -> dict | None:
     root = psutil.Process(pid)
     rows = {"tritonserver": root.memory_info().rss}
     for child in root.children(recursive=True):
-        args = child.cmdline()
-        where = next((a for a in args if str(model_repository) in a), "")
-        name = Path(where).parts[len(model_repository.parts)] if where else f"pid {child.pid}"
+        name = _model_of(child.cmdline(), model_repository) or f"pid {child.pid}"
         rows[name] = rows.get(name, 0) + child.memory_info().rss
     mib = {k: round(v / 2**20, 1) for k, v in rows.items()}
     return {"total_mib": round(sum(mib.values()), 1), "processes_mib": mib}
@@ -302,10 +342,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"triton: {exc}", file=sys.stderr)
         return 1
     print(f"triton ready: HTTP {server.http_url}, gRPC {server.grpc_url}, model anomaly_pipeline", flush=True)
-    while not stopping and server.process.poll() is None:
+    dead: list[str] = []
+    while not stopping and server.process.poll() is None and not dead:
         time.sleep(0.5)
+        dead = server.dead_models()
     died = server.process.poll() is not None and not stopping
     code = server.stop()
+    if dead:
+        print(f"triton: the process of model {', '.join(dead)} died; stopped Triton", file=sys.stderr)
+        return 1
     if died:
         print(f"triton: tritonserver exited unexpectedly with code {code}", file=sys.stderr)
         return 1

@@ -5,7 +5,9 @@ or the serverless worker (true).
    exported models persist across cold starts, and exports whatever is missing (`python -m export`).
 2. Starts tritonserver and waits until every model is ready.
 3. Starts the gateway (uvicorn on API_HOST:API_PORT) or the RunPod handler.
-4. SIGTERM/SIGINT stop both; if Triton dies the other is stopped and the exit code is non-zero.
+4. SIGTERM/SIGINT stop both; if Triton or one of its model processes dies, the other is stopped and the
+   exit code is non-zero, so the platform restarts the container (a dead model process is checked every
+   second: Triton 2.51 neither restarts it nor stops reporting ready).
 """
 
 from __future__ import annotations
@@ -83,11 +85,23 @@ def main() -> int:
     front = subprocess.Popen(front_command(settings.runpod_serverless, settings), cwd=REPO_ROOT)
 
     code = 0
+    checked = time.monotonic()
     while not stopping:
         if server.process.poll() is not None:
             print(f"entrypoint: tritonserver died (exit {server.process.returncode}); stopping", file=sys.stderr)
             code = 1
             break
+        if time.monotonic() - checked >= 1.0:
+            checked = time.monotonic()
+            dead = server.dead_models()
+            if dead:  # Triton keeps saying ready while every request fails: exit so the platform restarts us
+                print(
+                    f"entrypoint: the process of model {', '.join(dead)} died and Triton does not restart it; "
+                    "stopping (exit 1) so that the pod or worker is restarted",
+                    file=sys.stderr,
+                )
+                code = 1
+                break
         if front.poll() is not None:
             code = front.returncode or 0
             log.info("the %s exited with %s; stopping Triton", mode, code)

@@ -193,7 +193,7 @@ def test_any_single_output_can_be_asked_for_alone(triton, pier_png, protocol):
     tc = grpcclient if protocol == "grpc" else httpclient
     url = triton.grpc_url if protocol == "grpc" else triton.http_url
     client = tc.InferenceServerClient(url)
-    params = {"confidence_threshold": LOW, "frame_id": "same-frame"}
+    params = {"confidence_threshold": 0.4, "frame_id": "same-frame"}  # one defect: SAM runs, quickly
 
     def infer(names):
         image = tc.InferInput("IMAGE", [1], "BYTES")

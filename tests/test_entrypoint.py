@@ -140,3 +140,25 @@ def test_triton_launcher_stops_on_sigint_without_leftovers(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_dead_model_process_stops_the_entrypoint_with_an_error(tmp_path):
+    """kill -9 of one step's process: Triton 2.51 would keep reporting ready while every request fails; the
+    entrypoint notices within seconds, stops the gateway and Triton, and exits non-zero for a restart."""
+    proc, api, log = launch(tmp_path, RUNPOD_SERVERLESS="false")
+    try:
+        wait_http(f"http://127.0.0.1:{api}/health", proc, log)
+        family = descendants(proc)
+        (geometry,) = [p for p in family if "/geometry/" in " ".join(p.cmdline())]
+        start = time.monotonic()
+        geometry.kill()
+        assert proc.wait(20) == 1
+        assert time.monotonic() - start < 10
+        assert "the process of model geometry died" in log.read_text()
+        with pytest.raises(requests.ConnectionError):  # nothing left to say "healthy"
+            requests.get(f"http://127.0.0.1:{api}/health", timeout=5)
+        time.sleep(0.5)
+        assert not [p for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
