@@ -41,6 +41,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob("CONFIDENCE_THRESHOLD", "0.3", "default detection threshold in [0, 1], overridable per request"),
     Knob("API_HOST", "0.0.0.0", "REST gateway host (pod mode)"),
     Knob("API_PORT", "8080", "REST gateway port (pod mode); 8000 is Triton's HTTP port"),
+    Knob("API_KEY", "", "when set, REST requests need `Authorization: Bearer <key>` (`/health` stays open)"),
     # --- detector ---
     Knob("DETECTOR_LABELS", "", "labels file (JSON or one name per line) overriding the checkpoint's classes"),
     Knob("ALLOW_UNTRAINED_WEIGHTS", "0", "`1`: build untrained models when no weights exist (tests, demo)"),
@@ -180,6 +181,7 @@ class Settings:
     severity_thresholds_mm: tuple[float, float, float]
     api_host: str
     api_port: int
+    api_key: str
     model_repository: Path
     triton_host: str
     triton_http_port: int
@@ -238,6 +240,7 @@ def load_settings() -> Settings:
         severity_thresholds_mm=_severity(),
         api_host=env("API_HOST"),
         api_port=_int("API_PORT"),
+        api_key=env("API_KEY"),
         model_repository=Path(env("MODEL_REPOSITORY")),
         triton_host=host,
         triton_http_port=_int("TRITON_HTTP_PORT"),

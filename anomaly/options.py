@@ -22,7 +22,8 @@ _TRITON_PARAMS = {
     "timeout",
     "triton_enable_empty_final_response",
 }
-_FRAME_ID = re.compile(r"^[\w.:/\-]{1,128}$")
+# ASCII only and matched whole: `\w` would admit any Unicode letter and `$` a trailing newline.
+_FRAME_ID = re.compile(r"[A-Za-z0-9_.:/\-]{1,128}")
 
 
 @dataclass(frozen=True)
@@ -64,8 +65,8 @@ def frame_id_value(value, field: str = "frame_id") -> str | None:
     if value is None or value == "":
         return None
     text = value if isinstance(value, str) else str(value)
-    if not _FRAME_ID.match(text):
-        raise InputError(field, f"must be 1-128 letters, digits or . _ : / - characters, got {text[:40]!r}")
+    if not _FRAME_ID.fullmatch(text):
+        raise InputError(field, f"must be 1-128 ASCII letters, digits or . _ : / - characters, got {text[:40]!r}")
     return text
 
 

@@ -7,6 +7,7 @@ compute the same thing, which is what the parity tests and the latency baseline 
 from __future__ import annotations
 
 import json
+import re
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -78,6 +79,15 @@ def warnings_for(meta: DetectorMetadata, segmenter_info: dict, notes: list[str],
     return found + list(notes)
 
 
+_ABSOLUTE_PATH = re.compile(r"/(?:[^/\s;,()'\"]+/)*([^/\s;,()'\"]+)")
+
+
+def file_names_only(text: str) -> str:
+    """Absolute paths in a note -> their file names: responses travel to strangers; the log and /info keep the
+    full paths for the operator."""
+    return _ABSOLUTE_PATH.sub(r"\1", text)
+
+
 def models_info(meta: DetectorMetadata, segmenter: dict, detector: dict) -> dict:
     """Which models and weights produced a response, and what ran them: an inspection record must say."""
     return {
@@ -97,7 +107,7 @@ def models_info(meta: DetectorMetadata, segmenter: dict, detector: dict) -> dict
             "weights": Path(segmenter.get("checkpoint", "")).name,
             "untrained": bool(segmenter.get("untrained")),
             "device": segmenter.get("device", ""),
-            "note": segmenter.get("note", ""),
+            "note": file_names_only(segmenter.get("note", "")),
         },
     }
 

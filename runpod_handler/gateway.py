@@ -14,6 +14,7 @@ image itself is unusable (corrupt, too many pixels, ...), 503 Triton not ready. 
 
 from __future__ import annotations
 
+import hmac
 import importlib.metadata
 import logging
 import threading
@@ -21,13 +22,17 @@ import time
 from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from anomaly.config import settings
 from anomaly.detector import DetectorMetadata
 from anomaly.errors import InputError
-from anomaly.options import parse_options
+from anomaly.options import OPTION_NAMES, parse_options
 from client import AnomalyClient, AnomalyServiceError
 from runpod_handler.jobs import Job, parse_batch, parse_single, run_job
 
@@ -85,14 +90,76 @@ def _run(job: Job) -> Any:
         return _error(500, str(exc))
 
 
-@app.middleware("http")
-async def limit_body_size(request: Request, call_next):
-    """Refuse oversized bodies from their declared length, before reading them."""
-    length = request.headers.get("content-length")
+class RequestGuard:
+    """Pure ASGI middleware, outermost: the optional API key (API_KEY; /health stays open), and the body limit
+    (MAX_REQUEST_BYTES) enforced on the bytes as they arrive, so a chunked body with no Content-Length cannot
+    grow past it in memory either."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        s = settings()
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        if s.api_key and scope["path"] != "/health":
+            given = headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {s.api_key}".encode()):
+                response = _error(401, "authorization: send the header 'Authorization: Bearer <API_KEY>'")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return await response(scope, receive, send)
+        limit = s.max_request_bytes
+        length = headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return await _too_large(length)(scope, receive, send)
+        received = 0
+
+        async def counted():
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise StarletteHTTPException(
+                    413, f"request body passed the {limit} bytes allowed (MAX_REQUEST_BYTES) while arriving"
+                )
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def _too_large(length: str) -> JSONResponse:
     limit = settings().max_request_bytes
-    if length is not None and length.isdigit() and int(length) > limit:
-        return _error(413, f"request body is {length} bytes, more than the {limit} allowed (MAX_REQUEST_BYTES)")
-    return await call_next(request)
+    return _error(413, f"request body is {length} bytes, more than the {limit} allowed (MAX_REQUEST_BYTES)")
+
+
+app.add_middleware(RequestGuard)
+
+NOT_JSON = 'body: {what}; send one JSON object such as {{"image": "<base64>", "frame_id": "deck-1"}}'
+
+
+@app.exception_handler(RequestValidationError)
+async def invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """A body that is not JSON at all is a 400 that says so; a field of the wrong type stays FastAPI's 422,
+    which names the field."""
+    errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        where = errors[0].get("loc", ("body", "?"))[-1]
+        why = (errors[0].get("ctx") or {}).get("error", "JSON decode error")
+        return _error(400, NOT_JSON.format(what=f"is not valid JSON ({why} at character {where})"))
+    return await request_validation_exception_handler(request, exc)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    if exc.status_code == 400 and exc.detail == "There was an error parsing the body":  # FastAPI's catch-all
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, StarletteHTTPException):
+            cause = cause.__cause__ or cause.__context__
+        if cause is not None:  # the body limit tripped while FastAPI read the body
+            return await http_error(request, cause)
+        return _error(400, NOT_JSON.format(what="could not be parsed as JSON (nested too deeply, or not text)"))
+    return await http_exception_handler(request, exc)
 
 
 @app.exception_handler(InputError)
@@ -199,24 +266,31 @@ def detect_batch(body: BatchRequest):
     return _run(parse_batch(body.model_dump(exclude_none=True), s, s.max_batch_images))
 
 
+UPLOAD_FIELDS = ("file", *OPTION_NAMES)
+
+
 @app.post("/detect/upload", summary="multipart image upload -> the response object")
-def detect_upload(
+async def detect_upload(
+    request: Request,
     file: Annotated[UploadFile, File(description="the image file")],
     include_masks: Annotated[bool, Form()] = False,
     confidence_threshold: Annotated[float | None, Form()] = None,
     frame_id: Annotated[str | None, Form()] = None,
     mm_per_pixel: Annotated[float | None, Form()] = None,
 ):
+    unknown = sorted(set((await request.form()).keys()) - set(UPLOAD_FIELDS))  # the form FastAPI already parsed
+    if unknown:  # a misspelt confidence_treshold must not fall back to the default silently
+        raise InputError(unknown[0], f"is not a known form field; expected {', '.join(UPLOAD_FIELDS)}")
     s = settings()
     params = {"include_masks": include_masks, "confidence_threshold": confidence_threshold, "frame_id": frame_id,
               "mm_per_pixel": mm_per_pixel}  # fmt: skip
     options = parse_options({k: v for k, v in params.items() if v is not None}, s.confidence_threshold, s.mm_per_pixel)
-    data = file.file.read(s.max_image_bytes + 1)
+    data = await file.read(s.max_image_bytes + 1)
     if len(data) > s.max_image_bytes:
         raise InputError("file", f"is more than the {s.max_image_bytes} bytes allowed (MAX_IMAGE_BYTES)")
     if not data:
         raise InputError("file", "is empty")
-    return _run(Job([(options.frame_id, data)], options, batch=False))
+    return await run_in_threadpool(_run, Job([(options.frame_id, data)], options, batch=False))
 
 
 @app.get("/", include_in_schema=False)

@@ -15,6 +15,7 @@ from tests.conftest import REPO, SAMPLES, free_ports, wait_http
 PIER_BYTES = (SAMPLES / "pier_spalling.png").read_bytes()
 PIER = base64.b64encode(PIER_BYTES).decode()
 DECK = base64.b64encode((SAMPLES / "bridge_deck.jpg").read_bytes()).decode()
+JSON = {"Content-Type": "application/json"}
 SEED_FIELDS = {"frame_id", "image_size", "anomalies", "anomaly_count", "structures", "processing_time_ms"}
 
 
@@ -26,7 +27,7 @@ def start_gateway(triton_url: str, log_path, **env) -> tuple[subprocess.Popen, s
         cwd=REPO,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/openapi.json", proc, log_path, timeout=60)
+    wait_http(f"{url}/openapi.json", proc, log_path, timeout=60, ok=(200, 401))  # 401: API_KEY is set
     return proc, url
 
 
@@ -133,6 +134,17 @@ def test_detect_upload_multipart(gateway):
         ("/detect/batch", {"json": {"images": [PIER], "frame_ids": ["a", "b"]}}, 400, "frame_ids"),
         ("/detect/upload", {"files": {"file": ("x.png", b"", "image/png")}}, 400, "file: is empty"),
         ("/detect", {"json": {"image": DECK * 6}}, 413, "MAX_REQUEST_BYTES"),
+        # A body sent in chunks, with no Content-Length, is counted as it arrives.
+        ("/detect", {"data": iter([b"x" * 100_000] * 40), "headers": JSON}, 413, "MAX_REQUEST_BYTES"),
+        ("/detect", {"data": b"\x00garbage", "headers": JSON}, 400, "body: is not valid JSON"),
+        ("/detect", {"data": b"[" * 50_000 + b"]" * 50_000, "headers": JSON}, 400, "body: could not be parsed"),
+        ("/detect", {"json": {"image": PIER, "frame_id": "frame-1\n"}}, 400, "frame_id: must be 1-128 ASCII"),
+        (
+            "/detect/upload",
+            {"files": {"file": ("x.png", PIER_BYTES, "image/png")}, "data": {"confidence_treshold": "0.2"}},
+            400,
+            "confidence_treshold: is not a known form field",
+        ),
     ],
 )
 def test_bad_requests_name_the_field(gateway, path, kwargs, status, words):
@@ -151,3 +163,33 @@ def test_batch_item_that_is_not_an_image_is_reported_not_dropped(gateway):
     body = r.json()
     assert body["count"] == 2 and body["failed"] == 1
     assert body["results"][1]["error"].startswith("images[1]: image:")
+
+
+def test_responses_name_weight_files_not_server_paths(gateway):
+    body = requests.post(f"{gateway}/detect", json={"image": PIER, "confidence_threshold": 1.0}, timeout=60).json()
+    segmenter = body["models"]["segmenter"]
+    assert segmenter["note"] and "/" not in segmenter["note"] and "/" not in segmenter["weights"]
+    assert "does not exist" in segmenter["note"]  # the reason stays, only the folders go
+
+
+def test_api_key_guards_everything_but_health(triton, tmp_path):
+    proc, url = start_gateway(triton.grpc_url, tmp_path / "gw.log", API_KEY="s3cret-key")
+    try:
+        assert requests.get(f"{url}/health", timeout=10).status_code == 200  # platform health checks need no key
+        for method, path in (("post", "/detect"), ("get", "/info"), ("post", "/detect/batch")):
+            refused = getattr(requests, method)(f"{url}{path}", json={"image": PIER}, timeout=10)
+            assert refused.status_code == 401 and refused.headers["WWW-Authenticate"] == "Bearer"
+            wrong = getattr(requests, method)(
+                f"{url}{path}", json={"image": PIER}, headers={"Authorization": "Bearer nope"}, timeout=10
+            )
+            assert wrong.status_code == 401
+        ok = requests.post(
+            f"{url}/detect",
+            json={"image": PIER, "confidence_threshold": 1.0},
+            headers={"Authorization": "Bearer s3cret-key"},
+            timeout=60,
+        )
+        assert ok.status_code == 200 and ok.json()["image_size"]["width"] == 800
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -27,6 +27,9 @@ def test_defaults_and_coercion():
         ({"include_masks": "perhaps"}, "include_masks", "true or false"),
         ({"frame_id": "x" * 129}, "frame_id", "1-128"),
         ({"frame_id": "<script>"}, "frame_id", "letters, digits"),
+        ({"frame_id": "frame-1\n"}, "frame_id", "letters, digits"),  # a trailing newline
+        ({"frame_id": "pont-d\u00e9-1"}, "frame_id", "letters, digits"),  # a non-ASCII letter
+        ({"frame_id": "\u0661\u0662"}, "frame_id", "letters, digits"),  # non-ASCII digits
         ({"mm_per_pixel": -1}, "mm_per_pixel", "(0.0, 1000.0]"),
         ({"confidence_treshold": 0.2}, "confidence_treshold", "not a known option"),
     ],
