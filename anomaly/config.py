@@ -79,6 +79,11 @@ KNOBS: tuple[Knob, ...] = (
     Knob("MAX_REQUEST_BYTES", str(100 * 1024 * 1024), "largest REST request body, in bytes (larger: 413)"),
     Knob("RUNPOD_CONCURRENCY", "4", "jobs one serverless worker keeps in flight (runpod concurrency_modifier)"),
     Knob("TRITON_READY_TIMEOUT", "900", "seconds the entrypoint and handler wait for Triton to become ready"),
+    Knob(
+        "SHUTDOWN_GRACE_S",
+        "8",
+        "seconds SIGTERM leaves requests in flight to finish (gateway, then Triton) before stopping hard",
+    ),
     Knob("COMPUTE_THREADS", "", "CPU threads for the detector and the segmenter (default: all cores)"),
     Knob("DEVICE", "auto", "`auto`, `cpu` or `cuda`"),
     # --- serving on GPUs (README, "Concurrency") ---
@@ -195,6 +200,7 @@ class Settings:
     max_request_bytes: int
     runpod_concurrency: int
     triton_ready_timeout: int
+    shutdown_grace_s: float
     detector_backend: str
     batch_frames: int | None  # None: auto
     batch_delay_us: int
@@ -254,6 +260,7 @@ def load_settings() -> Settings:
         max_request_bytes=_int("MAX_REQUEST_BYTES"),
         runpod_concurrency=_int("RUNPOD_CONCURRENCY"),
         triton_ready_timeout=_int("TRITON_READY_TIMEOUT"),
+        shutdown_grace_s=_float("SHUTDOWN_GRACE_S", 1.0, 600.0),  # type: ignore[arg-type]
         detector_backend=_choice("DETECTOR_BACKEND", ("auto", "tensorrt", "onnxruntime", "torch")),
         batch_frames=_auto_int("BATCH_FRAMES"),
         batch_delay_us=_int("BATCH_DELAY_US", lo=0),

@@ -125,7 +125,7 @@ class TritonServer:
             f"--metrics-port={s.triton_metrics_port}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
             "--backend-config=python,stub-timeout-seconds=120",
-            "--exit-timeout-secs=10",
+            f"--exit-timeout-secs={max(1, int(self.settings.shutdown_grace_s))}",
             "--strict-readiness=true",
             "--log-verbose=0",
         ]

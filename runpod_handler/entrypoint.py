@@ -5,9 +5,10 @@ or the serverless worker (true).
    exported models persist across cold starts, and exports whatever is missing (`python -m export`).
 2. Starts tritonserver and waits until every model is ready.
 3. Starts the gateway (uvicorn on API_HOST:API_PORT) or the RunPod handler.
-4. SIGTERM/SIGINT stop both; if Triton or one of its model processes dies, the other is stopped and the
-   exit code is non-zero, so the platform restarts the container (a dead model process is checked every
-   second: Triton 2.51 neither restarts it nor stops reporting ready).
+4. SIGTERM/SIGINT drain both within SHUTDOWN_GRACE_S (the front first, then Triton) and exit 0.
+5. If Triton or one of its model processes dies, the rest is stopped and the exit code is non-zero, so the
+   platform restarts the container (a dead model process is checked every second: Triton 2.51 neither
+   restarts it nor stops reporting ready).
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def front_command(serverless: bool, settings) -> list[str]:
     return [
         sys.executable, "-m", "uvicorn", "runpod_handler.gateway:app",
         "--host", settings.api_host, "--port", str(settings.api_port), "--workers", "1",
+        # On SIGTERM uvicorn stops accepting and lets requests in flight finish, within our grace period.
+        "--timeout-graceful-shutdown", str(max(1, int(settings.shutdown_grace_s * 0.7))),
     ]  # fmt: skip
 
 
@@ -108,14 +111,18 @@ def main() -> int:
             break
         time.sleep(0.2)
 
+    # Drain in order within SHUTDOWN_GRACE_S: the front stops accepting and finishes its requests (they still
+    # need Triton), then Triton finishes what is in flight (direct clients' requests too) and exits.
+    deadline = time.monotonic() + settings.shutdown_grace_s
     if front.poll() is None:
         front.terminate()
         try:
-            front.wait(5)
+            front.wait(max(0.5, deadline - time.monotonic() - 1.0))
         except subprocess.TimeoutExpired:
+            log.warning("the %s did not finish within the grace period; killing it", mode)
             front.kill()
             front.wait()
-    server.stop(timeout=8)
+    server.stop(timeout=max(0.5, deadline - time.monotonic()))
     return code
 
 

@@ -162,3 +162,44 @@ def test_a_dead_model_process_stops_the_entrypoint_with_an_error(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_sigterm_finishes_the_requests_in_flight(tmp_path):
+    """SIGTERM while REST and gRPC requests are in flight: every one of them is answered, the stack stops
+    within the grace period (well under Docker's 10 s) and exits 0."""
+    import threading
+
+    from client import AnomalyClient
+
+    proc, api, log = launch(tmp_path, RUNPOD_SERVERLESS="false", SHUTDOWN_GRACE_S="8")
+    grpc_port = None
+    try:
+        wait_http(f"http://127.0.0.1:{api}/health", proc, log)
+        grpc_port = next(a.split("=")[1] for p in descendants(proc) for a in p.cmdline() if a.startswith("--grpc-port"))
+        answers: list = []
+
+        def rest():
+            r = requests.post(f"http://127.0.0.1:{api}/detect", json={"image": PIER, "confidence_threshold": 1.0},
+                              timeout=30)  # fmt: skip
+            answers.append(("rest", r.status_code))
+
+        def grpc():
+            with AnomalyClient(f"127.0.0.1:{grpc_port}", "grpc") as c:
+                answers.append(("grpc", c.detect(base64.b64decode(PIER), confidence_threshold=1.0)["image_size"]))
+
+        threads = [threading.Thread(target=rest) for _ in range(4)] + [threading.Thread(target=grpc) for _ in range(2)]
+        for t in threads:
+            t.start()
+        time.sleep(0.3)  # the requests are on their way
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        for t in threads:
+            t.join(30)
+        assert proc.wait(15) == 0
+        assert time.monotonic() - start < 10
+        assert sorted(answers, key=str) == sorted(
+            [("rest", 200)] * 4 + [("grpc", {"width": 800, "height": 450})] * 2, key=str
+        ), answers
+    finally:
+        if proc.poll() is None:
+            proc.kill()
