@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 import traceback
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 
@@ -81,9 +82,13 @@ def error_response(exc: BaseException):
     pb_utils = _pb()
     if isinstance(exc, InputError):
         return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(exc), pb_utils.TritonError.INVALID_ARG))
-    log.error("internal error: %s", "".join(traceback.format_exception(exc)))
+    # The details stay in the log under an id the client can quote; exception texts may show internals.
+    error_id = uuid.uuid4().hex[:12]
+    log.error("internal error %s: %s", error_id, "".join(traceback.format_exception(exc)))
     return pb_utils.InferenceResponse(
-        error=pb_utils.TritonError(f"internal error: {type(exc).__name__}: {exc}", pb_utils.TritonError.INTERNAL)
+        error=pb_utils.TritonError(
+            f"internal error {error_id} (the server log has the details)", pb_utils.TritonError.INTERNAL
+        )
     )
 
 

@@ -223,3 +223,77 @@ def test_response_says_what_ran_the_detector(grpc_client, pier_png):
     assert detector["backend"] == "onnxruntime" and detector["device"] == "cpu"  # this machine has no GPU
     assert "no GPU" in detector["reason"] and "CPUExecutionProvider" in detector["runtime"]
     assert models["segmenter"]["device"] == "cpu"
+
+
+def _call_step(triton, model: str, inputs: dict[str, np.ndarray], protocol: str = "grpc"):
+    """A plain tritonclient call of one internal step, as anyone who can reach Triton's ports could make."""
+    import tritonclient.grpc as grpcclient
+    import tritonclient.http as httpclient
+
+    tc = grpcclient if protocol == "grpc" else httpclient
+    client = tc.InferenceServerClient(triton.grpc_url if protocol == "grpc" else triton.http_url)
+    tensors = []
+    for name, value in inputs.items():
+        dtype = "BYTES" if value.dtype == np.object_ else {"int32": "INT32", "float32": "FP32", "int64": "INT64",
+                                                            "float64": "FP64"}[value.dtype.name]  # fmt: skip
+        tensor = tc.InferInput(name, list(value.shape), dtype)
+        tensor.set_data_from_numpy(value)
+        tensors.append(tensor)
+    try:
+        return client.infer(model, tensors)
+    finally:
+        client.close()
+
+
+def _packed(n: int) -> np.ndarray:
+    out = np.empty((1, n), dtype=np.object_)
+    for i in range(n):
+        out[0, i] = b"\x00"
+    return out
+
+
+@pytest.mark.parametrize(
+    "model,inputs,words",
+    [
+        # 20000 x 20000 would be a 400-megapixel mask: refused before anything is allocated
+        ("geometry", {"MASK_BOXES": np.array([[[0, 0, 20000, 20000]]], np.int32), "MASKS": _packed(1)}, "MASK_BOXES"),
+        ("geometry", {"MASK_BOXES": np.array([[[10, 10, 0, 0]]], np.int32), "MASKS": _packed(1)}, "MASK_BOXES"),
+        ("geometry", {"MASK_BOXES": np.array([[[0, 0, 8, 8]]], np.int32), "MASKS": _packed(1)}, "MASKS[0]: must be 8"),
+        (
+            "select_detections",
+            {
+                "dets": np.zeros((1, 300, 4), np.float32),
+                "labels": np.zeros((1, 299, 23), np.float32),
+                "IMAGE_SIZE": np.array([1080, 1920], np.int32),
+            },
+            "labels: must have shape (1, 300, N)",
+        ),
+    ],
+)
+def test_internal_steps_check_their_inputs(triton, model, inputs, words):
+    from tritonclient.utils import InferenceServerException
+
+    with pytest.raises(InferenceServerException) as err:
+        _call_step(triton, model, inputs)
+    assert "INVALID_ARGUMENT" in str(err.value.status()) and words in err.value.message()
+    assert "Traceback" not in err.value.message() and "Error:" not in err.value.message()
+
+
+def test_result_step_refuses_garbage_metadata(triton, pier_png):
+    from tritonclient.utils import InferenceServerException
+
+    not_json = np.array([[b"not json"]], dtype=np.object_)
+    inputs = {
+        "IMAGE_SIZE": np.array([450, 800], np.int32), "START_NS": np.array([0], np.int64),
+        "DETECTOR": np.array([[b"{}"]], dtype=np.object_), "BOXES_IN": np.zeros((0, 4), np.float32),
+        "SCORES_IN": np.zeros(0, np.float32), "CLASS_IDS_IN": np.zeros(0, np.int32),
+        "SEG_INDEX_IN": np.zeros(0, np.int32), "NOTES": np.array([b"x"], dtype=np.object_),
+        "MASK_BOXES": np.zeros((1, 0, 4), np.int32), "MASKS": np.empty((1, 0), dtype=np.object_),
+        "MASK_SCORES_IN": np.zeros((1, 0), np.float32), "SEGMENTER": not_json, "GEOMETRY_IN": np.zeros((0, 5)),
+    }  # fmt: skip
+    with pytest.raises(InferenceServerException) as err:
+        _call_step(triton, "result", inputs, "http")
+    assert err.value.status() == "400" and "SEGMENTER: is not a JSON object" in err.value.message()
+    inputs["SEGMENTER"] = np.array([[b"{}"]], dtype=np.object_)  # the same call with sound inputs answers
+    body = _call_step(triton, "result", inputs, "http").as_numpy("RESULT_JSON")
+    assert b'"anomaly_count":0' in bytes(body.reshape(-1)[0])

@@ -5,7 +5,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 
-from anomaly import pipeline, triton_io
+from anomaly import pipeline, step_inputs, triton_io
+from anomaly.config import settings
 from anomaly.serving import config_parameter
 
 
@@ -16,5 +17,9 @@ class TritonPythonModel(triton_io.StageModel):
         self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
 
     def handle(self, request):
-        crops = pipeline.unpack_crops(triton_io.array(request, "MASK_BOXES"), triton_io.array(request, "MASKS"))
-        return {"GEOMETRY": pipeline.measure_all(crops, self.pool)}
+        s = settings()
+        boxes = step_inputs.crop_boxes("MASK_BOXES", triton_io.array(request, "MASK_BOXES"), s.max_image_pixels)
+        step_inputs.at_most("MASK_BOXES", len(boxes), s.max_detections)
+        packed = triton_io.array(request, "MASKS")
+        step_inputs.packed_masks("MASKS", packed, boxes)
+        return {"GEOMETRY": pipeline.measure_all(pipeline.unpack_crops(boxes, packed), self.pool)}

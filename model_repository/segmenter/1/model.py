@@ -5,7 +5,7 @@ import json
 
 import numpy as np
 
-from anomaly import pipeline, triton_io
+from anomaly import pipeline, step_inputs, triton_io
 from anomaly.config import settings
 from anomaly.weights import UNTRAINED_BANNER, load_segmenter, segmenter_info
 
@@ -23,7 +23,9 @@ class TritonPythonModel(triton_io.StageModel):
         s = settings()
 
         def prepare(request):
-            boxes = triton_io.array(request, "SEG_BOXES").reshape(-1, 4).astype(np.float32)
+            boxes = step_inputs.finite("SEG_BOXES", triton_io.array(request, "SEG_BOXES")).reshape(-1, 4)
+            step_inputs.at_most("SEG_BOXES", len(boxes), s.max_detections)
+            boxes = boxes.astype(np.float32)
             if not len(boxes):  # nothing to segment: no decoding, no SAM
                 return None, None, boxes
             data = triton_io.image_bytes(request, "ENCODED")

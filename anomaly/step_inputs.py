@@ -1,0 +1,128 @@
+"""Checks of what one pipeline step receives from another. Triton serves every step on its ports, so a
+client can call `geometry` or `result` directly with anything: each step checks shapes, sizes and
+consistency before using its inputs, and a failed check is the caller's error naming the input
+(INVALID_ARG), never an allocation sized by the caller or a Python exception text."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from anomaly.errors import InputError
+
+
+def finite(name: str, values: np.ndarray) -> np.ndarray:
+    if values.size and not np.isfinite(values).all():
+        raise InputError(name, "holds NaN or infinite values")
+    return values
+
+
+def shaped(name: str, values: np.ndarray, shape: tuple) -> np.ndarray:
+    """`shape` with None for any length: (1, None, 4) accepts (1, N, 4)."""
+    if values.ndim != len(shape) or any(want is not None and got != want for got, want in zip(values.shape, shape)):
+        want = "(" + ", ".join("N" if d is None else str(d) for d in shape) + ")"
+        raise InputError(name, f"must have shape {want}, got {tuple(values.shape)}")
+    return values
+
+
+def same_count(counts: dict[str, int]) -> int:
+    """Inputs that describe the same items must agree on how many there are."""
+    if len(set(counts.values())) > 1:
+        listed = ", ".join(f"{k} {v}" for k, v in counts.items())
+        raise InputError(next(iter(counts)), f"and its companions disagree on the number of items ({listed})")
+    return next(iter(counts.values()))
+
+
+def at_most(name: str, count: int, limit: int) -> int:
+    if count > limit:
+        raise InputError(name, f"holds {count} items, more than the {limit} a frame may have (MAX_DETECTIONS)")
+    return count
+
+
+def image_size(name: str, values: np.ndarray, max_pixels: int) -> tuple[int, int]:
+    shaped(name, values.reshape(-1), (2,))
+    height, width = (int(v) for v in values.reshape(-1))
+    if height < 1 or width < 1 or height * width > max_pixels:
+        raise InputError(name, f"must be a positive height and width of at most {max_pixels} pixels, got {values}")
+    return height, width
+
+
+def crop_boxes(name: str, boxes: np.ndarray, max_pixels: int, image_hw: tuple[int, int] | None = None) -> np.ndarray:
+    """Integer mask windows (N, 4) x0 y0 x1 y1: non-empty, inside the image when its size is known, and each
+    no larger than MAX_IMAGE_PIXELS (the size of the mask the window stands for)."""
+    boxes = shaped(name, boxes.reshape(-1, 4) if boxes.size else boxes.reshape(0, 4), (None, 4)).astype(np.int64)
+    if not len(boxes):
+        return boxes
+    x0, y0, x1, y1 = boxes.T
+    if (x0 < 0).any() or (y0 < 0).any() or (x1 <= x0).any() or (y1 <= y0).any():
+        raise InputError(name, "must hold windows x0 y0 x1 y1 with 0 <= x0 < x1 and 0 <= y0 < y1")
+    if ((x1 - x0) * (y1 - y0) > max_pixels).any():
+        raise InputError(name, f"holds a window larger than the {max_pixels} pixels an image may have")
+    if image_hw is not None and ((y1 > image_hw[0]).any() or (x1 > image_hw[1]).any()):
+        raise InputError(name, f"holds a window outside the {image_hw[1]}x{image_hw[0]} image")
+    return boxes
+
+
+def packed_masks(name: str, packed: np.ndarray, boxes: np.ndarray) -> None:
+    """One bit-packed mask per window, each exactly as long as its window needs."""
+    items = packed.reshape(-1)
+    same_count({name: len(items), "MASK_BOXES": len(boxes)})
+    for i, (data, (x0, y0, x1, y1)) in enumerate(zip(items, boxes)):
+        need = ((y1 - y0) * (x1 - x0) + 7) // 8
+        if not isinstance(data, bytes | bytearray | np.bytes_) or len(data) != need:
+            raise InputError(f"{name}[{i}]", f"must be {need} bytes (its window's pixels, 8 a byte)")
+
+
+def json_object(name: str, values: np.ndarray) -> dict:
+    items = values.reshape(-1)
+    if items.size != 1:
+        raise InputError(name, f"must hold one JSON object, got {items.size} elements")
+    try:
+        parsed = json.loads(bytes(items[0]))
+    except (ValueError, TypeError):
+        raise InputError(name, "is not a JSON object") from None
+    if not isinstance(parsed, dict):
+        raise InputError(name, "is not a JSON object")
+    return parsed
+
+
+def indices(name: str, values: np.ndarray, size: int) -> np.ndarray:
+    values = values.reshape(-1)
+    if values.size and (values.min() < 0 or values.max() >= size):
+        raise InputError(name, f"must index the {size} detections")
+    return values
+
+
+def result_inputs(get, max_pixels: int, max_detections: int) -> dict:
+    """Everything the result step receives, checked for shape and agreement: `get(name)` reads an input."""
+    image_hw = image_size("IMAGE_SIZE", get("IMAGE_SIZE"), max_pixels)
+    boxes = finite("BOXES_IN", shaped("BOXES_IN", get("BOXES_IN").reshape(-1, 4), (None, 4)))
+    scores = finite("SCORES_IN", get("SCORES_IN").reshape(-1))
+    class_ids = get("CLASS_IDS_IN").reshape(-1)
+    same_count({"BOXES_IN": len(boxes), "SCORES_IN": len(scores), "CLASS_IDS_IN": len(class_ids)})
+    seg_index = indices("SEG_INDEX_IN", get("SEG_INDEX_IN"), len(boxes))
+    mask_boxes = crop_boxes("MASK_BOXES", get("MASK_BOXES"), max_pixels, image_hw)
+    mask_scores = finite("MASK_SCORES_IN", get("MASK_SCORES_IN").reshape(-1))
+    geometry = finite("GEOMETRY_IN", shaped("GEOMETRY_IN", get("GEOMETRY_IN").reshape(-1, 5), (None, 5)))
+    count = {"SEG_INDEX_IN": len(seg_index), "MASK_BOXES": len(mask_boxes), "MASK_SCORES_IN": len(mask_scores)}
+    at_most("SEG_INDEX_IN", same_count(count | {"GEOMETRY_IN": len(geometry)}), max_detections)
+    masks = get("MASKS")
+    packed_masks("MASKS", masks, mask_boxes)
+    return {
+        "image_hw": image_hw,
+        "start_ns": int(get("START_NS").reshape(-1)[0]),
+        "notes": [bytes(n).decode("utf-8", "replace") for n in get("NOTES").reshape(-1)],
+        "segmenter": json_object("SEGMENTER", get("SEGMENTER")),
+        "detector": json_object("DETECTOR", get("DETECTOR")),
+        "mask_boxes": mask_boxes,
+        "masks": masks,
+        "typed": {
+            "BOXES": boxes.astype(np.float32),
+            "SCORES": scores.astype(np.float32),
+            "CLASS_IDS": class_ids.astype(np.int32),
+            "SEG_INDEX": seg_index.astype(np.int32),
+            "MASK_SCORES": mask_scores.astype(np.float32),
+            "GEOMETRY": geometry.astype(np.float64),
+        },
+    }
