@@ -14,7 +14,7 @@ REGISTRY ?= your-registry
 # Tests and the demo run untrained models (no weights can be downloaded here) and the smallest SAM.
 DEV_ENV := ALLOW_UNTRAINED_WEIGHTS=$${ALLOW_UNTRAINED_WEIGHTS:-1} SAM2_VARIANT=$${SAM2_VARIANT:-tiny}
 
-.PHONY: help venv triton models serve demo test perf bench bench-gpu lint lock docker-build docker-push clean
+.PHONY: help venv triton models serve demo test perf bench bench-gpu soak lint lock docker-build docker-push clean
 
 help:
 	@echo "make serve   pod mode: Triton (HTTP 8000, gRPC 8001, metrics 8002) + REST gateway (8080)"
@@ -23,6 +23,7 @@ help:
 	@echo "make perf    perf_analyzer on anomaly_pipeline over gRPC and HTTP"
 	@echo "make bench   benchmarks: geometry, preprocessing, ensemble vs in-process latency, server memory"
 	@echo "make bench-gpu  ensemble at several concurrencies, per-step times, in-process and plain-script baselines"
+	@echo "make soak    10 minutes at concurrency 8 with 10% bad inputs: errors, latency, memory growth"
 	@echo "make lint    ruff and hadolint"
 	@echo "make models  export the detector and prepare segmenter weights"
 	@echo "make docker-build / docker-push  the image of the deployment guide"
@@ -68,6 +69,10 @@ perf: $(VENV_STAMP) $(TRITON_STAMP)
 bench: $(VENV_STAMP) $(TRITON_STAMP)
 	$(DEV_ENV) $(PY) -m export
 	$(DEV_ENV) $(PY) -m bench.bench
+
+soak: $(VENV_STAMP) $(TRITON_STAMP)
+	$(DEV_ENV) $(PY) -m export
+	$(DEV_ENV) $(PY) -m bench.soak $(SOAK_ARGS)
 
 # On a GPU machine without network, point PY at a Python that has the project's packages and set TRITON_HOME
 # (or unpack .triton/): `make bench-gpu PY=python3`. Nothing is installed or downloaded then.
