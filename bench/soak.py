@@ -63,7 +63,7 @@ def growth(before: dict, after: dict) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.soak", description=__doc__)
     parser.add_argument("--minutes", type=float, default=10.0)
-    parser.add_argument("--warmup-minutes", type=float, default=1.0)
+    parser.add_argument("--warmup-minutes", type=float, default=2.0)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--bad-share", type=float, default=0.1)
     parser.add_argument("--out", default=str(REPO_ROOT / "bench_output" / "soak.json"))
