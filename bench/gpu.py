@@ -181,18 +181,22 @@ def plain_script(settings: Settings, meta, data: bytes, threshold: float, repeat
     return result | {"defects_segmented": found["boxes"], "sam": f"SAM2.1 {spec.variant}"}
 
 
+def _nvidia_smi(query: str) -> list[list[str]]:
+    out = subprocess.run(
+        ["nvidia-smi", f"--query-{query}", "--format=csv,noheader,nounits"], capture_output=True, text=True, check=True
+    ).stdout
+    return [[field.strip() for field in line.split(",")] for line in out.strip().splitlines() if line.strip()]
+
+
 def gpu_memory_mib(server) -> dict:
-    """GPU memory of Triton's processes (nvidia-smi), or resident memory where there is no GPU."""
+    """GPU memory of Triton's processes (nvidia-smi), or resident memory where there is no GPU. In a container
+    nvidia-smi may not see process ids; then the card's whole used memory is reported (nothing else runs)."""
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+        apps = _nvidia_smi("compute-apps=pid,used_memory")
+        card = _nvidia_smi("gpu=memory.used")
     except (OSError, subprocess.CalledProcessError):
         return {"gpu": None, "resident": server.memory_mib()}
-    used = {int(p): float(m) for p, m in (line.split(",") for line in out.strip().splitlines() if line.strip())}
+    used = {int(pid): float(mib) for pid, mib in apps if pid.isdigit()}
     pid = server.pid()
     if pid:
         import psutil
@@ -200,7 +204,12 @@ def gpu_memory_mib(server) -> dict:
         root = psutil.Process(pid)
         pids = {root.pid, *(c.pid for c in root.children(recursive=True))}
         used = {p: m for p, m in used.items() if p in pids}
-    return {"gpu_total_mib": round(sum(used.values()), 1), "gpu_processes": len(used)}
+    return {
+        "gpu_total_mib": round(sum(used.values()), 1) if used else None,
+        "gpu_processes": len(used),
+        "card_used_mib": float(card[0][0]) if card else None,
+        "resident": server.memory_mib(),
+    }
 
 
 def print_table(result: dict) -> None:
