@@ -50,7 +50,7 @@ def front_command(serverless: bool, settings) -> list[str]:
         sys.executable, "-m", "uvicorn", "runpod_handler.gateway:app",
         "--host", settings.api_host, "--port", str(settings.api_port), "--workers", "1",
         # On SIGTERM uvicorn stops accepting and lets requests in flight finish, within our grace period.
-        "--timeout-graceful-shutdown", str(max(1, int(settings.shutdown_grace_s * 0.7))),
+        "--timeout-graceful-shutdown", str(max(1, int(settings.shutdown_grace_s - 2))),  # 2 s left for Triton
     ]  # fmt: skip
 
 
