@@ -138,7 +138,7 @@ class BackendChoice:
     providers: tuple[str, ...]  # onnxruntime's, best first; empty for torch
     precision: str  # "fp32" or "fp16"
     reason: str  # why this one, for the log, /info and every response
-    warning: str = ""  # set when a GPU is there but RF-DETR runs on the CPU
+    warning: str = ""  # set when RF-DETR runs on the CPU although a GPU is there or was asked for
 
     def describe(self) -> dict:
         return asdict(self) | {"providers": list(self.providers)}
@@ -156,6 +156,7 @@ def choose_backend(requested: str, device: str, gpu: bool, ort_providers) -> Bac
     use_gpu = gpu and device != "cpu"
     trt, cuda = TRT_PROVIDER in ort_providers, CUDA_PROVIDER in ort_providers
     have = ", ".join(ort_providers) or "none"
+    no_gpu_warning = "DEVICE=cuda, but no GPU is visible here: RF-DETR runs on the CPU" if device == "cuda" else ""
     on_cpu_warning = (
         f"A GPU is present but RF-DETR runs on the CPU: onnxruntime has no GPU provider ({have}). "
         "Install onnxruntime-gpu, or set DETECTOR_BACKEND=auto or torch to run the checkpoint in torch on the GPU."
@@ -170,7 +171,7 @@ def choose_backend(requested: str, device: str, gpu: bool, ort_providers) -> Bac
     if requested == "torch":
         if use_gpu:
             return BackendChoice("torch", "cuda", (), "fp16", "DETECTOR_BACKEND=torch, on the GPU in fp16")
-        return BackendChoice("torch", "cpu", (), "fp32", "DETECTOR_BACKEND=torch; no GPU in use")
+        return BackendChoice("torch", "cpu", (), "fp32", "DETECTOR_BACKEND=torch; no GPU in use", no_gpu_warning)
     if use_gpu and trt:
         providers = (TRT_PROVIDER, *((CUDA_PROVIDER,) if cuda else ()), CPU_PROVIDER)
         return BackendChoice("onnxruntime", "cuda", providers, "fp16", f"{requested}: onnxruntime's TensorRT provider")
@@ -185,7 +186,9 @@ def choose_backend(requested: str, device: str, gpu: bool, ort_providers) -> Bac
     if use_gpu:  # onnxruntime asked for, without a GPU provider
         return BackendChoice("onnxruntime", "cpu", (CPU_PROVIDER,), "fp32", requested, on_cpu_warning)
     why = "DEVICE=cpu" if device == "cpu" else "no GPU"
-    return BackendChoice("onnxruntime", "cpu", (CPU_PROVIDER,), "fp32", f"{requested}: {why}, onnxruntime on the CPU")
+    return BackendChoice(
+        "onnxruntime", "cpu", (CPU_PROVIDER,), "fp32", f"{requested}: {why}, onnxruntime on the CPU", no_gpu_warning
+    )
 
 
 def onnx_providers(choice: BackendChoice, engine_cache: Path | None = None) -> list:
@@ -229,6 +232,16 @@ class OnnxDetector:
         return boxes, logits
 
 
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """The batch sizes captured as CUDA graphs: powers of two up to the largest batch, and the largest."""
+    return sorted({1, *[b for b in (2, 4, 8, 16, 32) if b <= max_batch], max_batch})
+
+
+def graph_for(sizes, n: int) -> int | None:
+    """The smallest captured batch size that holds `n` frames (the rest of it is padding), None for eager."""
+    return min((s for s in sizes if s >= n), default=None)
+
+
 class TorchDetector:
     """The RF-DETR checkpoint the ONNX export was made from, run by torch: the GPU path where onnxruntime has
     no GPU provider. Same graph as the export (rfdetr's export mode), fp16 on a GPU, where each batch size up
@@ -256,7 +269,7 @@ class TorchDetector:
 
     def _capture(self, max_batch: int) -> None:
         torch = self._torch
-        sizes = sorted({1, *[b for b in (2, 4, 8, 16, 32) if b <= max_batch], max_batch})
+        sizes = graph_batch_sizes(max_batch)
         pool = torch.cuda.graph_pool_handle()
         try:
             with torch.inference_mode():
@@ -284,7 +297,7 @@ class TorchDetector:
         x = x.to(self.device, self.dtype, non_blocking=True)
         n = x.shape[0]
         with torch.inference_mode():
-            size = min((s for s in self.graphs if s >= n), default=None)
+            size = graph_for(self.graphs, n)
             if size is None:
                 boxes, logits = self.net(x)[:2]
             else:

@@ -193,8 +193,8 @@ def decode_to_tensor(data: bytes, device, max_bytes: int, max_pixels: int, field
     import torch
 
     device = torch.device(device)
-    header = read_header(data, max_bytes, max_pixels, field)
-    if device.type == "cuda" and header.format in ("JPEG", "MPO"):
+    header = read_header(data, max_bytes, max_pixels, field) if device.type == "cuda" else None
+    if header is not None and header.format in ("JPEG", "MPO"):
         try:
             from torchvision.io import ImageReadMode, decode_jpeg
 

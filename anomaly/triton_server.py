@@ -93,7 +93,7 @@ class TritonServer:
         self.process: subprocess.Popen | None = None
         self.plan = None
         self._gpu: bool | None = None
-        self._stubs: dict[int, str] = {}
+        self._stubs: dict = {}
         self.shm_prefix = f"anomaly_{os.getpid()}_{int(time.time() * 1000) % 10**8}_"
         self._log_file = None
 
@@ -180,9 +180,9 @@ class TritonServer:
         self._stubs = self.model_processes()
         return self
 
-    def model_processes(self) -> dict[int, str]:
-        """pid -> model name of each model instance's process (Triton runs every Python model instance in a
-        stub process of its own)."""
+    def model_processes(self) -> dict:
+        """psutil.Process -> model name, for each model instance's process (Triton runs every Python model
+        instance in a stub process of its own)."""
         pid = self.pid()
         if pid is None:
             return {}
@@ -195,19 +195,20 @@ class TritonServer:
             except psutil.Error:
                 continue
             if name:
-                found[child.pid] = name
+                found[child] = name
         return found
 
     def dead_models(self) -> list[str]:
         """Models whose instance process has died since the server became ready. Triton 2.51's Python backend
         does not restart such a process: every request needing that model fails while the server and the model
-        still report ready, so whoever supervises the server must act (the entrypoint exits non-zero)."""
+        still report ready, so whoever supervises the server must act (the entrypoint exits non-zero).
+        is_running() compares start times, so a recycled pid does not pass for the dead process."""
         import psutil
 
         dead = []
-        for pid, name in self._stubs.items():
+        for proc, name in self._stubs.items():
             try:
-                alive = psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+                alive = proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
             except psutil.NoSuchProcess:
                 alive = False
             if not alive:

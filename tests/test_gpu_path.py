@@ -74,6 +74,20 @@ def test_a_gpu_left_idle_by_the_detector_is_a_warning():
     assert choice.device == "cpu"
     assert "GPU is present but RF-DETR runs on the CPU" in choice.warning and CPU_PROVIDER in choice.warning
     assert not choose_backend("auto", "cpu", True, [CPU_PROVIDER]).warning  # DEVICE=cpu was asked for
+    for requested in ("auto", "torch", "onnxruntime"):  # DEVICE=cuda on a machine without one: said, not silent
+        choice = choose_backend(requested, "cuda", False, [CPU_PROVIDER])
+        assert choice.device == "cpu" and "DEVICE=cuda, but no GPU is visible" in choice.warning
+
+
+def test_cuda_graph_batch_sizes_cover_every_batch():
+    """Which captured graph serves a batch of n frames (the graph code itself needs a GPU)."""
+    from anomaly.detector import graph_batch_sizes, graph_for
+
+    assert graph_batch_sizes(8) == [1, 2, 4, 8] and graph_batch_sizes(6) == [1, 2, 4, 6]
+    assert graph_batch_sizes(1) == [1]
+    sizes = graph_batch_sizes(8)
+    assert [graph_for(sizes, n) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
+    assert graph_for(sizes, 9) is None and graph_for([], 1) is None  # eager
 
 
 @pytest.mark.parametrize(
@@ -222,6 +236,31 @@ def test_batched_segmenter_equals_frame_by_frame(exported):
             assert batched.box == alone.box
             assert (batched.mask == alone.mask).mean() >= 0.999
             assert batched.score == pytest.approx(alone.score, abs=1e-4)
+
+
+def test_one_decoder_call_for_the_boxes_of_several_frames(exported):
+    """The GPU path decodes every box of every frame of a batch in one mask-decoder call, each box reading
+    its own frame's embedding (gathered). Run here on the CPU against one call per box (the CPU path)."""
+    from anomaly.weights import load_segmenter
+
+    torch.set_num_threads(2)
+    segmenter, _ = load_segmenter(load_settings())
+    pier = decode_image((SAMPLES / "pier_spalling.png").read_bytes(), BIG, BIG)
+    wall = decode_image((SAMPLES / "tunnel_wall_exif.jpg").read_bytes(), BIG, BIG)
+    prepared = [segmenter.prepare_rgb(pier), segmenter.prepare_rgb(wall)]
+    frames = np.array([0, 1, 0, 1])
+    boxes = np.array([[100, 50, 300, 200], [50, 60, 300, 500], [10, 10, 60, 90], [0, 0, 600, 800]], np.float32)
+    sizes = np.array([prepared[f][1] for f in frames])
+    with torch.inference_mode():
+        features = segmenter.embed(torch.stack([p for p, _ in prepared]))
+        together, iou_together = segmenter.decode(features, frames, boxes, sizes)
+        for i in range(len(boxes)):
+            alone, iou_alone = segmenter.decode(features, frames[i : i + 1], boxes[i : i + 1], sizes[i : i + 1])
+            assert torch.allclose(together[i], alone[0], atol=1e-4)
+            assert iou_together[i] == pytest.approx(iou_alone[0], abs=1e-5)
+        # and a box really reads its own frame: the same box on the other frame gives other logits
+        other, _ = segmenter.decode(features, np.array([1]), boxes[:1], sizes[:1])
+    assert not torch.allclose(together[0], other[0], atol=1e-3)
 
 
 # --- serving layout per machine ------------------------------------------------------------------------------
