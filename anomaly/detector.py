@@ -144,11 +144,14 @@ class BackendChoice:
         return asdict(self) | {"providers": list(self.providers)}
 
 
-def choose_backend(requested: str, device: str, gpu: bool, ort_providers) -> BackendChoice:
-    """DETECTOR_BACKEND, DEVICE, whether torch sees a GPU and onnxruntime's providers -> what runs RF-DETR.
+def choose_backend(requested: str, device: str, gpu: bool, ort_providers, precision: str = "fp32") -> BackendChoice:
+    """DETECTOR_BACKEND, DEVICE, whether torch sees a GPU, onnxruntime's providers and DETECTOR_PRECISION -> what
+    runs RF-DETR.
 
-    auto, on a GPU: onnxruntime's TensorRT provider, else its CUDA provider, else the same checkpoint in torch
-    (fp16). auto on a CPU: onnxruntime. An explicit choice that cannot run here is a start-up error."""
+    auto, on a GPU: onnxruntime's TensorRT provider, else its CUDA provider, else the same checkpoint in torch.
+    auto on a CPU: onnxruntime. `precision` applies on a GPU where the runtime offers it (TensorRT, torch);
+    the CPU and onnxruntime's CUDA provider run fp32. An explicit choice that cannot run here is a start-up
+    error."""
     from anomaly.errors import ConfigError
 
     if requested not in BACKENDS:
@@ -167,21 +170,27 @@ def choose_backend(requested: str, device: str, gpu: bool, ort_providers) -> Bac
         if not trt:
             raise ConfigError(f"DETECTOR_BACKEND=tensorrt needs onnxruntime's {TRT_PROVIDER}; this one has {have}")
         providers = (TRT_PROVIDER, *((CUDA_PROVIDER,) if cuda else ()), CPU_PROVIDER)
-        return BackendChoice("onnxruntime", "cuda", providers, "fp16", "DETECTOR_BACKEND=tensorrt")
+        return BackendChoice("onnxruntime", "cuda", providers, precision, "DETECTOR_BACKEND=tensorrt")
     if requested == "torch":
         if use_gpu:
-            return BackendChoice("torch", "cuda", (), "fp16", "DETECTOR_BACKEND=torch, on the GPU in fp16")
+            return BackendChoice("torch", "cuda", (), precision, f"DETECTOR_BACKEND=torch, on the GPU in {precision}")
         return BackendChoice("torch", "cpu", (), "fp32", "DETECTOR_BACKEND=torch; no GPU in use", no_gpu_warning)
     if use_gpu and trt:
         providers = (TRT_PROVIDER, *((CUDA_PROVIDER,) if cuda else ()), CPU_PROVIDER)
-        return BackendChoice("onnxruntime", "cuda", providers, "fp16", f"{requested}: onnxruntime's TensorRT provider")
+        return BackendChoice(
+            "onnxruntime", "cuda", providers, precision, f"{requested}: onnxruntime's TensorRT provider"
+        )
     if use_gpu and cuda:
         return BackendChoice(
             "onnxruntime", "cuda", (CUDA_PROVIDER, CPU_PROVIDER), "fp32", f"{requested}: onnxruntime's CUDA provider"
         )
     if use_gpu and requested == "auto":
         return BackendChoice(
-            "torch", "cuda", (), "fp16", f"auto: onnxruntime has no GPU provider ({have}); the checkpoint runs in torch"
+            "torch",
+            "cuda",
+            (),
+            precision,
+            f"auto: onnxruntime has no GPU provider ({have}); the checkpoint runs in torch",
         )
     if use_gpu:  # onnxruntime asked for, without a GPU provider
         return BackendChoice("onnxruntime", "cpu", (CPU_PROVIDER,), "fp32", requested, on_cpu_warning)
@@ -192,17 +201,17 @@ def choose_backend(requested: str, device: str, gpu: bool, ort_providers) -> Bac
 
 
 def onnx_providers(choice: BackendChoice, engine_cache: Path | None = None) -> list:
-    """onnxruntime's provider list for a choice; TensorRT builds FP16 engines cached in `engine_cache`."""
+    """onnxruntime's provider list for a choice; TensorRT engines (FP16 if chosen) are cached in `engine_cache`."""
     out: list = []
     for name in choice.providers:
         if name == TRT_PROVIDER:
-            options = {"trt_fp16_enable": True}
+            options = {"trt_fp16_enable": choice.precision == "fp16"}
             if engine_cache is not None:
                 engine_cache.mkdir(parents=True, exist_ok=True)
                 options |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engine_cache)}
             out.append((name, options))
-        elif name == CUDA_PROVIDER:  # grow the GPU arena by what is asked, not by doubling
-            out.append((name, {"arena_extend_strategy": "kSameAsRequested"}))
+        elif name == CUDA_PROVIDER:  # arena grown by what is asked; exact fp32 (no TF32, see TorchDetector)
+            out.append((name, {"arena_extend_strategy": "kSameAsRequested", "use_tf32": 0}))
         else:
             out.append(name)
     return out
@@ -232,27 +241,31 @@ class OnnxDetector:
         return boxes, logits
 
 
-def graph_batch_sizes(max_batch: int) -> list[int]:
-    """The batch sizes captured as CUDA graphs: powers of two up to the largest batch, and the largest."""
-    return sorted({1, *[b for b in (2, 4, 8, 16, 32) if b <= max_batch], max_batch})
-
-
-def graph_for(sizes, n: int) -> int | None:
-    """The smallest captured batch size that holds `n` frames (the rest of it is padding), None for eager."""
-    return min((s for s in sizes if s >= n), default=None)
-
-
 class TorchDetector:
     """The RF-DETR checkpoint the ONNX export was made from, run by torch: the GPU path where onnxruntime has
-    no GPU provider. Same graph as the export (rfdetr's export mode), fp16 on a GPU, where each batch size up
-    to `max_batch` is replayed from a CUDA graph (RF-DETR-M at batch 1 is launch-bound: a graph removes
-    most of the ~10 ms of kernel launches). A graph that cannot be captured leaves that model eager."""
+    no GPU provider. Same graph as the export (rfdetr's export mode), fp16 on a GPU, replayed from CUDA graphs
+    (anomaly.cuda_graphs) unless `cuda_graphs` is False."""
 
-    def __init__(self, meta: DetectorMetadata, device: str, precision: str, max_batch: int = 8, threads: int = 0):
+    def __init__(
+        self,
+        meta: DetectorMetadata,
+        device: str,
+        precision: str,
+        max_batch: int = 8,
+        threads: int = 0,
+        cuda_graphs: bool = True,
+    ):
         import torch
+
+        from anomaly.cuda_graphs import GraphedForward
 
         if threads and device == "cpu":
             torch.set_num_threads(threads)
+        if device == "cuda" and precision == "fp32":
+            # TF32 (torch's default for convolutions on Ampere and later) moved untrained RF-DETR scores by
+            # up to 0.08 against onnxruntime on the CPU; with it off the two agree to 1e-6 (make bench-gpu)
+            torch.backends.cudnn.allow_tf32 = False
+            torch.backends.cuda.matmul.allow_tf32 = False
         self._torch = torch
         num_classes = meta.source.get("num_classes") if isinstance(meta.source, dict) else None
         net = load_rfdetr(meta.variant, meta.weights, num_classes).model.model
@@ -261,50 +274,21 @@ class TorchDetector:
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
         self.device = torch.device(device)
         self.net = net.to(self.device, self.dtype)
-        self.shape = (3, meta.resolution, meta.resolution)
-        self.graphs: dict[int, tuple] = {}
-        self.note = ""
-        if self.device.type == "cuda":
-            self._capture(max_batch)
-
-    def _capture(self, max_batch: int) -> None:
-        torch = self._torch
-        sizes = graph_batch_sizes(max_batch)
-        pool = torch.cuda.graph_pool_handle()
-        try:
-            with torch.inference_mode():
-                for size in sizes:
-                    static_in = torch.zeros((size, *self.shape), dtype=self.dtype, device=self.device)
-                    side = torch.cuda.Stream()
-                    side.wait_stream(torch.cuda.current_stream())
-                    with torch.cuda.stream(side):
-                        for _ in range(3):  # warm-up outside the graph, as capture requires
-                            self.net(static_in)
-                    torch.cuda.current_stream().wait_stream(side)
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool=pool):
-                        static_out = self.net(static_in)
-                    self.graphs[size] = (graph, static_in, static_out)
-            self.note = f"CUDA graphs for batch sizes {sizes}"
-        except Exception as exc:  # noqa: BLE001 - eager still works
-            self.graphs.clear()
-            self.note = f"eager (CUDA graph capture failed: {type(exc).__name__}: {exc})"
-            log.warning("RF-DETR CUDA graph capture failed; running eager: %s", exc)
+        self.forward = GraphedForward(lambda x: self.net(x)[:2])
+        if self.device.type == "cuda" and cuda_graphs:
+            # rfdetr builds its spatial-shape tensor from a host copy each forward unless this cache is on
+            for module in self.net.modules():
+                if hasattr(module, "enable_cuda_graph_capture"):
+                    module.enable_cuda_graph_capture()
+            self.forward.capture((3, meta.resolution, meta.resolution), self.dtype, self.device, max_batch, "RF-DETR")
+        self.note = self.forward.note
 
     def __call__(self, batch) -> tuple[np.ndarray, np.ndarray]:
         torch = self._torch
         x = batch if isinstance(batch, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(batch))
         x = x.to(self.device, self.dtype, non_blocking=True)
-        n = x.shape[0]
         with torch.inference_mode():
-            size = graph_for(self.graphs, n)
-            if size is None:
-                boxes, logits = self.net(x)[:2]
-            else:
-                graph, static_in, static_out = self.graphs[size]
-                static_in[:n].copy_(x)
-                graph.replay()
-                boxes, logits = (t[:n] for t in static_out[:2])
+            boxes, logits = self.forward(x)
             return boxes.float().cpu().numpy(), logits.float().cpu().numpy()
 
 
@@ -326,13 +310,20 @@ class DetectorRunner:
 
             gpu = has_gpu() and _torch_sees_gpu()
         self.meta, self.settings = meta, settings
-        self.choice = choose_backend(settings.detector_backend, settings.device, gpu, ort.get_available_providers())
+        self.choice = choose_backend(
+            settings.detector_backend, settings.device, gpu, ort.get_available_providers(), settings.detector_precision
+        )
         warning = self.choice.warning
         if self.choice.backend == "torch":
             self.model = TorchDetector(
-                meta, self.choice.device, self.choice.precision, max_batch, settings.compute_threads
+                meta,
+                self.choice.device,
+                self.choice.precision,
+                max_batch,
+                settings.compute_threads,
+                settings.cuda_graphs,
             )
-            runtime = self.model.note or f"torch {self.choice.precision} on {self.choice.device}"
+            runtime = f"torch {self.choice.precision} on {self.choice.device}, {self.model.note}"
         else:
             providers = onnx_providers(self.choice, settings.weights_dir / "trt_cache")
             self.model = OnnxDetector(onnx_path, settings.compute_threads, providers)

@@ -144,6 +144,8 @@ class InProcessPipeline:
         self.meta = DetectorMetadata.load(repo / "detector" / "1" / "metadata.json")
         self.detector = DetectorRunner(self.meta, repo / "detector" / "1" / "model.onnx", settings)
         self.segmenter, spec = load_segmenter(settings)
+        if settings.cuda_graphs:
+            self.segmenter.use_cuda_graphs(1)
         self.segmenter_info = segmenter_info(self.segmenter, spec)
 
     def __call__(self, data: bytes, options: RequestOptions) -> dict:

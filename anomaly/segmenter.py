@@ -75,6 +75,8 @@ class Sam2Segmenter:
         from sam2.build_sam import build_sam2
         from sam2.sam2_image_predictor import SAM2ImagePredictor
 
+        from anomaly.cuda_graphs import GraphedForward
+
         if threads:
             torch.set_num_threads(threads)
         self.variant = variant
@@ -84,12 +86,24 @@ class Sam2Segmenter:
         self.model = model
         self.resolution = model.image_size
         self._torch = torch
+        self._encoder = GraphedForward(self._embed, self._autocast)
 
     def _autocast(self):
         torch = self._torch
-        if self.device == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
+        if self.device == "cuda":  # no weight-cast cache: it cannot live across CUDA graph replays
+            return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
         return torch.autocast("cpu", enabled=False)
+
+    def use_cuda_graphs(self, max_batch: int) -> None:
+        """On a GPU, replay the image encoder from CUDA graphs for batches of up to `max_batch` frames."""
+        if self.device == "cuda":
+            shape = (3, self.resolution, self.resolution)
+            self._encoder.capture(shape, self._torch.float32, self.device, max_batch, "SAM image encoder")
+
+    @property
+    def runtime(self) -> str:
+        precision = "bf16 autocast" if self.device == "cuda" else "fp32"
+        return f"{precision} on {self.device}, image encoder {self._encoder.note}"
 
     # --- preparing frames ---
     def prepare(self, data: bytes, max_bytes: int, max_pixels: int, field: str = "image"):
@@ -110,6 +124,9 @@ class Sam2Segmenter:
     # --- the model ---
     def embed(self, inputs) -> dict:
         """(K, 3, S, S) prepared frames -> their features, as SAM2ImagePredictor.set_image_batch computes them."""
+        return self._encoder(inputs)
+
+    def _embed(self, inputs) -> dict:
         model, p = self.model, self.predictor
         backbone_out = model.forward_image(inputs)
         _, vision_feats, _, _ = model._prepare_backbone_features(backbone_out)
@@ -160,15 +177,22 @@ class Sam2Segmenter:
             features = self.embed(torch.stack([frames[i][0] for i in busy]).to(self.device))
             # On a GPU all boxes go through the decoder at once; on a CPU one at a time is faster.
             step = len(boxes) if self.device == "cuda" else 1
-            crops: list[MaskCrop] = []
+            windows, masks, scores = [], [], []
             for start in range(0, len(boxes), step):
                 part = slice(start, start + step)
                 low_res, iou = self.decode(features, frame_of_box[part], boxes[part], sizes[part])
                 for j, box in enumerate(boxes[part]):
                     hw = tuple(int(v) for v in sizes[start + j])
-                    window = crop_box(box, hw)
-                    mask = self._upsample_crop(low_res[j : j + 1], window, hw)
-                    crops.append(MaskCrop(window, mask, float(np.clip(iou[j], 0.0, 1.0))))
+                    windows.append(crop_box(box, hw))
+                    masks.append(self._upsample_crop(low_res[j : j + 1], windows[-1], hw))
+                    scores.append(float(np.clip(iou[j], 0.0, 1.0)))
+            # one device-to-host copy for all masks: each copy waits for the GPU
+            flat = torch.cat([m.reshape(-1) for m in masks]).cpu().numpy()
+            ends = np.cumsum([m.numel() for m in masks])
+            crops = [
+                MaskCrop(w, part.reshape(m.shape), score)
+                for w, m, part, score in zip(windows, masks, np.split(flat, ends[:-1]), scores)
+            ]
         for k, i in enumerate(busy):
             out[i] = [c for c, f in zip(crops, frame_of_box) if f == k]
         return out
@@ -180,7 +204,7 @@ class Sam2Segmenter:
         prepared, hw = self.prepare_rgb(rgb)
         return self.segment_batch([(prepared, hw, boxes)])[0]
 
-    def _upsample_crop(self, low_res, window, image_hw) -> np.ndarray:
+    def _upsample_crop(self, low_res, window, image_hw):
         """Bilinear samples of the (1, 1, 256, 256) logits at the window's pixel centres, thresholded at 0.
 
         grid_sample with align_corners=False and border padding samples source coordinate
@@ -194,4 +218,4 @@ class Sam2Segmenter:
         logits = torch.nn.functional.grid_sample(
             low_res, grid, mode="bilinear", padding_mode="border", align_corners=False
         )
-        return (logits[0, 0] > self.predictor.mask_threshold).cpu().numpy()
+        return logits[0, 0] > self.predictor.mask_threshold

@@ -136,6 +136,160 @@ def load(url: str, data: bytes, threshold: float, concurrency: int, requests: in
     }
 
 
+class GpuBusy:
+    """The card's utilisation (nvidia-smi, sampled every 100 ms) while a block runs: mean and max percent."""
+
+    def __enter__(self):
+        self.samples: list[float] = []
+        try:
+            self.proc = subprocess.Popen(
+                ["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-lms", "100"],
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                text=True,
+            )
+        except OSError:
+            self.proc = None
+            return self
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+        return self
+
+    def _read(self):
+        for line in self.proc.stdout:
+            if line.strip().isdigit():
+                self.samples.append(float(line))
+
+    def __exit__(self, *exc):
+        if self.proc:
+            self.proc.terminate()
+            self.proc.wait()
+            self.reader.join(timeout=2)
+
+    def summary(self) -> dict:
+        if not self.samples:
+            return {}
+        return {"gpu_busy_mean_pct": round(float(np.mean(self.samples)), 1), "gpu_busy_max_pct": max(self.samples)}
+
+
+def gpu_checks(settings: Settings, meta, onnx_path: Path, data: bytes, device: str = "cuda") -> dict:
+    """On a GPU: the GPU preprocessing against the exact CPU path, and the torch detector on the card against
+    onnxruntime on the CPU, for this frame. Decoders may differ by a level or two (nvJPEG vs libjpeg), so the
+    resize/normalisation is also compared on the same decoded pixels."""
+    import dataclasses
+
+    import torch
+
+    from anomaly.detector import DetectorRunner, TorchDetector
+    from anomaly.images import decode_image, decode_to_tensor, rfdetr_input, rfdetr_preprocess, sam_input
+
+    s = settings
+    on_card = device == "cuda"
+    rgb = decode_image(data, s.max_image_bytes, s.max_image_pixels)
+    on_gpu = decode_to_tensor(data, device, s.max_image_bytes, s.max_image_pixels)
+    same_pixels = torch.from_numpy(rgb).permute(2, 0, 1).to(device)
+    decode_diff = (on_gpu.int() - same_pixels.int()).abs().float()
+    reference = torch.from_numpy(rfdetr_preprocess(rgb, meta.resolution, meta.means, meta.stds)).to(device)
+    sam_cpu = sam_input(torch.from_numpy(rgb).permute(2, 0, 1)).to(device)
+    checks = {
+        "nvjpeg_vs_pillow_levels": {"max": float(decode_diff.max()), "mean": round(float(decode_diff.mean()), 4)},
+        "detector_input_same_pixels_max": float(
+            (rfdetr_input(same_pixels, meta.resolution, meta.means, meta.stds) - reference).abs().max()
+        ),
+        "detector_input_gpu_decode_mean": round(
+            float((rfdetr_input(on_gpu, meta.resolution, meta.means, meta.stds) - reference).abs().mean()), 5
+        ),
+        "sam_input_same_pixels_max": float((sam_input(same_pixels) - sam_cpu).abs().max()),
+    }
+    raw = {}
+    for name, runner in (
+        ("torch_gpu", DetectorRunner(meta, onnx_path, dataclasses.replace(s, detector_backend="torch"), gpu=on_card)),
+        (
+            "onnx_cpu",
+            DetectorRunner(meta, onnx_path, dataclasses.replace(s, detector_backend="onnxruntime"), gpu=False),
+        ),
+    ):
+        x, _ = runner.prepare(data)
+        boxes, logits = runner.run([x])
+        raw[name] = (boxes[0], 1.0 / (1.0 + np.exp(-logits[0].astype(np.float64))))
+        if name == "torch_gpu":  # the same input through the same checkpoint in fp32: precision vs device
+            fp32 = TorchDetector(meta, device, "fp32", 1, cuda_graphs=False)
+            boxes, logits = fp32(x[None])
+            raw["torch_gpu_fp32"] = (boxes[0], 1.0 / (1.0 + np.exp(-logits[0].astype(np.float64))))
+    boxes_o, probs_o = raw["onnx_cpu"]
+    top = np.argsort(-probs_o.max(axis=1))[:20]  # the queries that become detections, by the reference
+    for name in ("torch_gpu", "torch_gpu_fp32"):
+        boxes_t, probs_t = raw[name]
+        checks[f"{name}_vs_onnx_cpu_top20_queries"] = {
+            "score_max_diff": round(float(np.abs(probs_t[top] - probs_o[top]).max()), 5),
+            "same_top_class": bool(np.array_equal(probs_t[top].argmax(1), probs_o[top].argmax(1))),
+            "box_min_iou": paired_min_iou(boxes_t[top], boxes_o[top]),
+        }
+    return checks
+
+
+def paired_min_iou(a: np.ndarray, b: np.ndarray) -> float:
+    """The smallest IoU of box a[i] with b[i], boxes as (cx, cy, w, h)."""
+
+    def corners(x):
+        return np.concatenate([x[:, :2] - x[:, 2:] / 2, x[:, :2] + x[:, 2:] / 2], axis=1)
+
+    a, b = corners(a.astype(np.float64)), corners(b.astype(np.float64))
+    inter = np.prod(np.clip(np.minimum(a[:, 2:], b[:, 2:]) - np.maximum(a[:, :2], b[:, :2]), 0, None), axis=1)
+    union = np.prod(a[:, 2:] - a[:, :2], axis=1) + np.prod(b[:, 2:] - b[:, :2], axis=1) - inter
+    return round(float(np.min(inter / np.maximum(union, 1e-12))), 4)
+
+
+def pieces(local, data: bytes, threshold: float, repeats: int, gpu: bool) -> dict:
+    """Where one frame's time goes, piece by piece, in this process (p50 ms; the GPU synchronised after each):
+    the detector's decode + resize and forward (batch 1 and per frame at batch 8), SAM's decode + resize,
+    image encoder (batch 1 and per frame at the serving batch), mask decoder for the frame's boxes, masks
+    to the host, and geometry on one core."""
+    import torch
+
+    from anomaly.pipeline import measure_all, select
+    from anomaly.serving import serving_plan
+
+    def sync():
+        if gpu:
+            torch.cuda.synchronize()
+
+    def ms(fn, per: int = 1) -> float:
+        def run():
+            fn()
+            sync()
+
+        return round(timed(run, repeats)["p50_ms"] / per, 2)
+
+    s, det, seg = local.settings, local.detector, local.segmenter
+    batch = serving_plan(s, gpu).segmenter_batch
+    if s.cuda_graphs:
+        seg.use_cuda_graphs(batch)
+    x, hw = det.prepare(data)
+    boxes, logits = det.run([x])
+    detections, seg_index, _ = select(boxes[0], logits[0], hw, threshold, local.meta, s.max_detections)
+    seg_boxes = detections.boxes[seg_index]
+    prepared, hw = seg.prepare(data, s.max_image_bytes, s.max_image_pixels)
+    frames = np.zeros(len(seg_boxes), np.int64)
+    sizes = np.asarray([hw] * len(seg_boxes))
+    with torch.inference_mode(), seg._autocast():
+        features = seg.embed(prepared[None])
+        out = {
+            "detector_prepare": ms(lambda: det.prepare(data)),
+            "detector_forward_b1": ms(lambda: det.run([x])),
+            "detector_forward_b8_per_frame": ms(lambda: det.run([x] * 8), 8),
+            "sam_prepare": ms(lambda: seg.prepare(data, s.max_image_bytes, s.max_image_pixels)),
+            "sam_encoder_b1": ms(lambda: seg.embed(prepared[None])),
+            f"sam_encoder_b{batch}_per_frame": ms(lambda: seg.embed(torch.stack([prepared] * batch)), batch),
+            f"sam_decoder_{len(seg_boxes)}_boxes": ms(lambda: seg.decode(features, frames, seg_boxes, sizes)),
+        }
+    out["sam_whole_frame"] = ms(lambda: seg.segment_batch([(prepared, hw, seg_boxes)]))
+    masks = [c.mask for c in seg.segment_batch([(prepared, hw, seg_boxes)])[0]]
+    out[f"geometry_{len(masks)}_masks_one_core"] = ms(lambda: measure_all(masks))
+    out["segmenter_encoder"] = seg._encoder.note
+    return out
+
+
 def timed(fn, repeats: int) -> dict:
     fn()  # warm-up: lazy initialisation, cuDNN autotuning, CUDA graphs
     times = []
@@ -214,10 +368,11 @@ def gpu_memory_mib(server) -> dict:
 
 def print_table(result: dict) -> None:
     print(f"\n{result['device']}  |  {result['workload']}")
-    print(f"{'what':<34}{'p50 ms':>10}{'p90 ms':>10}{'frames/s':>10}")
+    print(f"{'what':<34}{'p50 ms':>10}{'p90 ms':>10}{'frames/s':>10}{'GPU busy %':>12}")
     for row in result["ensemble"]:
         label = f"ensemble, concurrency {row['concurrency']}"
-        print(f"{label:<34}{row['p50_ms']:>10}{row['p90_ms']:>10}{row['frames_per_s']:>10}")
+        busy = row.get("gpu_busy_mean_pct", "")
+        print(f"{label:<34}{row['p50_ms']:>10}{row['p90_ms']:>10}{row['frames_per_s']:>10}{busy:>12}")
     print(f"{'same stages in one process':<34}{result['in_process']['p50_ms']:>10}")
     print(f"{'plain script (rfdetr + SAM2 pred.)':<34}{result['plain_script']['p50_ms']:>10}")
     print(f"\n{'step (at the highest concurrency)':<34}{'queue ms':>10}{'compute ms':>12}{'batch':>8}")
@@ -256,13 +411,22 @@ def main(argv: list[str] | None = None) -> int:
         result["ensemble"] = []
         for level in args.concurrency:
             before = model_stats(stats_client)
-            result["ensemble"].append(load(server.grpc_url, data, threshold, level, args.requests))
+            with GpuBusy() as busy:
+                row = load(server.grpc_url, data, threshold, level, args.requests)
+            result["ensemble"].append(row | busy.summary())
             result["steps"] = step_table(before, model_stats(stats_client))  # the last level's are kept
             print(json.dumps(result["ensemble"][-1]), flush=True)
         result["memory"] = gpu_memory_mib(server)
         stats_client.close()
 
+    if gpu:
+        result["gpu_checks"] = gpu_checks(
+            settings, local.meta, settings.model_repository / "detector" / "1" / "model.onnx", data
+        )
+        print(json.dumps(result["gpu_checks"]), flush=True)
     result["in_process"] = timed(lambda: local(data, RequestOptions(threshold)), args.repeats)
+    result["pieces"] = pieces(local, data, threshold, args.repeats, gpu)
+    print(json.dumps(result["pieces"]), flush=True)
     meta = local.meta
     local = None  # its GPU memory goes before the plain script loads the same models again
     result["plain_script"] = plain_script(settings, meta, data, threshold, args.repeats, gpu)

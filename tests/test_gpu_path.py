@@ -24,6 +24,7 @@ from anomaly.detector import (
     DetectorMetadata,
     DetectorRunner,
     choose_backend,
+    onnx_providers,
     select_detections,
 )
 from anomaly.errors import ConfigError, InputError
@@ -47,26 +48,33 @@ MEANS, STDS = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 
 
 @pytest.mark.parametrize(
-    "requested,device,gpu,providers,backend,on,precision",
+    "requested,device,gpu,providers,asked,backend,on,precision",
     [
-        ("auto", "auto", True, [TRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER], "onnxruntime", "cuda", "fp16"),
-        ("auto", "auto", True, [CUDA_PROVIDER, CPU_PROVIDER], "onnxruntime", "cuda", "fp32"),
-        ("auto", "auto", True, [CPU_PROVIDER], "torch", "cuda", "fp16"),  # the H100 machine's case
-        ("auto", "cuda", True, [CPU_PROVIDER], "torch", "cuda", "fp16"),
-        ("auto", "auto", False, [CPU_PROVIDER], "onnxruntime", "cpu", "fp32"),
-        ("auto", "cpu", True, [CUDA_PROVIDER, CPU_PROVIDER], "onnxruntime", "cpu", "fp32"),
-        ("torch", "auto", True, [CUDA_PROVIDER, CPU_PROVIDER], "torch", "cuda", "fp16"),
-        ("torch", "auto", False, [CPU_PROVIDER], "torch", "cpu", "fp32"),
-        ("onnxruntime", "auto", True, [CUDA_PROVIDER, CPU_PROVIDER], "onnxruntime", "cuda", "fp32"),
-        ("tensorrt", "auto", True, [TRT_PROVIDER, CPU_PROVIDER], "onnxruntime", "cuda", "fp16"),
+        ("auto", "auto", True, [TRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER], "fp32", "onnxruntime", "cuda", "fp32"),
+        ("auto", "auto", True, [TRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER], "fp16", "onnxruntime", "cuda", "fp16"),
+        ("auto", "auto", True, [CUDA_PROVIDER, CPU_PROVIDER], "fp16", "onnxruntime", "cuda", "fp32"),
+        ("auto", "auto", True, [CPU_PROVIDER], "fp32", "torch", "cuda", "fp32"),  # the H100 machine's case
+        ("auto", "auto", True, [CPU_PROVIDER], "fp16", "torch", "cuda", "fp16"),
+        ("auto", "cuda", True, [CPU_PROVIDER], "fp32", "torch", "cuda", "fp32"),
+        ("auto", "auto", False, [CPU_PROVIDER], "fp16", "onnxruntime", "cpu", "fp32"),
+        ("auto", "cpu", True, [CUDA_PROVIDER, CPU_PROVIDER], "fp16", "onnxruntime", "cpu", "fp32"),
+        ("torch", "auto", True, [CUDA_PROVIDER, CPU_PROVIDER], "fp16", "torch", "cuda", "fp16"),
+        ("torch", "auto", False, [CPU_PROVIDER], "fp16", "torch", "cpu", "fp32"),
+        ("onnxruntime", "auto", True, [CUDA_PROVIDER, CPU_PROVIDER], "fp32", "onnxruntime", "cuda", "fp32"),
+        ("tensorrt", "auto", True, [TRT_PROVIDER, CPU_PROVIDER], "fp16", "onnxruntime", "cuda", "fp16"),
     ],
 )
-def test_backend_choice(requested, device, gpu, providers, backend, on, precision):
-    choice = choose_backend(requested, device, gpu, providers)
+def test_backend_choice(requested, device, gpu, providers, asked, backend, on, precision):
+    choice = choose_backend(requested, device, gpu, providers, asked)
     assert (choice.backend, choice.device, choice.precision) == (backend, on, precision)
     assert choice.reason and not choice.warning
     if backend == "onnxruntime":
         assert choice.providers[-1] == CPU_PROVIDER and (on == "cpu") == (choice.providers == (CPU_PROVIDER,))
+        options = dict(p for p in onnx_providers(choice) if isinstance(p, tuple))
+        if TRT_PROVIDER in options:  # TensorRT builds fp16 engines only when asked
+            assert options[TRT_PROVIDER]["trt_fp16_enable"] == (precision == "fp16")
+        if CUDA_PROVIDER in options:
+            assert options[CUDA_PROVIDER]["use_tf32"] == 0
 
 
 def test_a_gpu_left_idle_by_the_detector_is_a_warning():
@@ -81,13 +89,46 @@ def test_a_gpu_left_idle_by_the_detector_is_a_warning():
 
 def test_cuda_graph_batch_sizes_cover_every_batch():
     """Which captured graph serves a batch of n frames (the graph code itself needs a GPU)."""
-    from anomaly.detector import graph_batch_sizes, graph_for
+    from anomaly.cuda_graphs import graph_batch_sizes, graph_for
 
     assert graph_batch_sizes(8) == [1, 2, 4, 8] and graph_batch_sizes(6) == [1, 2, 4, 6]
     assert graph_batch_sizes(1) == [1]
     sizes = graph_batch_sizes(8)
     assert [graph_for(sizes, n) for n in range(1, 9)] == [1, 2, 4, 4, 8, 8, 8, 8]
     assert graph_for(sizes, 9) is None and graph_for([], 1) is None  # eager
+
+
+def test_replayed_graph_pads_the_batch_and_returns_copies():
+    """GraphedForward's replay bookkeeping, with a stand-in for torch.cuda.CUDAGraph (capture itself needs a
+    GPU): a batch of 3 runs in the size-4 graph, the answer holds 3 items, and the next replay does not
+    change an answer already returned."""
+    import torch
+
+    from anomaly.cuda_graphs import GraphedForward
+
+    def forward(x):
+        return {"double": x * 2, "parts": [x.sum(dim=1)]}
+
+    class StandInGraph:  # what replay() does: the captured forward, into the captured output buffers
+        def __init__(self, static_in, static_out):
+            self.static_in, self.static_out = static_in, static_out
+
+        def replay(self):
+            fresh = forward(self.static_in)
+            self.static_out["double"].copy_(fresh["double"])
+            self.static_out["parts"][0].copy_(fresh["parts"][0])
+
+    graphed = GraphedForward(forward)
+    for size in (1, 2, 4):
+        static_in = torch.full((size, 2), -1.0)
+        static_out = forward(static_in)
+        graphed.graphs[size] = (StandInGraph(static_in, static_out), static_in, static_out)
+    x = torch.arange(6, dtype=torch.float32).reshape(3, 2)
+    first = graphed(x)
+    assert torch.equal(first["double"], x * 2) and torch.equal(first["parts"][0], x.sum(dim=1))
+    graphed(torch.zeros(4, 2))  # same graph again
+    assert torch.equal(first["double"], x * 2)
+    assert graphed(torch.ones(5, 2))["double"].shape == (5, 2)  # larger than any graph: eager
 
 
 @pytest.mark.parametrize(
@@ -269,7 +310,7 @@ def test_one_decoder_call_for_the_boxes_of_several_frames(exported):
 def test_serving_plan_defaults_for_gpu_and_cpu_machines(monkeypatch):
     settings = load_settings()
     gpu = serving_plan(settings, gpu=True, cores=16)
-    assert (gpu.detector_batch, gpu.segmenter_batch, gpu.step_instances, gpu.geometry_threads) == (8, 8, 4, 4)
+    assert (gpu.detector_batch, gpu.segmenter_batch, gpu.step_instances, gpu.geometry_threads) == (8, 4, 4, 4)
     cpu = serving_plan(settings, gpu=False, cores=2)
     assert (cpu.detector_batch, cpu.segmenter_batch, cpu.step_instances, cpu.geometry_threads) == (8, 1, 1, 1)
     monkeypatch.setenv("BATCH_FRAMES", "4")
@@ -289,7 +330,7 @@ def test_rendered_configs_carry_the_plan(tmp_path):
     plan = serving_plan(load_settings(), gpu=True, cores=16)
     written = {p.parent.parent.name: p.read_text() for p in write_serving_configs(repo, plan)}
     assert set(written) == {"preprocess", "detector", "select_detections", "segmenter", "geometry", "result"}
-    assert "max_batch_size: 8" in written["segmenter"] and "max_batch_size: 8" in written["detector"]
+    assert "max_batch_size: 4" in written["segmenter"] and "max_batch_size: 8" in written["detector"]
     assert "max_queue_delay_microseconds: 0" in written["segmenter"]
     assert "count: 4" in written["geometry"] and 'string_value: "4"' in written["geometry"]
     assert "count: 1" in written["detector"]  # one copy of the weights on the card

@@ -13,6 +13,8 @@ from anomaly.weights import UNTRAINED_BANNER, load_segmenter, segmenter_info
 class TritonPythonModel(triton_io.StageModel):
     def setup(self, args):
         self.segmenter, spec = load_segmenter(settings())
+        if settings().cuda_graphs:
+            self.segmenter.use_cuda_graphs(int(json.loads(args["model_config"])["max_batch_size"]))
         info = segmenter_info(self.segmenter, spec)
         self.info = triton_io.bytes_tensor([json.dumps(info).encode()]).reshape(1, 1)
         triton_io.log.info("segmenter: %s", info)

@@ -1,0 +1,82 @@
+"""A model's forward replayed from CUDA graphs, one per batch size: RF-DETR and the SAM image encoder at small
+batches are launch-bound on a big GPU (hundreds of small kernels; the CPU that launches them is shared with
+every other step), and a replayed graph launches them all at once.
+
+Batches pad up to the next captured size. Capture needs warm-up outside the graph, no host-device copies of
+pageable memory and no synchronisation inside the forward; a forward that breaks those rules leaves the
+model eager, with the reason in `note` (and the log), never an error.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from contextlib import nullcontext
+
+log = logging.getLogger(__name__)
+
+
+def graph_batch_sizes(max_batch: int) -> list[int]:
+    """The batch sizes captured: powers of two up to the largest batch, and the largest."""
+    return sorted({1, *[b for b in (2, 4, 8, 16, 32) if b <= max_batch], max_batch})
+
+
+def graph_for(sizes, n: int) -> int | None:
+    """The smallest captured batch size that holds `n` items (the rest of it is padding), None for eager."""
+    return min((s for s in sizes if s >= n), default=None)
+
+
+class GraphedForward:
+    """`forward(x)` for x of shape (n, *item_shape): replayed from a CUDA graph where one was captured for a
+    batch size >= n, else run eagerly. `context` (e.g. an autocast factory) wraps warm-up, capture and eager
+    runs alike. Outputs are nested tuples/lists/dicts of batch-first tensors, returned as copies."""
+
+    def __init__(self, forward: Callable, context: Callable = nullcontext):
+        self.forward, self.context = forward, context
+        self.graphs: dict[int, tuple] = {}
+        self.note = "eager"
+
+    def capture(self, item_shape: tuple, dtype, device, max_batch: int, name: str) -> None:
+        import torch
+
+        sizes = graph_batch_sizes(max_batch)
+        pool = torch.cuda.graph_pool_handle()
+        try:
+            with torch.inference_mode():
+                for size in sizes:
+                    static_in = torch.zeros((size, *item_shape), dtype=dtype, device=device)
+                    side = torch.cuda.Stream()
+                    side.wait_stream(torch.cuda.current_stream())
+                    with torch.cuda.stream(side), self.context():
+                        for _ in range(3):  # warm-up outside the graph: lazy caches, cuDNN/cuBLAS choices
+                            self.forward(static_in)
+                    torch.cuda.current_stream().wait_stream(side)
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool=pool), self.context():
+                        static_out = self.forward(static_in)
+                    self.graphs[size] = (graph, static_in, static_out)
+            self.note = f"CUDA graphs for batch sizes {sizes}"
+        except Exception as exc:  # noqa: BLE001 - eager still works
+            self.graphs.clear()
+            self.note = f"eager (CUDA graph capture failed: {type(exc).__name__}: {exc})"
+            log.warning("%s: CUDA graph capture failed; running eager: %s", name, exc)
+
+    def __call__(self, x):
+        size = graph_for(self.graphs, x.shape[0])
+        if size is None:
+            with self.context():
+                return self.forward(x)
+        graph, static_in, static_out = self.graphs[size]
+        static_in[: x.shape[0]].copy_(x)
+        graph.replay()
+        return _take(static_out, x.shape[0])
+
+
+def _take(out, n: int):
+    """The first n items of every tensor in a nested output, copied out of the graph's static buffers (the
+    next replay overwrites them)."""
+    if isinstance(out, dict):
+        return {k: _take(v, n) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return type(out)(_take(v, n) for v in out)
+    return out[:n].clone() if hasattr(out, "clone") else out

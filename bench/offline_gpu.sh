@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# `make bench-gpu` on a GPU machine that has Python 3.12 with torch but no network and none of our packages
+# (the lent H100 of ../shared/DESIGN.md, "The GPU machine").
+#
+#   here:  bench/offline_gpu.sh pack         -> .gpu/ (about 47 MB): Triton from .triton/, the cp312 wheels
+#                                               of our compiled dependencies, our pure-Python ones from .venv
+#   there: bench/offline_gpu.sh run [ARGS]   in the repo root with .gpu/ beside it; ARGS go to bench.gpu
+#
+# Triton's Python stub imports numpy from the python on PATH and garbles BYTES tensors under numpy 2, so
+# `run` makes a venv whose own site-packages (numpy 1.26.4, our dependencies, the repo) come first and the
+# machine's (torch, scipy, OpenCV ...) after them.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pack() {
+    local site pkgs=.triton/pkgs
+    site=$(.venv/bin/python -c 'import site; print(site.getsitepackages()[0])')
+    rm -rf .gpu && mkdir -p .gpu/wheels
+    # tritonserver, the Python backend, the 3.12 stub and the bundled libraries they load
+    local libs
+    libs=$(for f in $pkgs/pytriton/tritonserver/bin/tritonserver \
+        $pkgs/pytriton/tritonserver/backends/python/libtriton_python.so \
+        $pkgs/pytriton/tritonserver/python_backend_stubs/3.12/triton_python_backend_stub; do
+        ldd "$f" | grep -o 'nvidia_pytriton.libs/[^ ]*'
+    done | sort -u)
+    tar -C $pkgs -cJf .gpu/triton.tar.xz pytriton/tritonserver/bin \
+        pytriton/tritonserver/backends/python/libtriton_python.so \
+        pytriton/tritonserver/backends/python/triton_python_backend_utils.py \
+        pytriton/tritonserver/python_backend_stubs/3.12 $libs
+    .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+        --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
+        -d .gpu/wheels numpy==1.26.4 pydantic-core==2.50.5 pycocotools==2.0.11 python-rapidjson==1.25
+    # pure-Python packages the machine lacks (it has torch, transformers, scipy, scikit-image, OpenCV, grpc)
+    (cd "$site" && tar --exclude=__pycache__ -cJf "$OLDPWD/.gpu/pure.tar.xz" \
+        rfdetr rfdetr-*.dist-info sam2 sam2-*.dist-info supervision supervision-*.dist-info \
+        hydra hydra_core-*.dist-info omegaconf omegaconf-*.dist-info antlr4 antlr4_python3_runtime-*.dist-info \
+        iopath iopath-*.dist-info defusedxml defusedxml-*.dist-info deprecate pydeprecate-*.dist-info \
+        pydantic pydantic-2*.dist-info annotated_types annotated_types-*.dist-info \
+        typing_inspection typing_inspection-*.dist-info typing_extensions.py typing_extensions-*.dist-info \
+        tritonclient tritonclient-*.dist-info)
+    du -sh .gpu
+}
+
+setup_env() {
+    local env=$1 site=$2 image_site=$3
+    python3 -m venv --without-pip "$env"
+    python3 -m pip install -q --no-index --no-deps --no-compile --target "$site" .gpu/wheels/*.whl
+    tar -xJf .gpu/pure.tar.xz -C "$site"
+    pwd >"$site/anomaly_repo.pth"
+    echo "import site; site.addsitedir('$image_site')" >"$site/zz_machine_site.pth"
+    # the machine's packages are built for numpy 2; scipy's Python code uses these numpy-2 names
+    printf 'import numpy as np\nfor a, b in (("long", "int_"), ("ulong", "uint"), ("bool", "bool_")):\n    a in np.__dict__ or setattr(np, a, getattr(np, b))\n' >"$site/numpy2_names.py"
+    echo "import numpy2_names" >"$site/zzz_numpy2_names.pth"
+    mkdir -p .triton/pkgs && tar -xJf .gpu/triton.tar.xz -C .triton/pkgs
+}
+
+run() {
+    local env=/tmp/anomaly-env py_version image_site site
+    py_version=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
+    image_site=$(python3 -c 'import site; print(site.getsitepackages()[0])')
+    site=$env/lib/python$py_version/site-packages
+    [ -f "$site/zzz_numpy2_names.pth" ] || setup_env "$env" "$site" "$image_site"
+    # the 3.12 stub links libpython3.12.so
+    export LD_LIBRARY_PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+    "$env/bin/python" -c 'import numpy, torch, cv2, scipy, skimage, supervision, tritonclient.grpc, anomaly.pipeline, anomaly.geometry, export, bench.gpu; from rfdetr import RFDETRMedium; from sam2.sam2_image_predictor import SAM2ImagePredictor; print("numpy", numpy.__version__, "torch", torch.__version__, "cuda", torch.cuda.is_available())'
+    # what `make bench-gpu` runs (make may be missing there)
+    export ALLOW_UNTRAINED_WEIGHTS=${ALLOW_UNTRAINED_WEIGHTS:-1} SAM2_VARIANT=${SAM2_VARIANT:-large}
+    "$env/bin/python" -m export
+    "$env/bin/python" -m bench.gpu "$@"
+}
+
+case "${1:-}" in
+pack) pack ;;
+run) shift; run "$@" ;;
+*) echo "usage: $0 pack | run [bench.gpu arguments]" >&2; exit 2 ;;
+esac
