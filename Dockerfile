@@ -1,4 +1,4 @@
-# One image, both modes of the deployment guide: RUNPOD_SERVERLESS=false (pod: Triton + REST gateway)
+# One image, both RunPod modes (README, "RunPod"): RUNPOD_SERVERLESS=false (pod: Triton + REST gateway)
 # or true (serverless worker). Built FROM the official Triton server image, whose Python backend runs the
 # pipeline's models. Not built in CI (no Docker engine there); `make lint` runs hadolint on it.
 ARG TRITON_IMAGE=nvcr.io/nvidia/tritonserver:24.10-py3

@@ -14,19 +14,20 @@ REGISTRY ?= your-registry
 # Tests and the demo run untrained models (no weights can be downloaded here) and the smallest SAM.
 DEV_ENV := ALLOW_UNTRAINED_WEIGHTS=$${ALLOW_UNTRAINED_WEIGHTS:-1} SAM2_VARIANT=$${SAM2_VARIANT:-tiny}
 
-.PHONY: help venv triton models serve demo test perf bench bench-gpu soak lint lock docker-build docker-push clean
+.PHONY: help venv triton models serve demo test unit perf bench bench-gpu soak lint lock docker-build docker-push clean
 
 help:
 	@echo "make serve   pod mode: Triton (HTTP 8000, gRPC 8001, metrics 8002) + REST gateway (8080)"
 	@echo "make demo    run the bundled sample images end to end, write demo_output/"
-	@echo "make test    the test suite (starts real tritonservers)"
+	@echo "make test    lint, then the whole test suite (starts real tritonservers)"
+	@echo "make unit    the tests that need no tritonserver (under a minute)"
 	@echo "make perf    perf_analyzer on anomaly_pipeline over gRPC and HTTP"
 	@echo "make bench   benchmarks: geometry, preprocessing, ensemble vs in-process latency, server memory"
 	@echo "make bench-gpu  ensemble at several concurrencies, per-step times, in-process and plain-script baselines"
 	@echo "make soak    10 minutes at concurrency 8 with 10% bad inputs: errors, latency, memory growth"
 	@echo "make lint    ruff and hadolint"
 	@echo "make models  export the detector and prepare segmenter weights"
-	@echo "make docker-build / docker-push  the image of the deployment guide"
+	@echo "make docker-build / docker-push  the pod/serverless image (Dockerfile)"
 
 venv: $(VENV_STAMP)
 $(VENV_STAMP): requirements.lock pyproject.toml
@@ -58,9 +59,14 @@ demo: $(VENV_STAMP) $(TRITON_STAMP)
 	$(DEV_ENV) $(PY) -m export
 	$(DEV_ENV) $(PY) -m client.demo
 
-test: $(VENV_STAMP) $(TRITON_STAMP)
+# `make test` (CI) = unit + e2e + lint; `make unit` is the fast inner loop: no tritonserver (under a minute).
+test: lint $(VENV_STAMP) $(TRITON_STAMP)
 	$(DEV_ENV) $(PY) -m export
 	$(DEV_ENV) $(PY) -m pytest -q
+
+unit: $(VENV_STAMP)
+	$(DEV_ENV) $(PY) -m export
+	$(DEV_ENV) $(PY) -m pytest -q -m "not e2e"
 
 perf: $(VENV_STAMP) $(TRITON_STAMP)
 	$(DEV_ENV) $(PY) -m export
@@ -76,7 +82,7 @@ soak: $(VENV_STAMP) $(TRITON_STAMP)
 
 # On a GPU machine without network, point PY at a Python that has the project's packages and set TRITON_HOME
 # (or unpack .triton/): `make bench-gpu PY=python3`. Nothing is installed or downloaded then.
-# The issue's workload: SAM2.1 large where there is a GPU, tiny on a CPU (untrained unless weights are given).
+# The workload: SAM2.1 large where there is a GPU, tiny on a CPU (untrained unless weights are given).
 GPU_BENCH_ENV := ALLOW_UNTRAINED_WEIGHTS=$${ALLOW_UNTRAINED_WEIGHTS:-1} \
 	SAM2_VARIANT=$${SAM2_VARIANT:-$$(nvidia-smi -L >/dev/null 2>&1 && echo large || echo tiny)}
 bench-gpu: $(if $(filter $(VENV)/bin/python,$(PY)),$(VENV_STAMP) $(TRITON_STAMP))

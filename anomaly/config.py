@@ -24,7 +24,7 @@ class Knob:
 
 
 KNOBS: tuple[Knob, ...] = (
-    # --- the seed's variables ---
+    # --- the original RunPod API's variables (names and meanings kept) ---
     Knob("RUNPOD_SERVERLESS", "false", "`true`: serverless worker; `false`: pod mode (REST gateway)"),
     Knob("DETECTOR_VARIANT", "medium", "RF-DETR size: `nano`, `small`, `medium` or `large`"),
     Knob("DETECTOR_WEIGHTS", "", "path to fine-tuned RF-DETR weights (.pth); empty: official COCO weights"),

@@ -306,7 +306,7 @@ class DetectorRunner:
         import onnxruntime as ort
 
         if gpu is None:  # torch is only imported where there is a GPU: on a CPU the detector runs without it
-            from anomaly.serving import has_gpu
+            from anomaly.hardware import has_gpu
 
             gpu = has_gpu() and _torch_sees_gpu()
         self.meta, self.settings = meta, settings

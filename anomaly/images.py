@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -22,8 +23,19 @@ EXIF_ORIENTATION = 0x0112
 # Formats a camera, drone or inspection tool produces. MPO is the JPEG variant many cameras write.
 ALLOWED_FORMATS = {"JPEG", "MPO", "PNG", "WEBP", "BMP", "TIFF"}
 
-# Our own limit (MAX_IMAGE_PIXELS) is checked before decoding; PIL's bomb check would only duplicate it.
-Image.MAX_IMAGE_PIXELS = None
+_PIL_LIMIT = threading.Lock()
+
+
+def _open(data: bytes) -> Image.Image:
+    """Image.open (the header only) with Pillow's decompression-bomb guard off for this call alone: our own
+    MAX_IMAGE_PIXELS check follows at once in _open_checked, before any pixel is decoded, and may allow more
+    than Pillow's default (large drone photos). Every other use of Pillow in the process keeps its guard."""
+    with _PIL_LIMIT:
+        saved, Image.MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS, None
+        try:
+            return Image.open(io.BytesIO(data))
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
 
 
 @dataclass(frozen=True)
@@ -43,7 +55,7 @@ def _open_checked(data: bytes, max_bytes: int, max_pixels: int, field: str) -> I
     if len(data) > max_bytes:
         raise InputError(field, f"is {len(data)} bytes, more than the {max_bytes} allowed (MAX_IMAGE_BYTES)")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = _open(data)
     except UnidentifiedImageError:
         raise InputError(
             field, f"is not a decodable image ({len(data)} bytes); expected JPEG, PNG, WebP, BMP or TIFF"

@@ -1,6 +1,6 @@
-"""The response object of the deployment guide, built from the pipeline's stage outputs.
+"""The response object (README, "The response"), built from the pipeline's stage outputs.
 
-Seed fields (never renamed): frame_id, image_size, anomalies[] (anomaly_id, defect_type, structure_type,
+Fields of the original API (never renamed): frame_id, image_size, anomalies[] (anomaly_id, defect_type, structure_type,
 bbox, geometry{area_pixels, length_pixels, width_pixels, orientation_degrees}, confidence{detection,
 segmentation, combined}), anomaly_count, structures[], processing_time_ms. Extra fields are additive.
 """

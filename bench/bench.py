@@ -1,4 +1,4 @@
-"""`make bench`: the numbers the issues ask for, each beside a baseline measured in the same run.
+"""`make bench`: the numbers README's Performance section reports, each beside a baseline measured in the same run.
 
 1. geometry: 20 masks of a 1080p inspection frame (bench/scenes.py) measured on their box crops, against
    the same masks measured on full 1080p frames (what a pipeline that upsamples every mask would do), and
@@ -65,7 +65,7 @@ def _geometry_at(commit: str):
 
 def typical_crack() -> np.ndarray:
     """A crack crop of about 400 x 300 px: 500 px long, 5 px wide, gently curving."""
-    from tests.synthetic import thick_segments
+    from bench.synthetic import thick_segments
 
     rng = np.random.default_rng(1)
     heading, points = math.atan2(280, 380), [np.zeros(2)]
@@ -152,7 +152,7 @@ def bench_preprocess(image: str, repeats: int = 7) -> dict:
 
 def bench_latency(image: str, threshold: float, repeats: int) -> dict:
     from anomaly.pipeline import InProcessPipeline
-    from anomaly.triton_server import running_server
+    from anomaly.serving.triton_server import running_server
     from client import AnomalyClient
 
     settings = load_settings()

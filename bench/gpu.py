@@ -248,7 +248,7 @@ def pieces(local, data: bytes, threshold: float, repeats: int, gpu: bool) -> dic
     import torch
 
     from anomaly.pipeline import measure_all, select
-    from anomaly.serving import serving_plan
+    from anomaly.serving.plan import serving_plan
 
     def sync():
         if gpu:
@@ -395,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     import tritonclient.grpc as grpcclient
 
     from anomaly.pipeline import InProcessPipeline
-    from anomaly.triton_server import running_server
+    from anomaly.serving.triton_server import running_server
 
     settings = load_settings()
     data = (REPO_ROOT / "samples" / args.image).read_bytes()

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 
 from anomaly.config import REPO_ROOT, load_settings
-from anomaly.triton_server import running_server
+from anomaly.serving.triton_server import running_server
 
 INPUT_DATA = REPO_ROOT / "perf" / "input_data.json"
 FRAMES = ("bridge_deck.jpg", "tunnel_wall_exif.jpg")  # a 1080p frame and a portrait phone photo

@@ -8,7 +8,7 @@ import math
 import cv2
 import numpy as np
 
-from tests.synthetic import thick_segments
+from bench.synthetic import thick_segments
 
 
 def _crack(rng: np.random.Generator) -> np.ndarray:

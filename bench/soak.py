@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=str(REPO_ROOT / "bench_output" / "soak.json"))
     args = parser.parse_args(argv)
 
-    from anomaly.triton_server import running_server
+    from anomaly.serving.triton_server import running_server
     from client import AnomalyClient, AnomalyServiceError
 
     settings = load_settings()

@@ -13,7 +13,7 @@ from PIL import Image
 
 from anomaly.config import REPO_ROOT, load_settings
 from anomaly.images import decode_image
-from anomaly.triton_server import running_server
+from anomaly.serving.triton_server import running_server
 from client.annotate import annotate
 from client.triton_client import AnomalyClient
 

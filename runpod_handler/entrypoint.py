@@ -24,7 +24,7 @@ from pathlib import Path
 
 from anomaly.config import REPO_ROOT, load_settings
 from anomaly.errors import ConfigError
-from anomaly.triton_server import TritonServer, TritonStartError
+from anomaly.serving.triton_server import TritonServer, TritonStartError
 
 log = logging.getLogger("anomaly.entrypoint")
 SOURCE_REPOSITORY = REPO_ROOT / "model_repository"

@@ -1,4 +1,4 @@
-"""Pod-mode REST API of the deployment guide, in front of Triton (which stays reachable on its own ports).
+"""Pod-mode REST API (README, "Pod mode"), in front of Triton (which stays reachable on its own ports).
 
   GET  /health          200 only when Triton and every model are ready, else 503
   GET  /info            detector, segmenter, weights (and whether untrained), classes, versions, device

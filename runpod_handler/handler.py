@@ -5,7 +5,7 @@
   python runpod_handler/handler.py                      # with ./test_input.json present
   python runpod_handler/handler.py --rp_serve_api --rp_api_port 8090   # local /run, /runsync
 
-Input: the guide's single form or the batch form (images + frame_ids); see runpod_handler/jobs.py.
+Input: the single form or the batch form (images + frame_ids); see runpod_handler/jobs.py.
 Errors come back the RunPod way, {"error": "<field>: <what was wrong>"}, and the worker keeps serving.
 """
 

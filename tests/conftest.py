@@ -23,6 +23,15 @@ REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test that talks to the session's tritonserver (the `triton` fixture, directly or through
+    another fixture) is an `e2e` test; `make unit` runs the others. Tests that start servers of their own
+    carry the marker themselves."""
+    for item in items:
+        if "triton" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.e2e)
+
+
 def wait_http(url: str, proc, log_path, timeout: float = 300, ok=(200,)) -> None:
     """Poll `url` until it answers with a status in `ok`; fail early, with the log, if `proc` exits."""
     import time
@@ -67,7 +76,7 @@ def exported():
 def triton(exported, tmp_path_factory):
     """A real tritonserver serving the model repository, on free ports."""
     from anomaly.config import load_settings
-    from anomaly.triton_server import TritonServer
+    from anomaly.serving.triton_server import TritonServer
 
     http, grpc, metrics = free_ports(3)
     os.environ.update(TRITON_HTTP_PORT=str(http), TRITON_GRPC_PORT=str(grpc), TRITON_METRICS_PORT=str(metrics))

@@ -16,6 +16,8 @@ import requests
 
 from tests.conftest import REPO, SAMPLES, free_ports, wait_http
 
+pytestmark = pytest.mark.e2e  # each test starts the entrypoint, hence Triton
+
 PIER = base64.b64encode((SAMPLES / "pier_spalling.png").read_bytes()).decode()
 
 
@@ -116,7 +118,7 @@ def test_bad_configuration_is_refused_at_start(tmp_path, bad):
 
 
 def test_triton_launcher_stops_on_sigint_without_leftovers(tmp_path):
-    """`python -m anomaly.triton_server` (Triton alone): ready, then SIGINT leaves no process and no
+    """`python -m anomaly.serving.triton_server` (Triton alone): ready, then SIGINT leaves no process and no
     shared-memory region of its own."""
     import glob
 
@@ -124,7 +126,10 @@ def test_triton_launcher_stops_on_sigint_without_leftovers(tmp_path):
     env = dict(os.environ, TRITON_HTTP_PORT=str(http), TRITON_GRPC_PORT=str(grpc), TRITON_METRICS_PORT=str(metrics))
     log = tmp_path / "triton.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "anomaly.triton_server"], env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT
+        [sys.executable, "-m", "anomaly.serving.triton_server"],
+        env=env,
+        stdout=open(log, "w"),
+        stderr=subprocess.STDOUT,
     )
     try:
         wait_http(f"http://127.0.0.1:{http}/v2/health/ready", proc, log)

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 
 from anomaly.geometry import crack_severity, measure, orientation_degrees, skeleton_length, to_millimetres
-from tests.synthetic import branches, segment, thick_arc, thick_segments
+from bench.synthetic import branches, segment, thick_arc, thick_segments
 
 RNG_SEED = 12345
 
 
 def width_error(measured: float, true_width: float) -> float:
-    """Relative error for widths of 10 px and more, absolute pixels below (the issue's two criteria)."""
+    """Relative error for widths of 10 px and more, absolute pixels below (the two accuracy criteria)."""
     return abs(measured - true_width) / true_width if true_width >= 10 else abs(measured - true_width)
 
 

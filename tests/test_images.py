@@ -11,7 +11,7 @@ import torchvision.transforms.functional as F
 from PIL import Image
 
 from anomaly.errors import InputError
-from anomaly.images import decode_image, resize_bilinear, rfdetr_preprocess
+from anomaly.images import decode_image, read_header, resize_bilinear, rfdetr_preprocess
 from tests.conftest import SAMPLES, encode
 
 BIG = 1 << 30
@@ -95,6 +95,20 @@ def test_bomb_refused_before_decoding():
     assert len(buf.getvalue()) < 200_000
     with pytest.raises(InputError, match="900000000 pixels"):
         decode_image(buf.getvalue(), BIG, 50_000_000)
+
+
+def test_pillow_bomb_guard_is_ours_only_inside_our_checks(monkeypatch):
+    """MAX_IMAGE_PIXELS above Pillow's own limit admits a large photo's header, and Pillow's guard stays as it
+    was for every other use in the process (Pillow's default here: a library imported by another test, rfdetr's
+    Objects365 loader, raises it for the whole process, which is not ours to change)."""
+    default = 89_478_485  # Pillow's own default
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", default)
+    buf = io.BytesIO()
+    Image.new("1", (13500, 13500)).save(buf, format="PNG")  # 182 M pixels: over twice Pillow's default
+    with pytest.raises(Image.DecompressionBombError):
+        Image.open(io.BytesIO(buf.getvalue()))
+    assert read_header(buf.getvalue(), BIG, 200_000_000).width == 13500
+    assert Image.MAX_IMAGE_PIXELS == default
 
 
 @pytest.mark.parametrize("shape", [(1080, 1920), (480, 640), (300, 200), (37, 1000), (576, 576)])

@@ -1,4 +1,4 @@
-"""The response object: seed fields, structure association, masks as COCO RLE, units and severity."""
+"""The response object: the original API's fields, structure association, masks as COCO RLE, units and severity."""
 
 from __future__ import annotations
 

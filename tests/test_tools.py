@@ -13,8 +13,8 @@ from PIL import Image
 
 from anomaly.geometry import measure
 from bench.perf import FRAMES, INPUT_DATA, run_perf_analyzer
+from bench.synthetic import segment, thick_segments
 from tests.conftest import REPO, SAMPLES
-from tests.synthetic import segment, thick_segments
 
 
 def test_shipped_perf_input_is_the_sample_jpegs():
@@ -46,7 +46,7 @@ def test_perf_analyzer_drives_the_pipeline(triton, tmp_path):
 
 def cli(*args, check=True):
     return subprocess.run(
-        [sys.executable, "-m", "anomaly.cli", *args], capture_output=True, text=True, cwd=REPO, check=check
+        [sys.executable, "-m", "client.cli", *args], capture_output=True, text=True, cwd=REPO, check=check
     )
 
 

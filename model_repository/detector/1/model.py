@@ -2,9 +2,9 @@
 
 import json
 
-from anomaly import triton_io
 from anomaly.config import settings
 from anomaly.detector import ONNX_BOXES, ONNX_LOGITS, DetectorRunner
+from anomaly.serving import triton_io
 from anomaly.weights import UNTRAINED_BANNER
 
 

@@ -5,9 +5,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import cv2
 
-from anomaly import pipeline, step_inputs, triton_io
+from anomaly import pipeline
 from anomaly.config import settings
-from anomaly.serving import config_parameter
+from anomaly.serving import step_inputs, triton_io
+from anomaly.serving.plan import config_parameter
 
 
 class TritonPythonModel(triton_io.StageModel):

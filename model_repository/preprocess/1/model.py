@@ -4,9 +4,9 @@ import time
 
 import numpy as np
 
-from anomaly import triton_io
 from anomaly.config import settings
 from anomaly.images import read_header
+from anomaly.serving import triton_io
 
 
 class TritonPythonModel(triton_io.StageModel):

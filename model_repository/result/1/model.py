@@ -4,10 +4,11 @@ import time
 
 import numpy as np
 
-from anomaly import pipeline, step_inputs, triton_io
+from anomaly import pipeline
 from anomaly.config import settings
 from anomaly.detector import Detections
 from anomaly.result import build_response
+from anomaly.serving import step_inputs, triton_io
 
 
 class TritonPythonModel(triton_io.StageModel):

@@ -5,8 +5,9 @@ import json
 
 import numpy as np
 
-from anomaly import pipeline, step_inputs, triton_io
+from anomaly import pipeline
 from anomaly.config import settings
+from anomaly.serving import step_inputs, triton_io
 from anomaly.weights import UNTRAINED_BANNER, load_segmenter, segmenter_info
 
 

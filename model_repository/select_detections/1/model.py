@@ -1,7 +1,8 @@
 """Triton stage 3: detections above the threshold, and the defects to segment (anomaly.pipeline.select)."""
 
-from anomaly import pipeline, step_inputs, triton_io
+from anomaly import pipeline
 from anomaly.config import settings
+from anomaly.serving import step_inputs, triton_io
 
 
 class TritonPythonModel(triton_io.StageModel):

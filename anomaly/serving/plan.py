@@ -1,7 +1,7 @@
 """How the pipeline's Triton models are laid out on this machine: instances, batching, threads.
 
 The committed `config.pbtxt` files hold the CPU layout (one instance of everything), which is what a bare
-`tritonserver --model-repository=model_repository` serves. Our launcher (anomaly.triton_server) resolves
+`tritonserver --model-repository=model_repository` serves. Our launcher (anomaly.serving.triton_server) resolves
 the settings (BATCH_FRAMES, BATCH_DELAY_US, STEP_INSTANCES, GEOMETRY_THREADS, each `auto` by default) for
 the machine it runs on and writes `<model>/configs/serving.pbtxt` beside each step, which Triton loads
 with `--model-config-name=serving`.
@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,15 +25,6 @@ from anomaly.config import Settings
 BATCHED_STEPS = ("detector", "segmenter")
 CPU_STEPS = ("preprocess", "select_detections", "geometry", "result")
 CONFIG_NAME = "serving"
-
-
-def has_gpu() -> bool:
-    """An NVIDIA GPU this process could use (asked of nvidia-smi, so it works without torch)."""
-    if not Path("/dev/nvidia0").exists() and not Path("/dev/nvidiactl").exists():
-        return False
-    if not shutil.which("nvidia-smi"):
-        return False
-    return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
 
 
 @dataclass(frozen=True)

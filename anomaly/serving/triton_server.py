@@ -5,7 +5,7 @@ or the `nvidia-pytriton` wheel unpacked in .triton/ (`make triton`), whose Pytho
 into a backend folder next to it. On a machine without a GPU the CUDA memory pools are switched off.
 The Python backend's shared-memory regions get a per-server prefix so a stop can remove exactly its own.
 
-`python -m anomaly.triton_server` runs it in the foreground until SIGINT/SIGTERM.
+`python -m anomaly.serving.triton_server` runs it in the foreground until SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from anomaly.config import REPO_ROOT, Settings, load_settings
-from anomaly.serving import CONFIG_NAME, has_gpu, serving_plan, write_serving_configs
+from anomaly.hardware import has_gpu
+from anomaly.serving.plan import CONFIG_NAME, serving_plan, write_serving_configs
 
 PYTRITON_HOME = REPO_ROOT / ".triton" / "pkgs" / "pytriton" / "tritonserver"
 CONTAINER_HOME = Path("/opt/tritonserver")
@@ -326,7 +327,7 @@ def running_server(settings: Settings | None = None, log_path: Path | None = Non
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m anomaly.triton_server", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m anomaly.serving.triton_server", description=__doc__)
     parser.add_argument("--ready-timeout", type=float, default=600.0)
     args = parser.parse_args(argv)
     server = TritonServer()
