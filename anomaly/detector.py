@@ -63,6 +63,12 @@ class DetectorMetadata:
         return [n for n, r in zip(self.class_names, self.roles) if r == role]
 
 
+def export_files(model_repository: Path) -> tuple[Path, Path]:
+    """(model.onnx, metadata.json) of the detector export inside a Triton model repository."""
+    version_dir = Path(model_repository) / "detector" / "1"
+    return version_dir / "model.onnx", version_dir / "metadata.json"
+
+
 @dataclass
 class Detections:
     boxes: np.ndarray  # (N, 4) float32 x_min, y_min, x_max, y_max in image pixels

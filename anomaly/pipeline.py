@@ -16,12 +16,11 @@ import numpy as np
 
 from anomaly import geometry, masks
 from anomaly.config import Settings
-from anomaly.detector import Detections, DetectorMetadata, select_detections
+from anomaly.detector import Detections, DetectorMetadata, export_files, select_detections
 from anomaly.geometry import GEOMETRY_FIELDS
 from anomaly.images import read_header
 from anomaly.options import RequestOptions
 from anomaly.result import build_response
-from anomaly.segmenter import MaskCrop
 from anomaly.weights import UNTRAINED_BANNER
 
 
@@ -107,20 +106,9 @@ def models_info(meta: DetectorMetadata, segmenter: dict, detector: dict) -> dict
             "weights": Path(segmenter.get("checkpoint", "")).name,
             "untrained": bool(segmenter.get("untrained")),
             "device": segmenter.get("device", ""),
+            "runtime": segmenter.get("runtime", ""),
             "note": file_names_only(segmenter.get("note", "")),
         },
-    }
-
-
-def pack_crops(crops: list[MaskCrop]) -> dict[str, np.ndarray]:
-    """One frame's crops as the segmenter step answers them (a leading batch axis of 1)."""
-    packed = np.empty((1, len(crops)), dtype=np.object_)
-    for i, c in enumerate(crops):
-        packed[0, i] = masks.pack(c.mask)
-    return {
-        "MASK_BOXES": np.asarray([c.box for c in crops], np.int32).reshape(1, len(crops), 4),
-        "MASKS": packed,
-        "MASK_SCORES": np.asarray([c.score for c in crops], np.float32).reshape(1, len(crops)),
     }
 
 
@@ -141,8 +129,9 @@ class InProcessPipeline:
 
         repo = model_repository or settings.model_repository
         self.settings = settings
-        self.meta = DetectorMetadata.load(repo / "detector" / "1" / "metadata.json")
-        self.detector = DetectorRunner(self.meta, repo / "detector" / "1" / "model.onnx", settings)
+        onnx_path, meta_path = export_files(repo)
+        self.meta = DetectorMetadata.load(meta_path)
+        self.detector = DetectorRunner(self.meta, onnx_path, settings)
         self.segmenter, spec = load_segmenter(settings)
         if settings.cuda_graphs:
             self.segmenter.use_cuda_graphs(1)

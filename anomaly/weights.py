@@ -44,6 +44,20 @@ def untrained_sam2_path(settings: Settings, variant: str) -> Path:
     return untrained_dir(settings) / f"sam2.1_hiera_{variant}.untrained.pt"
 
 
+def save_untrained(checkpoint: dict, path: Path, what: str) -> Path:
+    """Write a seeded untrained checkpoint atomically (a concurrent reader never sees half a file), with the
+    `.json` beside it that marks it untrained wherever it is loaded."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(checkpoint, tmp)
+    tmp.replace(path)
+    path.with_suffix(".json").write_text(json.dumps({"untrained": True, "seed": UNTRAINED_SEED}) + "\n")
+    log.warning("wrote untrained %s weights to %s", what, path)
+    return path
+
+
 def make_untrained_sam2(variant: str, path: Path) -> Path:
     """A seeded, randomly initialised SAM2.1 saved as a checkpoint build_sam2 loads ({"model": state_dict})."""
     import torch
@@ -53,13 +67,7 @@ def make_untrained_sam2(variant: str, path: Path) -> Path:
         return path
     torch.manual_seed(UNTRAINED_SEED)
     model = build_sam2(SAM2_CONFIGS[variant], ckpt_path=None, device="cpu")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save({"model": model.state_dict()}, tmp)
-    tmp.replace(path)  # atomic: a concurrent reader never sees half a file
-    path.with_suffix(".json").write_text(json.dumps({"untrained": True, "seed": UNTRAINED_SEED}) + "\n")
-    log.warning("wrote untrained SAM2.1 %s weights to %s", variant, path)
-    return path
+    return save_untrained({"model": model.state_dict()}, path, f"SAM2.1 {variant}")
 
 
 def segmenter_candidates(settings: Settings) -> tuple[list[SegmenterSpec], list[str]]:

@@ -115,11 +115,11 @@ def bench_preprocess(image: str, repeats: int = 7) -> dict:
     this CPU (on a GPU it decodes with nvJPEG and resizes there: not measurable here)."""
     import torch
 
-    from anomaly.detector import DetectorMetadata
+    from anomaly.detector import DetectorMetadata, export_files
     from anomaly.images import decode_image, decode_to_tensor, read_header, rfdetr_input, rfdetr_preprocess, sam_input
 
     settings = load_settings()
-    meta = DetectorMetadata.load(settings.model_repository / "detector" / "1" / "metadata.json")
+    meta = DetectorMetadata.load(export_files(settings.model_repository)[1])
     data = (REPO_ROOT / "samples" / image).read_bytes()
     big = 1 << 40
     torch.set_num_threads(settings.compute_threads)

@@ -394,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import tritonclient.grpc as grpcclient
 
+    from anomaly.detector import export_files
     from anomaly.pipeline import InProcessPipeline
     from anomaly.serving.triton_server import running_server
 
@@ -420,9 +421,7 @@ def main(argv: list[str] | None = None) -> int:
         stats_client.close()
 
     if gpu:
-        result["gpu_checks"] = gpu_checks(
-            settings, local.meta, settings.model_repository / "detector" / "1" / "model.onnx", data
-        )
+        result["gpu_checks"] = gpu_checks(settings, local.meta, export_files(settings.model_repository)[0], data)
         print(json.dumps(result["gpu_checks"]), flush=True)
     result["in_process"] = timed(lambda: local(data, RequestOptions(threshold)), args.repeats)
     result["pieces"] = pieces(local, data, threshold, args.repeats, gpu)

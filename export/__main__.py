@@ -7,12 +7,12 @@ that names the missing file when no weights can be had and untrained weights are
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 import warnings
 
 from anomaly.config import load_settings
 from anomaly.errors import ConfigError
+from anomaly.logs import setup_logging
 from anomaly.weights import UNTRAINED_BANNER, prepare_segmenter_weights
 from export.detector import export_detector
 
@@ -22,9 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="export again even when up to date")
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")  # torch tracer chatter during export
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    for noisy in ("rf-detr", "rfdetr", "torch", "py.warnings"):
-        logging.getLogger(noisy).setLevel(logging.ERROR)
+    setup_logging(quiet=("rf-detr", "rfdetr", "torch", "py.warnings"))
     try:
         settings = load_settings()
         meta = export_detector(settings, force=args.force)

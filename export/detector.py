@@ -16,9 +16,9 @@ from pathlib import Path
 
 from anomaly import taxonomy
 from anomaly.config import Settings
-from anomaly.detector import DetectorMetadata, load_rfdetr, rfdetr_class
+from anomaly.detector import CPU_PROVIDER, DetectorMetadata, OnnxDetector, export_files, load_rfdetr, rfdetr_class
 from anomaly.errors import ConfigError, WeightsMissingError
-from anomaly.weights import UNTRAINED_SEED, untrained_dir
+from anomaly.weights import UNTRAINED_SEED, save_untrained, untrained_dir
 
 log = logging.getLogger(__name__)
 
@@ -48,16 +48,8 @@ def make_untrained_detector(settings: Settings) -> Path:
         # near 0.25 lets the demo show a handful of boxes at the default threshold.
         head = model.model.model.class_embed.bias
         head.copy_(UNTRAINED_CLASS_BIAS + 0.05 * torch.randn(head.shape, generator=generator))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(
-        {"model": model.model.model.state_dict(), "args": {"class_names": names, "num_classes": len(names)}},
-        tmp,
-    )
-    tmp.replace(path)
-    path.with_suffix(".json").write_text(json.dumps({"untrained": True, "seed": UNTRAINED_SEED}) + "\n")
-    log.warning("wrote untrained RF-DETR %s weights to %s", settings.detector_variant, path)
-    return path
+    checkpoint = {"model": model.model.model.state_dict(), "args": {"class_names": names, "num_classes": len(names)}}
+    return save_untrained(checkpoint, path, f"RF-DETR {settings.detector_variant}")
 
 
 def read_labels(path: Path) -> tuple[list[str], list[str] | None]:
@@ -206,9 +198,7 @@ def native_config(kind: str, resolution: int, queries: int, slots: int) -> str:
 
 def onnx_queries(onnx_path: Path) -> int:
     """The number of queries the exported graph outputs (-1 where onnxruntime cannot tell)."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    session = OnnxDetector(onnx_path, 1, [CPU_PROVIDER]).session
     dim = next(o for o in session.get_outputs() if o.name == "dets").shape[1]
     return dim if isinstance(dim, int) else -1
 
@@ -221,8 +211,8 @@ def rfdetr_version() -> str:
 
 def export_detector(settings: Settings, force: bool = False) -> DetectorMetadata:
     """Export into <model_repository>/detector/1/ unless an export of the same source is already there."""
-    version_dir = settings.model_repository / "detector" / "1"
-    onnx_path, meta_path = version_dir / "model.onnx", version_dir / "metadata.json"
+    onnx_path, meta_path = export_files(settings.model_repository)
+    version_dir = onnx_path.parent
     source = source_description(settings)
     if not force and onnx_path.is_file() and meta_path.is_file():
         current = DetectorMetadata.load(meta_path)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 from anomaly.config import REPO_ROOT, load_settings
 from anomaly.errors import ConfigError
+from anomaly.logs import setup_logging
 from anomaly.serving.triton_server import TritonServer, TritonStartError
 
 log = logging.getLogger("anomaly.entrypoint")
@@ -55,7 +56,7 @@ def front_command(serverless: bool, settings) -> list[str]:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     try:
         settings = load_settings()
     except ConfigError as exc:

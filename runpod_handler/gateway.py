@@ -19,6 +19,7 @@ import importlib.metadata
 import logging
 import threading
 import time
+from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import FastAPI, File, Form, Request, UploadFile
@@ -33,6 +34,8 @@ from anomaly.config import settings
 from anomaly.detector import DetectorMetadata
 from anomaly.errors import InputError
 from anomaly.options import OPTION_NAMES, parse_options
+from anomaly.pipeline import models_info, warnings_for
+from anomaly.serving import in_service
 from client import AnomalyClient, AnomalyServiceError
 from runpod_handler.jobs import Job, parse_batch, parse_single, run_job
 
@@ -189,23 +192,20 @@ def health():
     return JSONResponse(status_code=200 if state["ready"] else 503, content=body)
 
 
-_info_cache: dict = {}
-
-
-def _models_in_service() -> dict:
-    """The detector and segmenter actually loaded, as the pipeline reports them (one tiny probe, cached)."""
-    if "models" not in _info_cache:
-        import io
-
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.new("RGB", (32, 32), (128, 128, 128)).save(buf, format="PNG")
-        response = triton().detect(buf.getvalue(), confidence_threshold=1.0, frame_id="info-probe")
-        _info_cache["models"] = response.get("models", {})
-        # At threshold 1.0 nothing is detected, so every warning is about the models (untrained, detector on CPU).
-        _info_cache["warnings"] = response.get("warnings", [])
-    return _info_cache
+def models_in_service(model_repository: Path) -> dict:
+    """What the running detector and segmenter steps loaded (their start-up records, anomaly.serving.in_service),
+    in the shape every response's `models` has, with the model warnings (untrained, detector on the CPU)."""
+    detector = in_service.read_record(model_repository, "detector")
+    segmenter = in_service.read_record(model_repository, "segmenter")
+    meta = DetectorMetadata(**detector["metadata"])
+    models = models_info(meta, segmenter["segmenter"], detector["detector"])
+    models["detector"]["loaded_at"] = detector["loaded_at"]
+    models["segmenter"]["loaded_at"] = segmenter["loaded_at"]
+    return {
+        "meta": meta,
+        "models": models,
+        "warnings": warnings_for(meta, segmenter["segmenter"], [], detector["detector"]),
+    }
 
 
 @app.get("/info", summary="models, weights, classes, versions and device in service")
@@ -215,9 +215,12 @@ def info():
     if not state["ready"]:
         return _error(503, f"Triton is not ready ({state['triton']})")
 
-    # Triton is ready, so the export it serves is there (the probe below goes through the same models).
-    meta = DetectorMetadata.load(s.model_repository / "detector" / "1" / "metadata.json")
-    in_service = _models_in_service()
+    # Triton is ready, so every step has started and written what it loaded.
+    try:
+        loaded = models_in_service(s.model_repository)
+    except FileNotFoundError as exc:  # a Triton with another model repository than this gateway's
+        return _error(503, f"no start-up record of the models in {s.model_repository} ({exc.filename})")
+    meta = loaded["meta"]
     versions = {}
     for package in ("rfdetr", "sam2", "torch", "onnxruntime", "tritonclient", "runpod", "anomaly-inspection"):
         try:
@@ -225,14 +228,14 @@ def info():
         except importlib.metadata.PackageNotFoundError:
             versions[package] = None
     versions["triton_server"] = triton().server_version()
-    detector = in_service["models"].get("detector", {})
-    segmenter = in_service["models"].get("segmenter", {})
+    detector = loaded["models"]["detector"]
+    segmenter = loaded["models"]["segmenter"]
     return {
         "mode": "serverless" if s.runpod_serverless else "pod",
         "detector": detector | {"variant": meta.variant},
         "segmenter": segmenter | {"sam_model_path": s.sam_model_path},
         "untrained_weights": bool(detector.get("untrained") or segmenter.get("untrained")),
-        "warnings": in_service["warnings"],
+        "warnings": loaded["warnings"],
         "classes": {
             "defects": meta.classes_with_role("defect"),
             "structures": meta.classes_with_role("structure"),

@@ -23,6 +23,7 @@ import runpod  # noqa: E402
 
 from anomaly.config import settings  # noqa: E402
 from anomaly.errors import InputError  # noqa: E402
+from anomaly.logs import setup_logging
 from client import AnomalyClient, AnomalyServiceError  # noqa: E402
 from runpod_handler.jobs import parse_job_input, run_job  # noqa: E402
 
@@ -64,7 +65,7 @@ def concurrency_modifier(current: int) -> int:
 
 
 def main() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    setup_logging()
     s = settings()
     log.info("waiting for Triton at %s (gRPC)", s.triton_url)
     try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -24,9 +25,21 @@ def test_dockerfile_shape():
         assert port in re.search(r"^EXPOSE (.*)$", text, re.M).group(1)
 
 
-def test_every_knob_is_documented_in_the_readme():
-    missing = [k.name for k in KNOBS if f"`{k.name}`" not in README]
-    assert not missing, f"README lacks {missing}"
+def test_every_knob_has_a_readme_row_with_its_default():
+    """The README's settings table, row by row against anomaly.config.KNOBS: one row per setting, its default
+    as the code has it (paths inside the repository shown relative; an empty default as words or nothing)."""
+    table = README[README.index("## Environment variables") : README.index("## Performance")]
+    rows = {m.group(1): m.group(2).strip() for m in re.finditer(r"^\| `([A-Z0-9_]+)` \|([^|]*)\|", table, re.M)}
+    assert not [k.name for k in KNOBS if k.name not in rows], "README lacks rows"
+    assert not set(rows) - {k.name for k in KNOBS}, "README documents settings the code does not read"
+    for knob in KNOBS:
+        shown = rows[knob.name]
+        if knob.default.startswith(str(REPO)):
+            assert shown == f"`{Path(knob.default).relative_to(REPO)}/`", knob.name
+        elif knob.default:
+            assert shown == f"`{knob.default}`", knob.name
+        else:
+            assert "`" not in shown, knob.name
 
 
 def test_readme_make_targets_exist():

@@ -90,6 +90,8 @@ def write_serving_configs(repository: Path, plan: ServingPlan) -> list[Path]:
     written = []
     for model in (*BATCHED_STEPS, *CPU_STEPS):
         source = repository / model / "config.pbtxt"
+        if not source.exists():  # a repository that serves some of the steps
+            continue
         target = repository / model / "configs" / f"{CONFIG_NAME}.pbtxt"
         target.parent.mkdir(exist_ok=True)
         text = render_config(source.read_text(), model, plan)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import traceback
 import uuid
 from collections.abc import Callable
@@ -17,8 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from anomaly.config import settings
-from anomaly.detector import DetectorMetadata
+from anomaly.detector import DetectorMetadata, export_files
 from anomaly.errors import InputError
+from anomaly.logs import setup_logging
 from anomaly.options import RequestOptions, parse_options
 
 log = logging.getLogger("anomaly.triton")
@@ -30,14 +30,9 @@ def _pb():
     return triton_python_backend_utils
 
 
-def setup_logging() -> None:
-    if not logging.getLogger().handlers:
-        logging.basicConfig(stream=sys.stderr, level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-
-
-def metadata_path(args: dict) -> Path:
-    """The detector's metadata file, found from this model's own folder in the repository."""
-    return Path(args["model_repository"]).parent / "detector" / "1" / "metadata.json"
+def export_files_of(args: dict) -> tuple[Path, Path]:
+    """(model.onnx, metadata.json) of the detector export, found from this model's own folder."""
+    return export_files(Path(args["model_repository"]).parent)
 
 
 def params_of(request) -> dict:
@@ -104,12 +99,16 @@ def answer_each(requests, handle: Callable) -> list:
 
 
 class StageModel:
-    """Base of the pipeline's Triton models: logging, the detector's metadata, one answer per request.
-    A stage implements `handle(request) -> {output name: array}` and, if it needs more, `setup(args)`."""
+    """Base of the pipeline's Triton models: logging, one answer per request. A stage implements
+    `handle(request) -> {output name: array}` and, if it needs more, `setup(args)`; one that reads the
+    detector's classes sets `needs_detector_metadata` (`self.meta`), so the others load without an export."""
+
+    needs_detector_metadata = False
 
     def initialize(self, args: dict) -> None:
         setup_logging()
-        self.meta = DetectorMetadata.load(metadata_path(args))
+        if self.needs_detector_metadata:
+            self.meta = DetectorMetadata.load(export_files_of(args)[1])
         self.setup(args)
 
     def setup(self, args: dict) -> None:

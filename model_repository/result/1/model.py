@@ -12,6 +12,8 @@ from anomaly.serving import step_inputs, triton_io
 
 
 class TritonPythonModel(triton_io.StageModel):
+    needs_detector_metadata = True  # its classes and their roles
+
     def handle(self, request):
         options = triton_io.options_of(request)
         s = settings()

@@ -5,10 +5,22 @@ import json
 
 import numpy as np
 
-from anomaly import pipeline
+from anomaly import masks
 from anomaly.config import settings
-from anomaly.serving import step_inputs, triton_io
+from anomaly.serving import in_service, step_inputs, triton_io
 from anomaly.weights import UNTRAINED_BANNER, load_segmenter, segmenter_info
+
+
+def pack_crops(crops: list) -> dict[str, np.ndarray]:
+    """One frame's MaskCrops as this step's outputs (a leading batch axis of 1), masks bit-packed."""
+    packed = np.empty((1, len(crops)), dtype=np.object_)
+    for i, c in enumerate(crops):
+        packed[0, i] = masks.pack(c.mask)
+    return {
+        "MASK_BOXES": np.asarray([c.box for c in crops], np.int32).reshape(1, len(crops), 4),
+        "MASKS": packed,
+        "MASK_SCORES": np.asarray([c.score for c in crops], np.float32).reshape(1, len(crops)),
+    }
 
 
 class TritonPythonModel(triton_io.StageModel):
@@ -17,6 +29,7 @@ class TritonPythonModel(triton_io.StageModel):
         if settings().cuda_graphs:
             self.segmenter.use_cuda_graphs(int(json.loads(args["model_config"])["max_batch_size"]))
         info = segmenter_info(self.segmenter, spec)
+        in_service.write_record(args, {"segmenter": info})
         self.info = triton_io.bytes_tensor([json.dumps(info).encode()]).reshape(1, 1)
         triton_io.log.info("segmenter: %s", info)
         if spec.untrained:
@@ -36,6 +49,6 @@ class TritonPythonModel(triton_io.StageModel):
 
         def run(frames):
             crops_per_frame = self.segmenter.segment_batch(frames)
-            return [pipeline.pack_crops(crops) | {"SEGMENTER": self.info} for crops in crops_per_frame]
+            return [pack_crops(crops) | {"SEGMENTER": self.info} for crops in crops_per_frame]
 
         return triton_io.answer_batch(requests, prepare, run)
