@@ -249,8 +249,8 @@ class OnnxDetector:
 
 class TorchDetector:
     """The RF-DETR checkpoint the ONNX export was made from, run by torch: the GPU path where onnxruntime has
-    no GPU provider. Same graph as the export (rfdetr's export mode), fp16 on a GPU, replayed from CUDA graphs
-    (anomaly.cuda_graphs) unless `cuda_graphs` is False."""
+    no GPU provider. Same graph as the export (rfdetr's export mode), in DETECTOR_PRECISION on a GPU, replayed
+    from CUDA graphs (anomaly.cuda_graphs) unless `cuda_graphs` is False."""
 
     def __init__(
         self,
@@ -269,7 +269,8 @@ class TorchDetector:
             torch.set_num_threads(threads)
         if device == "cuda" and precision == "fp32":
             # TF32 (torch's default for convolutions on Ampere and later) moved untrained RF-DETR scores by
-            # up to 0.08 against onnxruntime on the CPU; with it off the two agree to 1e-6 (make bench-gpu)
+            # up to 0.08 against onnxruntime on the CPU; with it off the two agree to 4e-7 (make bench-gpu,
+            # gpu_checks)
             torch.backends.cudnn.allow_tf32 = False
             torch.backends.cuda.matmul.allow_tf32 = False
         self._torch = torch

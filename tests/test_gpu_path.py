@@ -336,3 +336,25 @@ def test_rendered_configs_carry_the_plan(tmp_path):
     assert "count: 1" in written["detector"]  # one copy of the weights on the card
     with pytest.raises(ValueError, match="expected one line"):
         render_config("name: x\n", "geometry", plan)
+
+
+def test_bench_gpu_checks_on_the_cpu(exported):
+    """make bench-gpu's on-GPU checks (bench/gpu.py gpu_checks), run with device="cpu": the same code paths
+    (torch decode/resize against the exact numpy path, the torch detector against onnxruntime), where both
+    sides must agree closely. On a GPU the same function measured TF32's effect (README)."""
+    from anomaly.detector import export_files
+    from bench.gpu import gpu_checks
+
+    settings = load_settings()
+    checks = gpu_checks(
+        settings,
+        exported,
+        export_files(settings.model_repository)[0],
+        (SAMPLES / "bridge_deck.jpg").read_bytes(),
+        "cpu",
+    )
+    assert checks["nvjpeg_vs_pillow_levels"] == {"max": 0.0, "mean": 0.0}  # one decoder on a CPU
+    assert checks["detector_input_same_pixels_max"] < 1e-3 and checks["sam_input_same_pixels_max"] < 1e-5
+    for name in ("torch_gpu_vs_onnx_cpu_top20_queries", "torch_gpu_fp32_vs_onnx_cpu_top20_queries"):
+        assert checks[name]["score_max_diff"] < 1e-3 and checks[name]["same_top_class"], checks[name]
+        assert checks[name]["box_min_iou"] > 0.99, checks[name]
