@@ -27,16 +27,20 @@ def graph_for(sizes, n: int) -> int | None:
 
 
 class GraphedForward:
-    """`forward(x)` for x of shape (n, *item_shape): replayed from a CUDA graph where one was captured for a
-    batch size >= n, else run eagerly. `context` (e.g. an autocast factory) wraps warm-up, capture and eager
-    runs alike. Outputs are nested tuples/lists/dicts of batch-first tensors, returned as copies."""
+    """`forward(x, *fixed)` for x of shape (n, *item_shape): replayed from a CUDA graph where one was captured
+    for a batch size >= n, else run eagerly. `fixed` are further inputs whose shapes do not vary (e.g. the one
+    frame's features the boxes of x are decoded from). `context` (e.g. an autocast factory) wraps warm-up,
+    capture and eager runs alike. Outputs are nested tuples/lists/dicts of batch-first tensors, returned as
+    copies."""
 
     def __init__(self, forward: Callable, context: Callable = nullcontext):
         self.forward, self.context = forward, context
         self.graphs: dict[int, tuple] = {}
         self.note = "eager"
 
-    def capture(self, item_shape: tuple, dtype, device, max_batch: int, name: str) -> None:
+    def capture(self, item_shape: tuple, dtype, device, max_batch: int, name: str, fixed: tuple = ()) -> None:
+        """Capture one graph per size of graph_batch_sizes(max_batch); `fixed` are example tensors of the
+        fixed inputs (their shapes and dtypes are what later calls must pass)."""
         import torch
 
         sizes = graph_batch_sizes(max_batch)
@@ -45,29 +49,37 @@ class GraphedForward:
             with torch.inference_mode():
                 for size in sizes:
                     static_in = torch.zeros((size, *item_shape), dtype=dtype, device=device)
+                    static_fixed = tuple(f.detach().clone() for f in fixed)
                     side = torch.cuda.Stream()
                     side.wait_stream(torch.cuda.current_stream())
                     with torch.cuda.stream(side), self.context():
                         for _ in range(3):  # warm-up outside the graph: lazy caches, cuDNN/cuBLAS choices
-                            self.forward(static_in)
+                            self.forward(static_in, *static_fixed)
                     torch.cuda.current_stream().wait_stream(side)
                     graph = torch.cuda.CUDAGraph()
                     with torch.cuda.graph(graph, pool=pool), self.context():
-                        static_out = self.forward(static_in)
-                    self.graphs[size] = (graph, static_in, static_out)
+                        static_out = self.forward(static_in, *static_fixed)
+                    self.graphs[size] = (graph, (static_in, *static_fixed), static_out)
             self.note = f"CUDA graphs for batch sizes {sizes}"
         except Exception as exc:  # noqa: BLE001 - eager still works
             self.graphs.clear()
             self.note = f"eager (CUDA graph capture failed: {type(exc).__name__}: {exc})"
             log.warning("%s: CUDA graph capture failed; running eager: %s", name, exc)
 
-    def __call__(self, x):
+    @property
+    def max_batch(self) -> int | None:
+        """The largest captured batch size, None when eager."""
+        return max(self.graphs, default=None)
+
+    def __call__(self, x, *fixed):
         size = graph_for(self.graphs, x.shape[0])
         if size is None:
             with self.context():
-                return self.forward(x)
-        graph, static_in, static_out = self.graphs[size]
+                return self.forward(x, *fixed)
+        graph, (static_in, *static_fixed), static_out = self.graphs[size]
         static_in[: x.shape[0]].copy_(x)
+        for buffer, value in zip(static_fixed, fixed):
+            buffer.copy_(value)
         graph.replay()
         return _take(static_out, x.shape[0])
 

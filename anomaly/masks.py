@@ -19,25 +19,28 @@ def unpack(data: bytes, height: int, width: int) -> np.ndarray:
 
 def crop_to_rle(mask: np.ndarray, box: tuple[int, int, int, int], image_hw: tuple[int, int]) -> dict:
     """A crop at `box` (x0, y0, x1, y1) -> compressed COCO RLE of the full image, as pycocotools writes it:
-    {"size": [height, width], "counts": str}. Only the crop's columns are materialised: COCO RLE runs down
-    the columns, so the columns left and right of the crop are one leading and one trailing run of zeros."""
+    {"size": [height, width], "counts": str}. COCO RLE runs down the columns, alternating runs of zeros and
+    ones from a run of zeros. Only the crop is read: each run of ones is found in the crop's columns and
+    placed by its index in the full image, the zeros are the gaps between them."""
     height, width = image_hw
     x0, y0, x1, y1 = box
-    strip = np.zeros((height, x1 - x0), np.uint8)
-    strip[y0:y1] = mask
-    flat = strip.ravel(order="F")
-    change = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    runs = np.diff(bounds).tolist()
-    if flat.size and flat[0] == 1:
-        runs.insert(0, 0)  # COCO RLE always starts with a run of zeros
-    if not runs:
-        runs = [0]
-    runs[0] += x0 * height
-    if len(runs) % 2 == 1:  # the last run is zeros: extend it
-        runs[-1] += (width - x1) * height
-    elif width - x1:
-        runs.append((width - x1) * height)
+    columns = np.zeros((x1 - x0, y1 - y0 + 2), np.int8)  # the crop's columns, a zero above and below each
+    columns[:, 1:-1] = np.asarray(mask, bool).T
+    step = np.diff(columns, axis=1).ravel()  # +1 where a run of ones starts, -1 where it has ended
+    per_column = y1 - y0 + 1
+    starts, ends = (np.flatnonzero(step == sign) for sign in (1, -1))
+    # index down the full image's columns: column x0 + c, row y0 + r
+    starts = (x0 + starts // per_column) * height + y0 + starts % per_column
+    ends = (x0 + ends // per_column) * height + y0 + ends % per_column
+    if len(starts) > 1:  # a run reaching the image's bottom goes on at the top of the next column
+        apart = starts[1:] != ends[:-1]
+        starts = np.concatenate([starts[:1], starts[1:][apart]])
+        ends = np.concatenate([ends[:-1][apart], ends[-1:]])
+    edges = np.empty(2 * len(starts) + 2, np.int64)
+    edges[0], edges[1:-1:2], edges[2:-1:2], edges[-1] = 0, starts, ends, height * width
+    runs = np.diff(edges).tolist()  # zeros, ones, zeros, ..., zeros
+    if len(runs) > 1 and runs[-1] == 0:  # ones to the very end: pycocotools writes no empty last run
+        runs.pop()
     rle = coco_mask.frPyObjects({"size": [height, width], "counts": runs}, height, width)
     return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
 

@@ -24,6 +24,9 @@ SAM2_CONFIGS = {
 }
 SAM2_CHECKPOINTS = {v: f"sam2.1_hiera_{v}.pt" for v in SAM2_CONFIGS}
 SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/{name}"
+# Mask-decoder CUDA graphs are captured for 1, 2, 4, 8 and 16 boxes of a frame: a frame's boxes replay the
+# smallest that holds them, more than 16 go in chunks of 16. Each graph holds its boxes' activations.
+DECODER_GRAPH_BOXES = 16
 
 
 @dataclass
@@ -87,6 +90,8 @@ class Sam2Segmenter:
         self.resolution = model.image_size
         self._torch = torch
         self._encoder = GraphedForward(self._embed, self._autocast)
+        self._decoder = GraphedForward(self._decode_boxes, self._autocast)
+        self._box_labels = torch.tensor([[2, 3]], dtype=torch.int, device=self.device)
 
     def _autocast(self):
         torch = self._torch
@@ -95,15 +100,22 @@ class Sam2Segmenter:
         return torch.autocast("cpu", enabled=False)
 
     def use_cuda_graphs(self, max_batch: int) -> None:
-        """On a GPU, replay the image encoder from CUDA graphs for batches of up to `max_batch` frames."""
-        if self.device == "cuda":
-            shape = (3, self.resolution, self.resolution)
-            self._encoder.capture(shape, self._torch.float32, self.device, max_batch, "SAM image encoder")
+        """On a GPU, replay the image encoder from CUDA graphs for batches of up to `max_batch` frames, and the
+        prompt encoder + mask decoder for up to DECODER_GRAPH_BOXES boxes of a frame (more go in chunks)."""
+        if self.device != "cuda":
+            return
+        torch = self._torch
+        shape = (3, self.resolution, self.resolution)
+        self._encoder.capture(shape, torch.float32, self.device, max_batch, "SAM image encoder")
+        with torch.inference_mode(), self._autocast():
+            features = self.embed(torch.zeros((1, *shape), device=self.device))
+        frame = (features["image_embed"], *features["high_res_feats"])
+        self._decoder.capture((2, 2), torch.float32, self.device, DECODER_GRAPH_BOXES, "SAM mask decoder", frame)
 
     @property
     def runtime(self) -> str:
         precision = "bf16 autocast" if self.device == "cuda" else "fp32"
-        return f"{precision} on {self.device}, image encoder {self._encoder.note}"
+        return f"{precision} on {self.device}, image encoder {self._encoder.note}, mask decoder {self._decoder.note}"
 
     # --- preparing frames ---
     def prepare(self, data: bytes, max_bytes: int, max_pixels: int, field: str = "image"):
@@ -138,63 +150,68 @@ class Sam2Segmenter:
         ][::-1]
         return {"image_embed": feats[-1], "high_res_feats": feats[:-1]}
 
-    def decode(self, features: dict, frames: np.ndarray, boxes: np.ndarray, sizes: np.ndarray):
-        """Prompt encoder + mask decoder for `boxes` (N, 4) xyxy, box i on frame `frames[i]` of size `sizes[i]`
-        (height, width), as SAM2ImagePredictor._predict minus its full-frame upsample.
-        -> (low-res logits (N, 1, 256, 256) float32, predicted IoU (N,) numpy)."""
-        torch = self._torch
-        device = features["image_embed"].device
-        frame_index = torch.as_tensor(frames, dtype=torch.long, device=device)
-        wh = torch.as_tensor(np.asarray(sizes, np.float32)[:, ::-1].copy(), device=device)[:, None, :]
-        coords = torch.as_tensor(np.asarray(boxes, np.float32), device=device).reshape(-1, 2, 2)
-        coords = coords / wh * self.resolution  # SAM2Transforms.transform_boxes(normalize=True)
-        labels = torch.tensor([[2, 3]], dtype=torch.int, device=device).repeat(len(boxes), 1)
+    def box_coords(self, boxes: np.ndarray, image_hw):
+        """Boxes (N, 4) xyxy in pixels of a frame of `image_hw` -> (N, 2, 2) corner points in SAM input
+        pixels, as SAM2Transforms.transform_boxes(normalize=True) makes them."""
+        height, width = image_hw
+        coords = self._torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 2, 2), device=self.device)
+        return coords / self._torch.tensor([float(width), float(height)], device=self.device) * self.resolution
+
+    def _decode_boxes(self, coords, image_embed, high_res_0, high_res_1):
+        """Prompt encoder + mask decoder for the boxes `coords` (N, 2, 2) of one frame, from that frame's
+        features (batch 1, broadcast over the boxes), as SAM2ImagePredictor._predict minus its full-frame
+        upsample. -> (low-res logits (N, 1, 256, 256) float32, predicted IoU (N,) float32). No host copies
+        or synchronisation: it is captured as a CUDA graph per box count."""
+        labels = self._box_labels.expand(coords.shape[0], 2)  # a box is corner points labelled 2 and 3
         sparse, dense = self.model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
         low_res, iou, _, _ = self.model.sam_mask_decoder(
-            image_embeddings=features["image_embed"][frame_index],
+            image_embeddings=image_embed,
             image_pe=self.model.sam_prompt_encoder.get_dense_pe(),
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=False,
-            repeat_image=False,  # one embedding per box, gathered above: boxes of several frames in one call
-            high_res_features=[feat[frame_index] for feat in features["high_res_feats"]],
+            repeat_image=True,
+            high_res_features=[high_res_0, high_res_1],
         )
-        return low_res.float(), iou[:, 0].float().cpu().numpy()
+        return low_res.float(), iou[:, 0].float()
+
+    def decode(self, features: dict, frame: int, coords):
+        """The boxes `coords` (from box_coords) of frame `frame` of `features` (from embed)."""
+        own = (features["image_embed"][frame : frame + 1], *(f[frame : frame + 1] for f in features["high_res_feats"]))
+        return self._decoder(coords, *own)
 
     # --- what the pipeline calls ---
     def segment_batch(self, frames: list[tuple]) -> list[list[MaskCrop]]:
         """[(prepared input, (height, width), boxes (N, 4) xyxy)] -> one MaskCrop list per frame. Frames without
-        boxes cost nothing; the others are embedded as one batch."""
+        boxes cost nothing; the others are embedded as one batch, then each frame's boxes are decoded from its
+        own embedding: on a GPU as many at once as the largest mask-decoder graph holds (all when eager), on a
+        CPU one at a time (faster there)."""
         torch = self._torch
         out: list[list[MaskCrop]] = [[] for _ in frames]
         busy = [i for i, (_, _, boxes) in enumerate(frames) if len(boxes)]
         if not busy:
             return out
-        frame_of_box = np.concatenate([np.full(len(frames[i][2]), k) for k, i in enumerate(busy)])
-        boxes = np.concatenate([np.asarray(frames[i][2], np.float32).reshape(-1, 4) for i in busy])
-        sizes = np.asarray([frames[i][1] for i in busy])[frame_of_box]
         with torch.inference_mode(), self._autocast():
             features = self.embed(torch.stack([frames[i][0] for i in busy]).to(self.device))
-            # On a GPU all boxes go through the decoder at once; on a CPU one at a time is faster.
-            step = len(boxes) if self.device == "cuda" else 1
-            windows, masks, scores = [], [], []
-            for start in range(0, len(boxes), step):
-                part = slice(start, start + step)
-                low_res, iou = self.decode(features, frame_of_box[part], boxes[part], sizes[part])
-                for j, box in enumerate(boxes[part]):
-                    hw = tuple(int(v) for v in sizes[start + j])
-                    windows.append(crop_box(box, hw))
-                    masks.append(self._upsample_crop(low_res[j : j + 1], windows[-1], hw))
-                    scores.append(float(np.clip(iou[j], 0.0, 1.0)))
-            # one device-to-host copy for all masks: each copy waits for the GPU
-            flat = torch.cat([m.reshape(-1) for m in masks]).cpu().numpy()
-            ends = np.cumsum([m.numel() for m in masks])
-            crops = [
-                MaskCrop(w, part.reshape(m.shape), score)
-                for w, m, part, score in zip(windows, masks, np.split(flat, ends[:-1]), scores)
+            low_res, ious = [], []
+            for k, i in enumerate(busy):
+                coords = self.box_coords(frames[i][2], frames[i][1])
+                step = 1 if self.device != "cuda" else (self._decoder.max_batch or len(coords))
+                for start in range(0, len(coords), step):
+                    logits, iou = self.decode(features, k, coords[start : start + step])
+                    low_res.append(logits)
+                    ious.append(iou)
+            windows = [
+                [crop_box(box, frames[i][1]) for box in np.asarray(frames[i][2], np.float32).reshape(-1, 4)]
+                for i in busy
             ]
-        for k, i in enumerate(busy):
-            out[i] = [c for c, f in zip(crops, frame_of_box) if f == k]
+            sizes = [frames[i][1] for i, frame_windows in zip(busy, windows) for _ in frame_windows]
+            flat_windows = [w for frame_windows in windows for w in frame_windows]
+            masks = self.upsample_crops(torch.cat(low_res), flat_windows, sizes)
+            scores = np.clip(torch.cat(ious).cpu().numpy(), 0.0, 1.0)
+        crops = iter(MaskCrop(w, m, float(s)) for w, m, s in zip(flat_windows, masks, scores))
+        for i, frame_windows in zip(busy, windows):
+            out[i] = [next(crops) for _ in frame_windows]
         return out
 
     def segment(self, rgb: np.ndarray, boxes: np.ndarray) -> list[MaskCrop]:
@@ -204,18 +221,50 @@ class Sam2Segmenter:
         prepared, hw = self.prepare_rgb(rgb)
         return self.segment_batch([(prepared, hw, boxes)])[0]
 
-    def _upsample_crop(self, low_res, window, image_hw):
-        """Bilinear samples of the (1, 1, 256, 256) logits at the window's pixel centres, thresholded at 0.
+    def upsample_crops(self, low_res, windows: list, sizes: list, budget: int = 1 << 23) -> list[np.ndarray]:
+        """Bilinear samples of the (N, 1, 256, 256) logits at each window's pixel centres, thresholded at 0:
+        box j's crop of what F.interpolate of its logits to its frame's (height, width) would give.
 
         grid_sample with align_corners=False and border padding samples source coordinate
-        (x + 0.5) * 256 / W - 0.5, clamped to the grid, which is what F.interpolate to (H, W) samples."""
+        (x + 0.5) * 256 / W - 0.5, clamped to the grid, which is what F.interpolate to (H, W) samples. Boxes go
+        through grid_sample together, padded to the largest window of their group (groups of similar size,
+        at most `budget` samples each), and come to the host in one copy: per box, the handful of small
+        kernels and the copy each waited on the GPU."""
         torch = self._torch
-        height, width = image_hw
-        x0, y0, x1, y1 = window
-        xs = (torch.arange(x0, x1, device=low_res.device, dtype=torch.float32) + 0.5) * (2.0 / width) - 1.0
-        ys = (torch.arange(y0, y1, device=low_res.device, dtype=torch.float32) + 0.5) * (2.0 / height) - 1.0
-        grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")[::-1], dim=-1)[None]
-        logits = torch.nn.functional.grid_sample(
-            low_res, grid, mode="bilinear", padding_mode="border", align_corners=False
-        )
-        return logits[0, 0] > self.predictor.mask_threshold
+        areas = [(x1 - x0) * (y1 - y0) for x0, y0, x1, y1 in windows]
+        order = sorted(range(len(windows)), key=lambda j: -areas[j])
+        groups, group, tall, wide = [], [], 0, 0
+        for j in order:
+            x0, y0, x1, y1 = windows[j]
+            t, w = max(tall, y1 - y0), max(wide, x1 - x0)
+            if group and (len(group) + 1) * t * w > budget:
+                groups.append((group, tall, wide))
+                group, t, w = [], y1 - y0, x1 - x0
+            group, tall, wide = [*group, j], t, w
+        if group:
+            groups.append((group, tall, wide))
+        device = low_res.device
+        parts = []
+        for group, tall, wide in groups:
+            box = np.asarray([windows[j] for j in group], np.float32)
+            # the per-pixel scale 2 / size as float32 of the float64 quotient, as a Python scalar would give
+            scale = np.asarray([(2.0 / sizes[j][1], 2.0 / sizes[j][0]) for j in group], np.float32)
+            scale = torch.as_tensor(scale, device=device)
+            corner = torch.as_tensor(box[:, :2], device=device)
+            xs = (corner[:, :1] + torch.arange(wide, device=device, dtype=torch.float32) + 0.5) * scale[:, :1] - 1.0
+            ys = (corner[:, 1:] + torch.arange(tall, device=device, dtype=torch.float32) + 0.5) * scale[:, 1:] - 1.0
+            grid = torch.stack([xs[:, None, :].expand(-1, tall, -1), ys[:, :, None].expand(-1, -1, wide)], dim=-1)
+            logits = torch.nn.functional.grid_sample(
+                low_res[group], grid, mode="bilinear", padding_mode="border", align_corners=False
+            )
+            parts.append((logits[:, 0] > self.predictor.mask_threshold).reshape(-1))
+        flat = torch.cat(parts).cpu().numpy()  # one device-to-host copy: each copy waits for the GPU
+        masks: list[np.ndarray] = [None] * len(windows)  # type: ignore[list-item]
+        offset = 0
+        for group, tall, wide in groups:
+            block = flat[offset : offset + len(group) * tall * wide].reshape(len(group), tall, wide)
+            offset += block.size
+            for k, j in enumerate(group):
+                x0, y0, x1, y1 = windows[j]
+                masks[j] = np.ascontiguousarray(block[k, : y1 - y0, : x1 - x0])
+        return masks

@@ -248,6 +248,7 @@ def pieces(local, data: bytes, threshold: float, repeats: int, gpu: bool) -> dic
     import torch
 
     from anomaly.pipeline import measure_all, select
+    from anomaly.segmenter import crop_box
     from anomaly.serving.plan import serving_plan
 
     def sync():
@@ -270,10 +271,11 @@ def pieces(local, data: bytes, threshold: float, repeats: int, gpu: bool) -> dic
     detections, seg_index, _ = select(boxes[0], logits[0], hw, threshold, local.meta, s.max_detections)
     seg_boxes = detections.boxes[seg_index]
     prepared, hw = seg.prepare(data, s.max_image_bytes, s.max_image_pixels)
-    frames = np.zeros(len(seg_boxes), np.int64)
-    sizes = np.asarray([hw] * len(seg_boxes))
+    windows = [crop_box(box, hw) for box in seg_boxes]
     with torch.inference_mode(), seg._autocast():
         features = seg.embed(prepared[None])
+        coords = seg.box_coords(seg_boxes, hw)
+        low_res, _ = seg.decode(features, 0, coords)
         out = {
             "detector_prepare": ms(lambda: det.prepare(data)),
             "detector_forward_b1": ms(lambda: det.run([x])),
@@ -281,12 +283,15 @@ def pieces(local, data: bytes, threshold: float, repeats: int, gpu: bool) -> dic
             "sam_prepare": ms(lambda: seg.prepare(data, s.max_image_bytes, s.max_image_pixels)),
             "sam_encoder_b1": ms(lambda: seg.embed(prepared[None])),
             f"sam_encoder_b{batch}_per_frame": ms(lambda: seg.embed(torch.stack([prepared] * batch)), batch),
-            f"sam_decoder_{len(seg_boxes)}_boxes": ms(lambda: seg.decode(features, frames, seg_boxes, sizes)),
+            f"sam_decoder_{len(seg_boxes)}_boxes": ms(lambda: seg.decode(features, 0, coords)),
+            f"sam_mask_crops_{len(seg_boxes)}_boxes": ms(
+                lambda: seg.upsample_crops(low_res, windows, [hw] * len(windows))
+            ),
         }
     out["sam_whole_frame"] = ms(lambda: seg.segment_batch([(prepared, hw, seg_boxes)]))
     masks = [c.mask for c in seg.segment_batch([(prepared, hw, seg_boxes)])[0]]
     out[f"geometry_{len(masks)}_masks_one_core"] = ms(lambda: measure_all(masks))
-    out["segmenter_encoder"] = seg._encoder.note
+    out["segmenter_runtime"] = seg.runtime
     return out
 
 
@@ -351,16 +356,23 @@ def gpu_memory_mib(server) -> dict:
     except (OSError, subprocess.CalledProcessError):
         return {"gpu": None, "resident": server.memory_mib()}
     used = {int(pid): float(mib) for pid, mib in apps if pid.isdigit()}
+    by_model = {}
     pid = server.pid()
     if pid:
         import psutil
 
+        from anomaly.serving.triton_server import model_of
+
         root = psutil.Process(pid)
-        pids = {root.pid, *(c.pid for c in root.children(recursive=True))}
-        used = {p: m for p, m in used.items() if p in pids}
+        names = {root.pid: "tritonserver"}
+        for child in root.children(recursive=True):
+            names[child.pid] = model_of(child.cmdline(), server.model_repository) or f"pid {child.pid}"
+        used = {p: m for p, m in used.items() if p in names}
+        by_model = {names[p]: m for p, m in used.items()}
     return {
         "gpu_total_mib": round(sum(used.values()), 1) if used else None,
         "gpu_processes": len(used),
+        "gpu_by_model_mib": by_model,
         "card_used_mib": float(card[0][0]) if card else None,
         "resident": server.memory_mib(),
     }

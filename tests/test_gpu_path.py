@@ -100,35 +100,38 @@ def test_cuda_graph_batch_sizes_cover_every_batch():
 
 def test_replayed_graph_pads_the_batch_and_returns_copies():
     """GraphedForward's replay bookkeeping, with a stand-in for torch.cuda.CUDAGraph (capture itself needs a
-    GPU): a batch of 3 runs in the size-4 graph, the answer holds 3 items, and the next replay does not
-    change an answer already returned."""
+    GPU): a batch of 3 runs in the size-4 graph, the answer holds 3 items, a fixed input (a frame's features)
+    is refreshed on every call, and the next replay does not change an answer already returned."""
     import torch
 
     from anomaly.cuda_graphs import GraphedForward
 
-    def forward(x):
-        return {"double": x * 2, "parts": [x.sum(dim=1)]}
+    def forward(x, offset):
+        return {"double": x * 2 + offset, "parts": [x.sum(dim=1)]}
 
     class StandInGraph:  # what replay() does: the captured forward, into the captured output buffers
-        def __init__(self, static_in, static_out):
-            self.static_in, self.static_out = static_in, static_out
+        def __init__(self, static_in, static_offset, static_out):
+            self.static_in, self.static_offset, self.static_out = static_in, static_offset, static_out
 
         def replay(self):
-            fresh = forward(self.static_in)
+            fresh = forward(self.static_in, self.static_offset)
             self.static_out["double"].copy_(fresh["double"])
             self.static_out["parts"][0].copy_(fresh["parts"][0])
 
     graphed = GraphedForward(forward)
     for size in (1, 2, 4):
-        static_in = torch.full((size, 2), -1.0)
-        static_out = forward(static_in)
-        graphed.graphs[size] = (StandInGraph(static_in, static_out), static_in, static_out)
-    x = torch.arange(6, dtype=torch.float32).reshape(3, 2)
-    first = graphed(x)
-    assert torch.equal(first["double"], x * 2) and torch.equal(first["parts"][0], x.sum(dim=1))
-    graphed(torch.zeros(4, 2))  # same graph again
-    assert torch.equal(first["double"], x * 2)
-    assert graphed(torch.ones(5, 2))["double"].shape == (5, 2)  # larger than any graph: eager
+        static_in, static_offset = torch.full((size, 2), -1.0), torch.zeros(1, 2)
+        static_out = forward(static_in, static_offset)
+        graph = StandInGraph(static_in, static_offset, static_out)
+        graphed.graphs[size] = (graph, (static_in, static_offset), static_out)
+    assert graphed.max_batch == 4
+    x, offset = torch.arange(6, dtype=torch.float32).reshape(3, 2), torch.tensor([[10.0, 20.0]])
+    first = graphed(x, offset)
+    assert torch.equal(first["double"], x * 2 + offset) and torch.equal(first["parts"][0], x.sum(dim=1))
+    again = graphed(torch.zeros(4, 2), torch.ones(1, 2))  # same graph again, another fixed input
+    assert torch.equal(again["double"], torch.ones(4, 2))
+    assert torch.equal(first["double"], x * 2 + offset)
+    assert graphed(torch.ones(5, 2), offset)["double"].shape == (5, 2)  # larger than any graph: eager
 
 
 @pytest.mark.parametrize(
@@ -279,9 +282,10 @@ def test_batched_segmenter_equals_frame_by_frame(exported):
             assert batched.score == pytest.approx(alone.score, abs=1e-4)
 
 
-def test_one_decoder_call_for_the_boxes_of_several_frames(exported):
-    """The GPU path decodes every box of every frame of a batch in one mask-decoder call, each box reading
-    its own frame's embedding (gathered). Run here on the CPU against one call per box (the CPU path)."""
+def test_one_decoder_call_for_the_boxes_of_a_frame(exported):
+    """The GPU path decodes a frame's boxes in one mask-decoder call, padded up to the box count of a captured
+    CUDA graph. Run here on the CPU against one call per box (the CPU path): the same logits whether decoded
+    alone, together, or together with padding boxes; and a box reads its own frame's embedding."""
     from anomaly.weights import load_segmenter
 
     torch.set_num_threads(2)
@@ -289,19 +293,42 @@ def test_one_decoder_call_for_the_boxes_of_several_frames(exported):
     pier = decode_image((SAMPLES / "pier_spalling.png").read_bytes(), BIG, BIG)
     wall = decode_image((SAMPLES / "tunnel_wall_exif.jpg").read_bytes(), BIG, BIG)
     prepared = [segmenter.prepare_rgb(pier), segmenter.prepare_rgb(wall)]
-    frames = np.array([0, 1, 0, 1])
-    boxes = np.array([[100, 50, 300, 200], [50, 60, 300, 500], [10, 10, 60, 90], [0, 0, 600, 800]], np.float32)
-    sizes = np.array([prepared[f][1] for f in frames])
+    boxes = np.array([[100, 50, 300, 200], [10, 10, 60, 90], [0, 0, 600, 800]], np.float32)
     with torch.inference_mode():
         features = segmenter.embed(torch.stack([p for p, _ in prepared]))
-        together, iou_together = segmenter.decode(features, frames, boxes, sizes)
+        coords = segmenter.box_coords(boxes, prepared[1][1])
+        together, iou_together = segmenter.decode(features, 1, coords)
+        padded = torch.cat([coords, torch.zeros(5, 2, 2)])  # what a replayed 8-box graph computes
+        with_padding, iou_padded = segmenter.decode(features, 1, padded)
         for i in range(len(boxes)):
-            alone, iou_alone = segmenter.decode(features, frames[i : i + 1], boxes[i : i + 1], sizes[i : i + 1])
+            alone, iou_alone = segmenter.decode(features, 1, coords[i : i + 1])
             assert torch.allclose(together[i], alone[0], atol=1e-4)
-            assert iou_together[i] == pytest.approx(iou_alone[0], abs=1e-5)
-        # and a box really reads its own frame: the same box on the other frame gives other logits
-        other, _ = segmenter.decode(features, np.array([1]), boxes[:1], sizes[:1])
+            assert torch.allclose(with_padding[i], alone[0], atol=1e-4)
+            assert float(iou_together[i]) == pytest.approx(float(iou_alone[0]), abs=1e-5)
+            assert float(iou_padded[i]) == pytest.approx(float(iou_alone[0]), abs=1e-5)
+        other, _ = segmenter.decode(features, 0, coords[:1])
     assert not torch.allclose(together[0], other[0], atol=1e-3)
+
+
+def test_mask_crops_are_the_full_frame_upsample_cut_to_the_box(exported):
+    """All boxes' crops come from one grid_sample per group of similar size; each must equal the crop of
+    F.interpolate of its logits to its own frame's size (what SAM2ImagePredictor returns), with groups split
+    by the sample budget too."""
+    from anomaly.weights import load_segmenter
+
+    segmenter, _ = load_segmenter(load_settings())
+    rng = np.random.default_rng(7)
+    low_res = torch.from_numpy(rng.normal(0, 4, (6, 1, 256, 256)).astype(np.float32))
+    sizes = [(1080, 1920), (1080, 1920), (480, 640), (4000, 6000), (17, 23), (1080, 1920)]
+    windows = [(0, 0, 1920, 1080), (100, 200, 130, 900), (5, 7, 300, 400), (5000, 3000, 6000, 4000), (0, 0, 23, 17),
+               (1919, 1079, 1920, 1080)]  # fmt: skip
+    for budget in (1 << 23, 200_000):
+        crops = segmenter.upsample_crops(low_res, windows, sizes, budget=budget)
+        for j, ((x0, y0, x1, y1), (h, w)) in enumerate(zip(windows, sizes)):
+            full = torch.nn.functional.interpolate(low_res[j : j + 1], (h, w), mode="bilinear", align_corners=False)
+            expected = (full[0, 0] > 0).numpy()[y0:y1, x0:x1]
+            assert crops[j].shape == expected.shape and crops[j].flags.c_contiguous
+            assert (crops[j] != expected).sum() <= max(2, expected.size // 10_000), f"box {j}, budget {budget}"
 
 
 # --- serving layout per machine ------------------------------------------------------------------------------

@@ -113,4 +113,5 @@ def test_bench_gpu_runs_on_a_cpu_with_small_settings(triton, tmp_path):
     assert result["plain_script"]["p50_ms"] > 0 and result["plain_script"]["defects_segmented"] == 1
     assert result["memory"]["resident"]["total_mib"] > 0
     pieces = result["pieces"]  # where a frame's time goes; on a CPU the encoder dwarfs the decoder's 1 box
-    assert pieces["sam_encoder_b1"] > pieces["sam_decoder_1_boxes"] > 0 and pieces["segmenter_encoder"] == "eager"
+    assert pieces["sam_encoder_b1"] > pieces["sam_decoder_1_boxes"] > 0 and pieces["sam_mask_crops_1_boxes"] > 0
+    assert pieces["segmenter_runtime"] == "fp32 on cpu, image encoder eager, mask decoder eager"

@@ -192,7 +192,7 @@ class TritonServer:
         found = {}
         for child in psutil.Process(pid).children(recursive=True):
             try:
-                name = _model_of(child.cmdline(), self.model_repository)
+                name = model_of(child.cmdline(), self.model_repository)
             except psutil.Error:
                 continue
             if name:
@@ -289,7 +289,7 @@ class TritonServer:
         self.stop()
 
 
-def _model_of(cmdline: list[str], model_repository: Path) -> str:
+def model_of(cmdline: list[str], model_repository: Path) -> str:
     """The model a stub process serves, from the model path on its command line ("" for other processes)."""
     where = next((a for a in cmdline if str(model_repository) in a), "")
     return Path(where).parts[len(model_repository.parts)] if where else ""
@@ -304,7 +304,7 @@ def process_tree_mib(pid: int | None, model_repository: Path) -> dict | None:
     root = psutil.Process(pid)
     rows = {"tritonserver": root.memory_info().rss}
     for child in root.children(recursive=True):
-        name = _model_of(child.cmdline(), model_repository) or f"pid {child.pid}"
+        name = model_of(child.cmdline(), model_repository) or f"pid {child.pid}"
         rows[name] = rows.get(name, 0) + child.memory_info().rss
     mib = {k: round(v / 2**20, 1) for k, v in rows.items()}
     return {"total_mib": round(sum(mib.values()), 1), "processes_mib": mib}
