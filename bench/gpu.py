@@ -421,13 +421,14 @@ def main(argv: list[str] | None = None) -> int:
     with running_server(settings, REPO_ROOT / "bench_output" / "triton.log") as server:
         stats_client = grpcclient.InferenceServerClient(server.grpc_url)
         load(server.grpc_url, data, threshold, 1, 2)  # warm-up: first-call costs stay out of the numbers
-        result["ensemble"] = []
+        result["ensemble"], result["steps_by_concurrency"] = [], {}
         for level in args.concurrency:
             before = model_stats(stats_client)
             with GpuBusy() as busy:
                 row = load(server.grpc_url, data, threshold, level, args.requests)
             result["ensemble"].append(row | busy.summary())
-            result["steps"] = step_table(before, model_stats(stats_client))  # the last level's are kept
+            result["steps_by_concurrency"][str(level)] = step_table(before, model_stats(stats_client))
+            result["steps"] = result["steps_by_concurrency"][str(level)]  # the table shows the highest level
             print(json.dumps(result["ensemble"][-1]), flush=True)
         result["memory"] = gpu_memory_mib(server)
         stats_client.close()

@@ -109,6 +109,7 @@ def test_bench_gpu_runs_on_a_cpu_with_small_settings(triton, tmp_path):
     }  # fmt: skip
     assert all(step["requests"] == 2 and step["compute_ms"] >= 0 for step in result["steps"].values())
     assert result["steps"]["segmenter"]["compute_ms"] > result["steps"]["select_detections"]["compute_ms"]
+    assert set(result["steps_by_concurrency"]) == {"1", "2"} and result["steps_by_concurrency"]["2"] == result["steps"]
     assert result["in_process"]["p50_ms"] > 0
     assert result["plain_script"]["p50_ms"] > 0 and result["plain_script"]["defects_segmented"] == 1
     assert result["memory"]["resident"]["total_mib"] > 0

@@ -131,12 +131,11 @@ class TritonServer:
             "--log-verbose=0",
         ]
         cmd.append(f"--model-config-name={self.model_config_name or CONFIG_NAME}")
+        # The steps pass only CPU tensors between them (each model moves its own to the GPU), so Triton's own
+        # pinned and CUDA pools would hold memory for nothing.
+        cmd += ["--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"]
         if not self.gpu:
-            cmd += [
-                "--pinned-memory-pool-byte-size=0",
-                "--cuda-memory-pool-byte-size=0:0",
-                "--allow-gpu-metrics=false",
-            ]
+            cmd.append("--allow-gpu-metrics=false")
         return cmd
 
     def environment(self) -> dict:
@@ -148,6 +147,9 @@ class TritonServer:
         for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
             env.setdefault(var, "1")
         env.setdefault("PYTHONUNBUFFERED", "1")
+        # torch's allocator grows segments instead of keeping one per odd size: the detector and SAM see a few
+        # batch sizes and box counts, and fixed segments strand GPU memory between them.
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         env.update(self.extra_env)
         return env
 
