@@ -357,7 +357,7 @@ def test_rendered_configs_carry_the_plan(tmp_path):
     plan = serving_plan(load_settings(), gpu=True, cores=16)
     written = {p.parent.parent.name: p.read_text() for p in write_serving_configs(repo, plan)}
     assert set(written) == {"preprocess", "detector", "select_detections", "segmenter", "geometry", "result"}
-    assert "max_batch_size: 4" in written["segmenter"] and "max_batch_size: 8" in written["detector"]
+    assert "max_batch_size: 2" in written["segmenter"] and "max_batch_size: 8" in written["detector"]
     assert "max_queue_delay_microseconds: 0" in written["segmenter"]
     assert "count: 4" in written["geometry"] and 'string_value: "4"' in written["geometry"]
     assert "count: 1" in written["detector"]  # one copy of the weights on the card
