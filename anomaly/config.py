@@ -102,14 +102,14 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "BATCH_FRAMES",
         "auto",
-        "most frames the detector and the segmenter run as one batch (auto: detector 8, segmenter 4 on a GPU "
+        "most frames the detector and the segmenter run as one batch (auto: detector 8, segmenter 2 on a GPU "
         "(SAM2.1-L activations); detector 8, segmenter 1 on a CPU)",
     ),
     Knob(
         "CUDA_GRAPHS",
         "auto",
-        "`auto`: on a GPU the torch detector and the SAM image encoder replay CUDA graphs (one per batch size); "
-        "`off`: eager (less GPU memory, faster start)",
+        "`auto`: on a GPU the torch detector, the SAM image encoder and SAM's mask decoder replay CUDA graphs (one "
+        "per batch size or box count); `off`: eager (less GPU memory, faster start)",
     ),
     Knob("BATCH_DELAY_US", "0", "how long Triton holds a frame for a fuller batch, in microseconds"),
     Knob(

@@ -8,7 +8,7 @@ with `--model-config-name=serving`.
 
 GPU machine defaults: the detector batches up to 8 concurrent frames and the segmenter up to 2 (the SAM
 image encoder runs them as one batch; on an H100, batch 2 served as many frames/s at concurrency 8 as batch 4,
-39.3 vs 39.8, with 1.9 GB less memory for SAM2.1-L's activations and graphs), one instance each (each
+39.3 vs 39.8, with the segmenter's GPU memory 3.5 GB instead of 5.4), one instance each (each
 holds its weights once on the card); every CPU step gets cores / 4 instances and geometry measures a frame's
 masks on 4 threads. CPU-only machine: one instance of everything and no segmenter batching, since SAM's
 encoder already uses every core.
