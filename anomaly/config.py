@@ -14,6 +14,14 @@ from pathlib import Path
 from anomaly.errors import ConfigError
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+VARIANTS = ("nano", "small", "medium", "large")
+SAM2_VARIANTS = ("tiny", "small", "base_plus", "large")
+# RUNPOD_SERVERLESS -> how the container serves: the guide's true/false (and their spellings), and `lb`
+RUNPOD_MODES = {
+    **dict.fromkeys(("false", "0", "no", "off"), "pod"),
+    **dict.fromkeys(("true", "1", "yes", "on"), "serverless"),
+    "lb": "lb",
+}
 
 
 @dataclass(frozen=True)
@@ -21,12 +29,19 @@ class Knob:
     name: str
     default: str
     doc: str
+    choices: tuple[str, ...] = ()  # the values it accepts, where it is a choice (checked, and listed on the Hub)
 
 
 KNOBS: tuple[Knob, ...] = (
     # --- the original RunPod API's variables (names and meanings kept) ---
-    Knob("RUNPOD_SERVERLESS", "false", "`true`: serverless worker; `false`: pod mode (REST gateway)"),
-    Knob("DETECTOR_VARIANT", "medium", "RF-DETR size: `nano`, `small`, `medium` or `large`"),
+    Knob(
+        "RUNPOD_SERVERLESS",
+        "false",
+        "`true`: queue-based serverless worker; `lb`: load-balancing serverless endpoint (the REST API and "
+        "`/ping` on `PORT`); `false`: pod mode (REST gateway)",
+        ("false", "true", "lb"),
+    ),
+    Knob("DETECTOR_VARIANT", "medium", "RF-DETR size: `nano`, `small`, `medium` or `large`", VARIANTS),
     Knob("DETECTOR_WEIGHTS", "", "path to fine-tuned RF-DETR weights (.pth); empty: official COCO weights"),
     Knob(
         "DETECTOR_NUM_CLASSES",
@@ -41,7 +56,9 @@ KNOBS: tuple[Knob, ...] = (
     Knob("CONFIDENCE_THRESHOLD", "0.3", "default detection threshold in [0, 1], overridable per request"),
     Knob("API_HOST", "0.0.0.0", "REST gateway host (pod mode)"),
     Knob("API_PORT", "8080", "REST gateway port (pod mode); 8000 is Triton's HTTP port"),
-    Knob("API_KEY", "", "when set, REST requests need `Authorization: Bearer <key>` (`/health` stays open)"),
+    Knob("API_KEY", "", "when set, REST requests need `Authorization: Bearer <key>` (`/health` and `/ping` stay open)"),
+    Knob("PORT", "80", "load-balancing mode: the port of the REST API and `/ping` (RunPod sets it)"),
+    Knob("PORT_HEALTH", "", "load-balancing mode: the port of `/ping` (RunPod sets it; default `PORT`)"),
     # --- detector ---
     Knob("DETECTOR_LABELS", "", "labels file (JSON or one name per line) overriding the checkpoint's classes"),
     Knob("ALLOW_UNTRAINED_WEIGHTS", "0", "`1`: build untrained models when no weights exist (tests, demo)"),
@@ -51,6 +68,7 @@ KNOBS: tuple[Knob, ...] = (
         "SAM2_VARIANT",
         "large",
         "SAM2.1 size when no checkpoint names it: `tiny`, `small`, `base_plus`, `large`",
+        SAM2_VARIANTS,
     ),
     Knob("WEIGHTS_DIR", str(REPO_ROOT / "weights"), "where exported and untrained weights are kept"),
     # --- images ---
@@ -85,19 +103,21 @@ KNOBS: tuple[Knob, ...] = (
         "seconds SIGTERM leaves requests in flight to finish (gateway, then Triton) before stopping hard",
     ),
     Knob("COMPUTE_THREADS", "", "CPU threads for the detector and the segmenter (default: all cores)"),
-    Knob("DEVICE", "auto", "`auto`, `cpu` or `cuda`"),
+    Knob("DEVICE", "auto", "`auto`, `cpu` or `cuda`", ("auto", "cpu", "cuda")),
     # --- serving on GPUs (README, "Concurrency") ---
     Knob(
         "DETECTOR_BACKEND",
         "auto",
         "`auto`, `tensorrt`, `onnxruntime` or `torch`: what runs RF-DETR (auto: TensorRT, else onnxruntime's CUDA "
         "provider, else torch on a GPU; onnxruntime on a CPU)",
+        ("auto", "tensorrt", "onnxruntime", "torch"),
     ),
     Knob(
         "DETECTOR_PRECISION",
         "fp32",
         "`fp32` or `fp16`: RF-DETR's arithmetic on a GPU under TensorRT or torch (fp32 is exact: no TF32; fp16 "
         "saves ~1.7 ms a frame and moves untrained scores by up to 0.09, check it with your weights)",
+        ("fp32", "fp16"),
     ),
     Knob(
         "BATCH_FRAMES",
@@ -110,6 +130,7 @@ KNOBS: tuple[Knob, ...] = (
         "auto",
         "`auto`: on a GPU the torch detector, the SAM image encoder and SAM's mask decoder replay CUDA graphs (one "
         "per batch size or box count); `off`: eager (less GPU memory, faster start)",
+        ("auto", "off"),
     ),
     Knob("BATCH_DELAY_US", "0", "how long Triton holds a frame for a fuller batch, in microseconds"),
     Knob(
@@ -122,8 +143,7 @@ KNOBS: tuple[Knob, ...] = (
 )
 
 _DEFAULTS = {k.name: k.default for k in KNOBS}
-VARIANTS = ("nano", "small", "medium", "large")
-SAM2_VARIANTS = ("tiny", "small", "base_plus", "large")
+_CHOICES = {k.name: k.choices for k in KNOBS if k.choices}
 
 
 def env(name: str) -> str:
@@ -172,16 +192,27 @@ def _bool(name: str) -> bool:
     raise ConfigError(f"{name}={raw!r} is not a boolean (use true/false)")
 
 
-def _choice(name: str, choices: tuple[str, ...]) -> str:
-    raw = env(name).lower()
+def _choice(name: str) -> str:
+    raw, choices = env(name).lower(), _CHOICES[name]
     if raw not in choices:
         raise ConfigError(f"{name}={raw!r} must be one of {', '.join(choices)}")
     return raw
 
 
+def _runpod_mode() -> str:
+    """`pod`, `serverless` (queue-based worker) or `lb` (load-balancing endpoint)."""
+    raw = env("RUNPOD_SERVERLESS").lower()
+    if raw not in RUNPOD_MODES:
+        raise ConfigError(
+            f"RUNPOD_SERVERLESS={raw!r} must be true (queue-based serverless worker), lb (load-balancing "
+            "serverless endpoint) or false (pod)"
+        )
+    return RUNPOD_MODES[raw]
+
+
 @dataclass(frozen=True)
 class Settings:
-    runpod_serverless: bool
+    runpod_mode: str  # pod, serverless (queue-based worker) or lb (load-balancing endpoint)
     detector_variant: str
     detector_weights: str
     detector_num_classes: int | None
@@ -199,6 +230,8 @@ class Settings:
     api_host: str
     api_port: int
     api_key: str
+    port: int
+    port_health: int
     model_repository: Path
     triton_host: str
     triton_http_port: int
@@ -243,15 +276,15 @@ def load_settings() -> Settings:
     host = env("TRITON_HOST")
     grpc_port = _int("TRITON_GRPC_PORT")
     return Settings(
-        runpod_serverless=_bool("RUNPOD_SERVERLESS"),
-        detector_variant=_choice("DETECTOR_VARIANT", VARIANTS),
+        runpod_mode=_runpod_mode(),
+        detector_variant=_choice("DETECTOR_VARIANT"),
         detector_weights=env("DETECTOR_WEIGHTS"),
         detector_num_classes=_int("DETECTOR_NUM_CLASSES") if num_classes else None,
         detector_labels=env("DETECTOR_LABELS"),
         allow_untrained=_bool("ALLOW_UNTRAINED_WEIGHTS"),
         max_detections=_int("MAX_DETECTIONS"),
         sam_model_path=env("SAM_MODEL_PATH"),
-        sam2_variant=_choice("SAM2_VARIANT", SAM2_VARIANTS),
+        sam2_variant=_choice("SAM2_VARIANT"),
         weights_dir=Path(env("WEIGHTS_DIR")),
         confidence_threshold=_float("CONFIDENCE_THRESHOLD", 0.0, 1.0),  # type: ignore[arg-type]
         max_image_bytes=_int("MAX_IMAGE_BYTES"),
@@ -261,6 +294,8 @@ def load_settings() -> Settings:
         api_host=env("API_HOST"),
         api_port=_int("API_PORT"),
         api_key=env("API_KEY"),
+        port=_int("PORT"),
+        port_health=_int("PORT_HEALTH") if env("PORT_HEALTH") else _int("PORT"),
         model_repository=Path(env("MODEL_REPOSITORY")),
         triton_host=host,
         triton_http_port=_int("TRITON_HTTP_PORT"),
@@ -269,16 +304,16 @@ def load_settings() -> Settings:
         triton_home=env("TRITON_HOME"),
         triton_url=env("TRITON_URL") or f"{'127.0.0.1' if host == '0.0.0.0' else host}:{grpc_port}",
         compute_threads=_int("COMPUTE_THREADS") if threads else (os.cpu_count() or 1),
-        device=_choice("DEVICE", ("auto", "cpu", "cuda")),
+        device=_choice("DEVICE"),
         max_batch_images=_int("MAX_BATCH_IMAGES"),
         max_request_bytes=_int("MAX_REQUEST_BYTES"),
         runpod_concurrency=_int("RUNPOD_CONCURRENCY"),
         triton_ready_timeout=_int("TRITON_READY_TIMEOUT"),
         shutdown_grace_s=_float("SHUTDOWN_GRACE_S", 1.0, 600.0),  # type: ignore[arg-type]
-        detector_backend=_choice("DETECTOR_BACKEND", ("auto", "tensorrt", "onnxruntime", "torch")),
-        detector_precision=_choice("DETECTOR_PRECISION", ("fp32", "fp16")),
+        detector_backend=_choice("DETECTOR_BACKEND"),
+        detector_precision=_choice("DETECTOR_PRECISION"),
         batch_frames=_auto_int("BATCH_FRAMES"),
-        cuda_graphs=_choice("CUDA_GRAPHS", ("auto", "off")) == "auto",
+        cuda_graphs=_choice("CUDA_GRAPHS") == "auto",
         batch_delay_us=_int("BATCH_DELAY_US", lo=0),
         step_instances=_auto_int("STEP_INSTANCES"),
         geometry_threads=_auto_int("GEOMETRY_THREADS"),

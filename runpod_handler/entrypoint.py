@@ -1,10 +1,13 @@
-"""Container entrypoint (and `make serve`): Triton first, then the REST gateway (RUNPOD_SERVERLESS=false)
-or the serverless worker (true).
+"""Container entrypoint (and `make serve`): Triton first, then the REST gateway (RUNPOD_SERVERLESS=false),
+the serverless worker (true), or the REST gateway on PORT for a load-balancing endpoint (lb).
 
 1. Copies the model repository's code to MODEL_REPOSITORY when that points elsewhere (a volume), so the
    exported models persist across cold starts, and exports whatever is missing (`python -m export`).
-2. Starts tritonserver and waits until every model is ready.
-3. Starts the gateway (uvicorn on API_HOST:API_PORT) or the RunPod handler.
+   In load-balancing mode the gateway starts first, so that RunPod's `/ping` reads 204 (starting) meanwhile.
+2. Starts tritonserver and waits until every model is ready, then sends one frame through the pipeline (the
+   first answer pays for lazy initialisation, not a user's request) and logs each phase's seconds on one
+   `cold start:` line (README, "Cold start").
+3. Starts the gateway (uvicorn) or the RunPod handler.
 4. SIGTERM/SIGINT drain both within SHUTDOWN_GRACE_S (the front first, then Triton) and exit 0.
 5. If Triton or one of its model processes dies, the rest is stopped and the exit code is non-zero, so the
    platform restarts the container (a dead model process is checked every second: Triton 2.51 neither
@@ -22,7 +25,8 @@ import sys
 import time
 from pathlib import Path
 
-from anomaly.config import REPO_ROOT, load_settings
+from anomaly.config import REPO_ROOT, Settings, load_settings
+from anomaly.detector import export_files
 from anomaly.errors import ConfigError
 from anomaly.logs import setup_logging
 from anomaly.serving.triton_server import TritonServer, TritonStartError
@@ -44,15 +48,90 @@ def sync_model_repository(target: Path) -> None:
     (target / "anomaly_pipeline" / "1").mkdir(parents=True, exist_ok=True)  # ensembles need a version folder
 
 
-def front_command(serverless: bool, settings) -> list[str]:
-    if serverless:
-        return [sys.executable, str(REPO_ROOT / "runpod_handler" / "handler.py")]
+def gateway_command(settings: Settings, port: int) -> list[str]:
     return [
         sys.executable, "-m", "uvicorn", "runpod_handler.gateway:app",
-        "--host", settings.api_host, "--port", str(settings.api_port), "--workers", "1",
+        "--host", settings.api_host, "--port", str(port), "--workers", "1",
         # On SIGTERM uvicorn stops accepting and lets requests in flight finish, within our grace period.
         "--timeout-graceful-shutdown", str(max(1, int(settings.shutdown_grace_s - 2))),  # 2 s left for Triton
     ]  # fmt: skip
+
+
+def front_commands(settings: Settings) -> list[list[str]]:
+    """What answers users: the RunPod handler, or the gateway on API_PORT (pod) or PORT (load-balancing; a
+    second one serves /ping on PORT_HEALTH when RunPod gives it another port)."""
+    if settings.runpod_mode == "serverless":
+        return [[sys.executable, str(REPO_ROOT / "runpod_handler" / "handler.py")]]
+    if settings.runpod_mode == "pod":
+        return [gateway_command(settings, settings.api_port)]
+    ports = dict.fromkeys((settings.port, settings.port_health))
+    return [gateway_command(settings, port) for port in ports]
+
+
+def describe(settings: Settings) -> str:
+    if settings.runpod_mode == "serverless":
+        return "serverless worker"
+    if settings.runpod_mode == "lb":
+        return f"load-balancing REST gateway on {settings.api_host}:{settings.port} (/ping on {settings.port_health})"
+    return f"REST gateway on {settings.api_host}:{settings.api_port}"
+
+
+class ColdStart:
+    """Seconds of each start-up phase, logged on one line once the service can answer."""
+
+    def __init__(self):
+        self.phases: list[str] = []
+
+    def timed(self, name: str):
+        start = time.monotonic()
+        return lambda note="": self.phases.append(f"{name} {time.monotonic() - start:.1f} s{note}")
+
+    def line(self) -> str:
+        import psutil
+
+        since_start = time.time() - psutil.Process().create_time()  # the container's start, for ENTRYPOINT
+        return f"cold start: {', '.join(self.phases)}; answering {since_start:.1f} s after the process started"
+
+
+def export_models(settings: Settings, cold: ColdStart) -> int:
+    """`python -m export` in its own process (the models it loads are not kept here); notes whether the
+    detector was exported or an up-to-date export was reused (a persisted MODEL_REPOSITORY)."""
+    meta_path = export_files(settings.model_repository)[1]
+    before = meta_path.stat().st_mtime_ns if meta_path.exists() else None
+    done = cold.timed("export")
+    code = subprocess.run([sys.executable, "-m", "export"], cwd=REPO_ROOT).returncode
+    after = meta_path.stat().st_mtime_ns if meta_path.exists() else None
+    done(" (reused the detector export)" if before is not None and before == after else " (detector exported)")
+    return code
+
+
+def first_answer(server: TritonServer, cold: ColdStart) -> None:
+    """One frame through the whole pipeline before users come: its time is the last phase of the cold start."""
+    from client import AnomalyClient
+
+    done = cold.timed("first answer")
+    sample = REPO_ROOT / "samples" / "pier_spalling.png"
+    try:
+        with AnomalyClient(server.grpc_url, "grpc") as client:
+            client.detect(sample.read_bytes())  # at the default threshold, as a user's first frame
+    except Exception as exc:  # noqa: BLE001 - a user's request will say what is wrong; starting goes on
+        log.warning("the warm-up request failed: %s", exc)
+        done(" (failed)")
+        return
+    done()
+
+
+def stop_fronts(fronts: list[subprocess.Popen], deadline: float, mode: str) -> None:
+    for front in fronts:
+        if front.poll() is None:
+            front.terminate()
+    for front in fronts:
+        try:
+            front.wait(max(0.5, deadline - time.monotonic() - 1.0))
+        except subprocess.TimeoutExpired:
+            log.warning("the %s did not finish within the grace period; killing it", mode)
+            front.kill()
+            front.wait()
 
 
 def main() -> int:
@@ -65,28 +144,36 @@ def main() -> int:
     stopping: list[int] = []
     signal.signal(signal.SIGTERM, lambda signum, _frame: stopping.append(signum))
     signal.signal(signal.SIGINT, lambda signum, _frame: stopping.append(signum))
+    mode = describe(settings)
+    cold = ColdStart()
+    fronts: list[subprocess.Popen] = []
+    if settings.runpod_mode == "lb":  # /ping answers 204 while the rest starts
+        log.info("starting the %s before the models", mode)
+        fronts = [subprocess.Popen(cmd, cwd=REPO_ROOT) for cmd in front_commands(settings)]
 
     sync_model_repository(settings.model_repository)
-    export = subprocess.run([sys.executable, "-m", "export"], cwd=REPO_ROOT)
-    if export.returncode != 0:
+    if export_models(settings, cold) != 0:
         print("entrypoint: model export failed (see above); not starting", file=sys.stderr)
+        stop_fronts(fronts, time.monotonic() + settings.shutdown_grace_s, mode)
         return 2
     if stopping:
+        stop_fronts(fronts, time.monotonic() + settings.shutdown_grace_s, mode)
         return 0
 
     server = TritonServer(settings)
+    loaded = cold.timed("Triton model loads")
     try:
         server.start(settings.triton_ready_timeout)
     except TritonStartError as exc:
         print(f"entrypoint: {exc}", file=sys.stderr)
+        stop_fronts(fronts, time.monotonic() + settings.shutdown_grace_s, mode)
         return 1
-    mode = (
-        "serverless worker"
-        if settings.runpod_serverless
-        else f"REST gateway on {settings.api_host}:{settings.api_port}"
-    )
-    log.info("Triton ready (HTTP %s, gRPC %s); starting the %s", server.http_url, server.grpc_url, mode)
-    front = subprocess.Popen(front_command(settings.runpod_serverless, settings), cwd=REPO_ROOT)
+    loaded()
+    first_answer(server, cold)
+    log.info("Triton ready (HTTP %s, gRPC %s); %s", server.http_url, server.grpc_url, cold.line())
+    if not fronts:
+        log.info("starting the %s", mode)
+        fronts = [subprocess.Popen(cmd, cwd=REPO_ROOT) for cmd in front_commands(settings)]
 
     code = 0
     checked = time.monotonic()
@@ -106,8 +193,9 @@ def main() -> int:
                 )
                 code = 1
                 break
-        if front.poll() is not None:
-            code = front.returncode or 0
+        ended = [front for front in fronts if front.poll() is not None]
+        if ended:
+            code = ended[0].returncode or 0
             log.info("the %s exited with %s; stopping Triton", mode, code)
             break
         time.sleep(0.2)
@@ -115,14 +203,7 @@ def main() -> int:
     # Drain in order within SHUTDOWN_GRACE_S: the front stops accepting and finishes its requests (they still
     # need Triton), then Triton finishes what is in flight (direct clients' requests too) and exits.
     deadline = time.monotonic() + settings.shutdown_grace_s
-    if front.poll() is None:
-        front.terminate()
-        try:
-            front.wait(max(0.5, deadline - time.monotonic() - 1.0))
-        except subprocess.TimeoutExpired:
-            log.warning("the %s did not finish within the grace period; killing it", mode)
-            front.kill()
-            front.wait()
+    stop_fronts(fronts, deadline, mode)
     server.stop(timeout=max(0.5, deadline - time.monotonic()))
     return code
 

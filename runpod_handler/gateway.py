@@ -1,6 +1,8 @@
 """Pod-mode REST API (README, "Pod mode"), in front of Triton (which stays reachable on its own ports).
 
   GET  /health          200 only when Triton and every model are ready, else 503
+  GET  /ping            RunPod load-balancing health: 204 while starting, 200 when ready, 503 when it was
+                        ready and no longer is
   GET  /info            detector, segmenter, weights (and whether untrained), classes, versions, device
   POST /detect          {"image": b64, "frame_id"?, "include_masks"?, "confidence_threshold"?, "mm_per_pixel"?}
   POST /detect/batch    {"images": [b64...], "frame_ids"?: [...], same options}
@@ -25,7 +27,7 @@ from typing import Annotated, Any
 from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -93,8 +95,12 @@ def _run(job: Job) -> Any:
         return _error(500, str(exc))
 
 
+OPEN_PATHS = ("/health", "/ping")
+
+
 class RequestGuard:
-    """Pure ASGI middleware, outermost: the optional API key (API_KEY; /health stays open), and the body limit
+    """Pure ASGI middleware, outermost: the optional API key (API_KEY; /health and /ping stay open: the platform
+    probes them without credentials), and the body limit
     (MAX_REQUEST_BYTES) enforced on the bytes as they arrive, so a chunked body with no Content-Length cannot
     grow past it in memory either."""
 
@@ -106,7 +112,7 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         s = settings()
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
-        if s.api_key and scope["path"] != "/health":
+        if s.api_key and scope["path"] not in OPEN_PATHS:
             given = headers.get("authorization", "")
             if not hmac.compare_digest(given.encode(), f"Bearer {s.api_key}".encode()):
                 response = _error(401, "authorization: send the header 'Authorization: Bearer <API_KEY>'")
@@ -192,6 +198,23 @@ def health():
     return JSONResponse(status_code=200 if state["ready"] else 503, content=body)
 
 
+_ready_once = threading.Event()  # /ping: was Triton ever ready behind this gateway?
+
+
+@app.get("/ping", summary="RunPod load-balancing health: 204 starting, 200 ready, 503 no longer ready")
+def ping():
+    """The load balancer sends traffic to a worker once this says 200, counts its cold start from the first 204
+    to the first 200, and drops a worker that answers anything else. In load-balancing mode the entrypoint
+    starts this gateway before the export and Triton, so the worker says 'starting' instead of not answering."""
+    state = readiness()
+    if state["ready"]:
+        _ready_once.set()
+        return JSONResponse(status_code=200, content={"status": "healthy"})
+    if not _ready_once.is_set():
+        return Response(status_code=204)
+    return JSONResponse(status_code=503, content={"status": "unhealthy", **state})
+
+
 def models_in_service(model_repository: Path) -> dict:
     """What the running detector and segmenter steps loaded (their start-up records, anomaly.serving.in_service),
     in the shape every response's `models` has, with the model warnings (untrained, detector on the CPU)."""
@@ -231,7 +254,7 @@ def info():
     detector = loaded["models"]["detector"]
     segmenter = loaded["models"]["segmenter"]
     return {
-        "mode": "serverless" if s.runpod_serverless else "pod",
+        "mode": s.runpod_mode,
         "detector": detector | {"variant": meta.variant},
         "segmenter": segmenter | {"sam_model_path": s.sam_model_path},
         "untrained_weights": bool(detector.get("untrained") or segmenter.get("untrained")),

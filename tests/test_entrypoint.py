@@ -93,6 +93,40 @@ def test_serverless_mode_serves_and_stops_cleanly(tmp_path):
             proc.kill()
 
 
+def test_load_balancing_mode_pings_then_serves_the_rest_api_on_port(tmp_path, exported):
+    """RUNPOD_SERVERLESS=lb, as RunPod's load-balancing endpoints run a worker: the REST gateway on PORT, and
+    /ping (on PORT and on a separate PORT_HEALTH) answering 204 while the models load, 200 once they serve,
+    open even with an API key; the same API as pod mode; the cold start's phases in the log."""
+    port, health = free_ports(2)
+    proc, _api, log = launch(tmp_path, RUNPOD_SERVERLESS="lb", PORT=str(port), PORT_HEALTH=str(health), API_KEY="k")
+    try:
+        codes = []
+        deadline = time.monotonic() + 600
+        while time.monotonic() < deadline and 200 not in codes:
+            assert proc.poll() is None, log.read_text()[-3000:]
+            try:
+                codes.append(requests.get(f"http://127.0.0.1:{health}/ping", timeout=5).status_code)
+            except requests.ConnectionError:
+                pass  # uvicorn still starting
+            time.sleep(0.5)
+        assert codes and codes[0] == 204 and codes[-1] == 200, codes
+        assert set(codes) <= {204, 200}  # starting, then ready: nothing RunPod would read as unhealthy
+        assert requests.get(f"http://127.0.0.1:{port}/ping", timeout=5).status_code == 200
+        auth = {"Authorization": "Bearer k"}
+        r = requests.post(f"http://127.0.0.1:{port}/detect", json={"image": PIER, "frame_id": "lb-1"}, headers=auth,
+                          timeout=300)  # fmt: skip
+        assert r.status_code == 200 and r.json()["frame_id"] == "lb-1"
+        assert requests.post(f"http://127.0.0.1:{port}/detect", json={"image": PIER}, timeout=30).status_code == 401
+        assert requests.get(f"http://127.0.0.1:{port}/info", headers=auth, timeout=60).json()["mode"] == "lb"
+        phases = [line for line in log.read_text().splitlines() if "cold start:" in line]
+        assert len(phases) == 1 and "Triton model loads" in phases[0] and "first answer" in phases[0], phases
+        assert "(reused the detector export)" in phases[0]  # the repository was exported before: a warm start
+        stop_within_10s(proc, descendants(proc))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
 def test_triton_dying_stops_the_entrypoint_with_an_error(tmp_path):
     proc, api, log = launch(tmp_path, RUNPOD_SERVERLESS="false")
     try:
