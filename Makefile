@@ -14,7 +14,7 @@ REGISTRY ?= your-registry
 # Tests and the demo run untrained models (no weights can be downloaded here) and the smallest SAM.
 DEV_ENV := ALLOW_UNTRAINED_WEIGHTS=$${ALLOW_UNTRAINED_WEIGHTS:-1} SAM2_VARIANT=$${SAM2_VARIANT:-tiny}
 
-.PHONY: help venv triton models serve demo test unit perf bench bench-gpu soak lint lock docker-build docker-push clean
+.PHONY: help venv triton models serve demo test unit perf bench bench-gpu soak lint lock image-lock hub docker-build docker-push clean
 
 help:
 	@echo "make serve   pod mode: Triton (HTTP 8000, gRPC 8001, metrics 8002) + REST gateway (8080)"
@@ -27,6 +27,8 @@ help:
 	@echo "make soak    10 minutes at concurrency 8 with 10% bad inputs: errors, latency, memory growth"
 	@echo "make lint    ruff and hadolint"
 	@echo "make models  export the detector and prepare segmenter weights"
+	@echo "make image-lock  resolve requirements-image.lock for the image's Python 3.12"
+	@echo "make hub     write .runpod/hub.json, .runpod/tests.json and test_input.json from the settings"
 	@echo "make docker-build / docker-push  the pod/serverless image (Dockerfile)"
 
 venv: $(VENV_STAMP)
@@ -98,6 +100,14 @@ lock: $(VENV_STAMP)
 	$(PY) -m pip install -q -r requirements.in
 	( echo '# Exact environment of .venv (pip freeze), installed by `make venv` after torch. Regenerate: `make lock`.'; \
 	  $(PY) -m pip freeze --exclude-editable | grep -v '^anomaly' ) > requirements.lock
+
+# What the container image installs besides torch: resolved for the base image's Python 3.12 (runpod_handler/image.py).
+image-lock: $(VENV_STAMP)
+	$(PY) -m runpod_handler.image
+
+# The RunPod Hub files (.runpod/hub.json, .runpod/tests.json) and test_input.json, from the settings table.
+hub: $(VENV_STAMP)
+	$(PY) -m runpod_handler.hub
 
 docker-build:
 	docker build -t $(REGISTRY)/$(IMAGE):$(TAG) .

@@ -60,6 +60,10 @@ def main() -> None:
     exif[0x0112] = 6
     Image.fromarray(wall).save(HERE / "tunnel_wall_exif.jpg", quality=85, exif=exif)
 
+    # The deck at a quarter of its size: small enough to travel inline in the RunPod Hub's tests.json and in
+    # test_input.json (base64 in a JSON file).
+    Image.fromarray(deck).resize((480, 270), Image.Resampling.LANCZOS).save(HERE / "hub_test.jpg", quality=80)
+
 
 if __name__ == "__main__":
     main()

@@ -63,6 +63,19 @@ def test_test_input_json_file_batch(triton, tmp_path):
     assert output["results"][1]["image_size"] == {"width": 600, "height": 800}
 
 
+def test_handler_with_no_arguments_answers_the_committed_test_input_json(triton):
+    """What `python runpod_handler/handler.py` does in the repository (and the Hub's build check): the runpod
+    SDK finds ./test_input.json, runs it once and exits."""
+    committed = json.loads((REPO / "test_input.json").read_text())["input"]
+    out = subprocess.run(
+        [sys.executable, str(HANDLER)], env=env_for(triton), capture_output=True, text=True, timeout=300, cwd=REPO
+    )
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    output = job_result(out.stdout)["output"]
+    assert output["frame_id"] == committed["frame_id"] and output["image_size"] == {"width": 480, "height": 270}
+    assert output["untrained_weights"] is True and output["warnings"]
+
+
 def test_test_input_bad_field_fails_the_job(triton, tmp_path):
     out = subprocess.run(
         [sys.executable, str(HANDLER), "--test_input", json.dumps({"input": {"image": "%%%"}})],
