@@ -5,6 +5,8 @@
 #   here:  bench/offline_gpu.sh pack         -> .gpu/ (about 47 MB): Triton from .triton/, the cp312 wheels
 #                                               of our compiled dependencies, our pure-Python ones from .venv
 #   there: bench/offline_gpu.sh run [ARGS]   in the repo root with .gpu/ beside it; ARGS go to bench.gpu
+#          bench/offline_gpu.sh coldstart    the entrypoint twice (empty MODEL_REPOSITORY, then the same
+#                                            one again): its `cold start:` lines
 #
 # Triton's Python stub imports numpy from the python on PATH and garbles BYTES tensors under numpy 2, so
 # `run` makes a venv whose own site-packages (numpy 1.26.4, our dependencies, the repo) come first and the
@@ -54,8 +56,9 @@ setup_env() {
     mkdir -p .triton/pkgs && tar -xJf .gpu/triton.tar.xz -C .triton/pkgs
 }
 
-run() {
-    local env=/tmp/anomaly-env py_version image_site site
+machine_env() {
+    env=/tmp/anomaly-env
+    local py_version image_site site
     py_version=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
     image_site=$(python3 -c 'import site; print(site.getsitepackages()[0])')
     site=$env/lib/python$py_version/site-packages
@@ -63,14 +66,38 @@ run() {
     # the 3.12 stub links libpython3.12.so
     export LD_LIBRARY_PATH="$(python3 -c 'import sysconfig; print(sysconfig.get_config_var("LIBDIR"))')${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
     "$env/bin/python" -c 'import numpy, torch, cv2, scipy, skimage, supervision, tritonclient.grpc, anomaly.pipeline, anomaly.geometry, export, bench.gpu; from rfdetr import RFDETRMedium; from sam2.sam2_image_predictor import SAM2ImagePredictor; print("numpy", numpy.__version__, "torch", torch.__version__, "cuda", torch.cuda.is_available())'
-    # what `make bench-gpu` runs (make may be missing there)
     export ALLOW_UNTRAINED_WEIGHTS=${ALLOW_UNTRAINED_WEIGHTS:-1} SAM2_VARIANT=${SAM2_VARIANT:-large}
+}
+
+run() {
+    machine_env
+    # what `make bench-gpu` runs (make may be missing there)
     "$env/bin/python" -m export
     "$env/bin/python" -m bench.gpu "$@"
+}
+
+coldstart() {
+    machine_env
+    local repo=/tmp/cold-model-repository log pid
+    rm -rf "$repo"
+    for start in first restart; do
+        log=/tmp/coldstart-$start.log
+        RUNPOD_SERVERLESS=false MODEL_REPOSITORY=$repo API_HOST=127.0.0.1 API_PORT=18080 TRITON_HTTP_PORT=18000 \
+            TRITON_GRPC_PORT=18001 TRITON_METRICS_PORT=18002 "$env/bin/python" -m runpod_handler.entrypoint >"$log" 2>&1 &
+        pid=$!
+        for _ in $(seq 600); do
+            grep -q "cold start:" "$log" && break
+            kill -0 $pid 2>/dev/null || break
+            sleep 0.5
+        done
+        kill -TERM $pid 2>/dev/null; wait $pid || true
+        echo "$start: $(grep -o 'cold start:.*' "$log" || tail -5 "$log")"
+    done
 }
 
 case "${1:-}" in
 pack) pack ;;
 run) shift; run "$@" ;;
-*) echo "usage: $0 pack | run [bench.gpu arguments]" >&2; exit 2 ;;
+coldstart) coldstart ;;
+*) echo "usage: $0 pack | run [bench.gpu arguments] | coldstart" >&2; exit 2 ;;
 esac
