@@ -51,7 +51,14 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "SAM_MODEL_PATH",
         "/models/sam3.pt",
-        "segmenter weights: a SAM2.1 checkpoint (`sam2.1_hiera_*.pt`); SAM3 files are recognised, not yet served",
+        "segmenter weights: Meta's SAM3 `sam3.pt` or a SAM2.1 checkpoint, told apart by their contents",
+    ),
+    Knob(
+        "SEGMENTER",
+        "auto",
+        "`auto`: what SAM_MODEL_PATH holds, SAM2.1 (`SAM2_VARIANT`) when it is missing or unusable; `sam3` or "
+        "`sam2.1`: only that one",
+        ("auto", "sam3", "sam2.1"),
     ),
     Knob("CONFIDENCE_THRESHOLD", "0.3", "default detection threshold in [0, 1], overridable per request"),
     Knob("API_HOST", "0.0.0.0", "REST gateway host (pod mode)"),
@@ -220,6 +227,7 @@ class Settings:
     allow_untrained: bool
     max_detections: int
     sam_model_path: str
+    segmenter: str  # auto, sam3 or sam2.1
     sam2_variant: str
     weights_dir: Path
     confidence_threshold: float
@@ -284,6 +292,7 @@ def load_settings() -> Settings:
         allow_untrained=_bool("ALLOW_UNTRAINED_WEIGHTS"),
         max_detections=_int("MAX_DETECTIONS"),
         sam_model_path=env("SAM_MODEL_PATH"),
+        segmenter=_choice("SEGMENTER"),
         sam2_variant=_choice("SAM2_VARIANT"),
         weights_dir=Path(env("WEIGHTS_DIR")),
         confidence_threshold=_float("CONFIDENCE_THRESHOLD", 0.0, 1.0),  # type: ignore[arg-type]

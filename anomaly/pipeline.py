@@ -21,7 +21,7 @@ from anomaly.geometry import GEOMETRY_FIELDS
 from anomaly.images import read_header
 from anomaly.options import RequestOptions
 from anomaly.result import build_response
-from anomaly.weights import UNTRAINED_BANNER
+from anomaly.weights import UNTRAINED_BANNER, segmenter_title
 
 
 def select(
@@ -72,7 +72,8 @@ def warnings_for(meta: DetectorMetadata, segmenter_info: dict, notes: list[str],
     if meta.untrained:
         found.append(UNTRAINED_BANNER.format(what=f"the detector (RF-DETR {meta.variant})"))
     if segmenter_info.get("untrained"):
-        found.append(UNTRAINED_BANNER.format(what=f"the segmenter (SAM2.1 {segmenter_info.get('variant')})"))
+        title = segmenter_title(segmenter_info.get("kind", "sam2.1"), segmenter_info.get("variant", ""))
+        found.append(UNTRAINED_BANNER.format(what=f"the segmenter ({title})"))
     if detector_info.get("warning"):
         found.append(detector_info["warning"])
     return found + list(notes)
@@ -102,7 +103,7 @@ def models_info(meta: DetectorMetadata, segmenter: dict, detector: dict) -> dict
             "reason": detector.get("reason", ""),
         },
         "segmenter": {
-            "name": f"{segmenter.get('kind', 'sam2.1')}-{segmenter.get('variant')}",
+            "name": "-".join(filter(None, [segmenter.get("kind", "sam2.1"), segmenter.get("variant")])),
             "weights": Path(segmenter.get("checkpoint", "")).name,
             "untrained": bool(segmenter.get("untrained")),
             "device": segmenter.get("device", ""),

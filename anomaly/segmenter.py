@@ -46,15 +46,6 @@ def crop_box(box: np.ndarray, image_hw: tuple[int, int]) -> tuple[int, int, int,
     return x0, y0, x1, y1
 
 
-def sam2_variant_from_path(path: str | Path) -> str | None:
-    """`sam2.1_hiera_large.pt` -> `large`; None when the name says nothing."""
-    name = Path(path).name.lower()
-    for variant in ("base_plus", "tiny", "small", "large"):
-        if variant in name or (variant == "base_plus" and "b+" in name):
-            return variant
-    return None
-
-
 def resolve_device(device: str) -> str:
     import torch
 
@@ -74,20 +65,25 @@ class Sam2Segmenter:
     name = "sam2.1"
 
     def __init__(self, variant: str, checkpoint: str | Path | None, device: str = "auto", threads: int = 0):
-        import torch
         from sam2.build_sam import build_sam2
         from sam2.sam2_image_predictor import SAM2ImagePredictor
+
+        self.variant = variant
+        self._start(device, threads)
+        model = build_sam2(SAM2_CONFIGS[variant], ckpt_path=str(checkpoint) if checkpoint else None, device=self.device)
+        self.predictor = SAM2ImagePredictor(model)  # its transforms, feature sizes and threshold are the reference
+        self.model = model  # forward_image, and the prompt encoder and mask decoder every box goes through
+        self.resolution = model.image_size
+
+    def _start(self, device: str, threads: int) -> None:
+        """What every SAM of this interface sets up before its model: threads, device, the graphed forwards."""
+        import torch
 
         from anomaly.cuda_graphs import GraphedForward
 
         if threads:
             torch.set_num_threads(threads)
-        self.variant = variant
         self.device = resolve_device(device)
-        model = build_sam2(SAM2_CONFIGS[variant], ckpt_path=str(checkpoint) if checkpoint else None, device=self.device)
-        self.predictor = SAM2ImagePredictor(model)  # its transforms, feature sizes and threshold are the reference
-        self.model = model
-        self.resolution = model.image_size
         self._torch = torch
         self._encoder = GraphedForward(self._embed, self._autocast)
         self._decoder = GraphedForward(self._decode_boxes, self._autocast)
@@ -121,17 +117,21 @@ class Sam2Segmenter:
     def prepare(self, data: bytes, max_bytes: int, max_pixels: int, field: str = "image"):
         """Encoded image -> (SAM input (3, S, S) on this segmenter's device, (height, width)); decoded on the
         GPU when there is one (images.decode_to_tensor)."""
-        from anomaly.images import decode_to_tensor, sam_input
+        from anomaly.images import decode_to_tensor
 
         chw = decode_to_tensor(data, self.device, max_bytes, max_pixels, field)
-        return sam_input(chw, self.resolution), (int(chw.shape[1]), int(chw.shape[2]))
+        return self.model_input(chw), (int(chw.shape[1]), int(chw.shape[2]))
 
     def prepare_rgb(self, rgb: np.ndarray):
         """RGB uint8 (H, W, 3) -> (SAM input, (height, width)), as SAM2ImagePredictor.set_image prepares it."""
+        chw = self._torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).to(self.device)
+        return self.model_input(chw), rgb.shape[:2]
+
+    def model_input(self, chw):
+        """Upright RGB uint8 (3, H, W) -> the image encoder's input, as SAM2ImagePredictor.set_image makes it."""
         from anomaly.images import sam_input
 
-        chw = self._torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).to(self.device)
-        return sam_input(chw, self.resolution), rgb.shape[:2]
+        return sam_input(chw, self.resolution)
 
     # --- the model ---
     def embed(self, inputs) -> dict:
@@ -207,7 +207,7 @@ class Sam2Segmenter:
             ]
             sizes = [frames[i][1] for i, frame_windows in zip(busy, windows) for _ in frame_windows]
             flat_windows = [w for frame_windows in windows for w in frame_windows]
-            masks = self.upsample_crops(torch.cat(low_res), flat_windows, sizes)
+            masks = self.upsample_crops(self.postprocess_logits(torch.cat(low_res)), flat_windows, sizes)
             scores = np.clip(torch.cat(ious).cpu().numpy(), 0.0, 1.0)
         crops = iter(MaskCrop(w, m, float(s)) for w, m, s in zip(flat_windows, masks, scores))
         for i, frame_windows in zip(busy, windows):
@@ -220,6 +220,11 @@ class Sam2Segmenter:
             return []
         prepared, hw = self.prepare_rgb(rgb)
         return self.segment_batch([(prepared, hw, boxes)])[0]
+
+    def postprocess_logits(self, low_res):
+        """The reference predictor's clean-up of low-resolution logits before upsampling: none for SAM2.1
+        (SAM2ImagePredictor's hole and sprinkle areas default to 0)."""
+        return low_res
 
     def upsample_crops(self, low_res, windows: list, sizes: list, budget: int = 1 << 23) -> list[np.ndarray]:
         """Bilinear samples of the (N, 1, 256, 256) logits at each window's pixel centres, thresholded at 0:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from anomaly.config import Settings
 from anomaly.errors import WeightsMissingError
-from anomaly.segmenter import SAM2_CHECKPOINTS, SAM2_CONFIGS, SAM2_URL, sam2_variant_from_path
+from anomaly.segmenter import SAM2_CHECKPOINTS, SAM2_CONFIGS, SAM2_URL
 
 log = logging.getLogger(__name__)
 
@@ -26,8 +26,8 @@ UNTRAINED_BANNER = (
 
 @dataclass(frozen=True)
 class SegmenterSpec:
-    kind: str  # "sam2.1"
-    variant: str
+    kind: str  # "sam3" or "sam2.1"
+    variant: str  # SAM2.1's size; "" for SAM3 (one size)
     checkpoint: str
     untrained: bool
     note: str = ""  # why this one was chosen when it is a fallback
@@ -36,12 +36,59 @@ class SegmenterSpec:
         return asdict(self)
 
 
+def segmenter_title(kind: str, variant: str = "") -> str:
+    """ "SAM3", "SAM2.1 large": how logs, banners and notes name a segmenter."""
+    return " ".join(filter(None, [kind.upper(), variant]))
+
+
+# SAM2.1's size from its image encoder: (patch embedding width, number of Hiera blocks)
+SAM2_SIZES = {(96, 12): "tiny", (96, 16): "small", (112, 24): "base_plus", (144, 48): "large"}
+
+
+def checkpoint_kind(path: Path) -> tuple[str, str]:
+    """What a segmenter checkpoint holds, from its keys: ("sam3", "") or ("sam2.1", size). Raises ValueError
+    naming the file for anything else (another model, not a checkpoint, unreadable)."""
+    from anomaly.sam3 import is_sam3_state, read_state
+
+    try:
+        state = read_state(path)
+    except Exception as exc:  # noqa: BLE001 - corrupt, truncated, not a torch file: all the same to the caller
+        raise ValueError(f"{path} could not be read as a checkpoint ({type(exc).__name__}: {exc})") from None
+    if is_sam3_state(state):
+        return "sam3", ""
+    patch = state.get("image_encoder.trunk.patch_embed.proj.weight")
+    if patch is not None:
+        blocks = {k.split(".")[3] for k in state if k.startswith("image_encoder.trunk.blocks.")}
+        size = SAM2_SIZES.get((int(patch.shape[0]), len(blocks)))
+        if size:
+            return "sam2.1", size
+        raise ValueError(
+            f"{path} is a SAM2 image encoder of no known size ({patch.shape[0]} wide, {len(blocks)} blocks)"
+        )
+    some = ", ".join(list(state)[:3])
+    raise ValueError(f"{path} is neither a SAM3 nor a SAM2.1 checkpoint (its weights start {some})")
+
+
+def marked_untrained(path: Path) -> bool:
+    """Whether a weights file is one of our untrained ones (under any name or link): save_untrained writes a
+    `.json` marker beside it."""
+    marker = Path(path).resolve().with_suffix(".json")
+    try:
+        return bool(json.loads(marker.read_text()).get("untrained"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def untrained_dir(settings: Settings) -> Path:
     return settings.weights_dir / "untrained"
 
 
 def untrained_sam2_path(settings: Settings, variant: str) -> Path:
     return untrained_dir(settings) / f"sam2.1_hiera_{variant}.untrained.pt"
+
+
+def untrained_sam3_path(settings: Settings) -> Path:
+    return untrained_dir(settings) / "sam3.untrained.pt"
 
 
 def save_untrained(checkpoint: dict, path: Path, what: str) -> Path:
@@ -70,18 +117,55 @@ def make_untrained_sam2(variant: str, path: Path) -> Path:
     return save_untrained({"model": model.state_dict()}, path, f"SAM2.1 {variant}")
 
 
+def make_untrained_sam3(path: Path) -> Path:
+    """A seeded, randomly initialised SAM3 image model saved in the official checkpoint layout, in half
+    precision (1.7 GB instead of 3.4; it loads into the fp32 model like any checkpoint)."""
+    import torch
+
+    from anomaly.sam3 import build_sam3, to_official_layout
+
+    if path.exists():
+        return path
+    torch.manual_seed(UNTRAINED_SEED)
+    layout = to_official_layout(build_sam3())
+    layout["model"] = {k: v.half() if v.is_floating_point() else v for k, v in layout["model"].items()}
+    return save_untrained(layout, path, "SAM3")
+
+
+def make_untrained(spec: SegmenterSpec) -> None:
+    if spec.kind == "sam3":
+        make_untrained_sam3(Path(spec.checkpoint))
+    else:
+        make_untrained_sam2(spec.variant, Path(spec.checkpoint))
+
+
 def segmenter_candidates(settings: Settings) -> tuple[list[SegmenterSpec], list[str]]:
-    """The segmenter weights to try, best first, and notes on what was passed over and why."""
+    """The segmenter weights to try, best first, and notes on what was passed over and why.
+
+    SAM_MODEL_PATH is taken for what its keys say it holds (a SAM3 file named model.pt is SAM3, a SAM2.1
+    file named sam3.pt is SAM2.1 of its own size). SEGMENTER=auto serves it, else falls back to SAM2.1
+    (SAM2_VARIANT: WEIGHTS_DIR's official file, then untrained if allowed); SEGMENTER=sam3 takes only SAM3
+    (untrained if allowed), SEGMENTER=sam2.1 only SAM2.1."""
     notes: list[str] = []
     candidates: list[SegmenterSpec] = []
+    wanted = settings.segmenter
     given = Path(settings.sam_model_path)
     if not given.is_file():
         notes.append(f"SAM_MODEL_PATH={given} does not exist")
-    elif "sam3" in given.name.lower():
-        notes.append(f"SAM_MODEL_PATH={given} looks like SAM3 weights; this build serves SAM2.1, falling back")
     else:
-        variant = sam2_variant_from_path(given) or settings.sam2_variant
-        candidates.append(SegmenterSpec("sam2.1", variant, str(given), False))
+        try:
+            kind, variant = checkpoint_kind(given)
+        except ValueError as exc:
+            notes.append(f"SAM_MODEL_PATH: {exc}")
+        else:
+            if wanted in ("auto", kind):
+                candidates.append(SegmenterSpec(kind, variant, str(given), marked_untrained(given)))
+            else:
+                notes.append(f"SAM_MODEL_PATH={given} holds {segmenter_title(kind)} weights; SEGMENTER={wanted}")
+    if wanted == "sam3":
+        if settings.allow_untrained:
+            candidates.append(SegmenterSpec("sam3", "", str(untrained_sam3_path(settings)), True, "; ".join(notes)))
+        return candidates, notes
     variant = settings.sam2_variant
     default = settings.weights_dir / SAM2_CHECKPOINTS[variant]
     if default.is_file():
@@ -95,10 +179,16 @@ def segmenter_candidates(settings: Settings) -> tuple[list[SegmenterSpec], list[
 
 
 def missing_sam_message(settings: Settings, notes: list[str]) -> str:
+    if settings.segmenter == "sam3":
+        return (
+            "No usable segmenter weights: " + "; ".join(notes) + ". SEGMENTER=sam3 needs SAM_MODEL_PATH to point "
+            "at Meta's sam3.pt (https://huggingface.co/facebook/sam3), or set ALLOW_UNTRAINED_WEIGHTS=1 to run "
+            "an untrained SAM3 (tests and demos only)."
+        )
     name = SAM2_CHECKPOINTS[settings.sam2_variant]
     return (
         "No usable segmenter weights: " + "; ".join(notes) + ". Download "
-        f"{SAM2_URL.format(name=name)} into {settings.weights_dir}/ (or point SAM_MODEL_PATH at a SAM2.1 "
+        f"{SAM2_URL.format(name=name)} into {settings.weights_dir}/ (or point SAM_MODEL_PATH at a SAM3 or SAM2.1 "
         "checkpoint), or set ALLOW_UNTRAINED_WEIGHTS=1 to run untrained weights (tests and demos only)."
     )
 
@@ -113,10 +203,16 @@ def load_segmenter(settings: Settings):
     for spec in candidates:
         try:
             if spec.untrained:
-                make_untrained_sam2(spec.variant, Path(spec.checkpoint))
-            segmenter = Sam2Segmenter(spec.variant, spec.checkpoint, settings.device, settings.compute_threads)
+                make_untrained(spec)
+            if spec.kind == "sam3":
+                from anomaly.sam3 import Sam3Segmenter
+
+                segmenter = Sam3Segmenter(spec.checkpoint, settings.device, settings.compute_threads)
+            else:
+                segmenter = Sam2Segmenter(spec.variant, spec.checkpoint, settings.device, settings.compute_threads)
         except Exception as exc:  # a corrupt or mismatched checkpoint: say so and fall back
-            message = f"{spec.checkpoint} could not be loaded as SAM2.1 {spec.variant} ({type(exc).__name__}: {exc})"
+            title = segmenter_title(spec.kind, spec.variant)
+            message = f"{spec.checkpoint} could not be loaded as {title} ({type(exc).__name__}: {exc})"
             log.error(message)
             failures.append(message)
             continue
@@ -137,5 +233,5 @@ def prepare_segmenter_weights(settings: Settings) -> SegmenterSpec:
         raise WeightsMissingError(missing_sam_message(settings, notes))
     spec = candidates[0]
     if spec.untrained:
-        make_untrained_sam2(spec.variant, Path(spec.checkpoint))
+        make_untrained(spec)
     return spec

@@ -305,21 +305,51 @@ def timed(fn, repeats: int) -> dict:
     return {"p50_ms": round(percentile(times, 50) * 1000, 1), "repeats": repeats}
 
 
-def plain_script(settings: Settings, meta, data: bytes, threshold: float, repeats: int, gpu: bool) -> dict:
-    """What a user would write without Triton: rfdetr's predict, then SAM2ImagePredictor with its boxes."""
-    import torch
+def reference_segmenter(spec, device: str):
+    """The segmenter as its authors' API runs it: boxes of one RGB frame -> their masks (nothing kept)."""
+    if spec.kind == "sam3":
+        from PIL import Image
+        from sam3.model.sam3_image_processor import Sam3Processor
+
+        from anomaly.sam3 import build_sam3
+
+        model = build_sam3(spec.checkpoint, device)
+        processor = Sam3Processor(model, device=device)
+
+        def sam3(rgb, boxes):
+            state = processor.set_image(Image.fromarray(rgb))
+            for box in boxes:
+                model.predict_inst(state, box=box, multimask_output=False)
+
+        return sam3
     from sam2.build_sam import build_sam2
     from sam2.sam2_image_predictor import SAM2ImagePredictor
 
+    from anomaly.segmenter import SAM2_CONFIGS
+
+    predictor = SAM2ImagePredictor(build_sam2(SAM2_CONFIGS[spec.variant], spec.checkpoint, device=device))
+
+    def sam2(rgb, boxes):
+        predictor.set_image(rgb)
+        if len(boxes):
+            predictor.predict(box=boxes, multimask_output=False)
+
+    return sam2
+
+
+def plain_script(settings: Settings, meta, data: bytes, threshold: float, repeats: int, gpu: bool) -> dict:
+    """What a user would write without Triton: rfdetr's predict, then SAM2ImagePredictor (or SAM3's
+    Sam3Processor + predict_inst) with its boxes."""
+    import torch
+
     from anomaly.detector import load_rfdetr
     from anomaly.images import decode_image
-    from anomaly.segmenter import SAM2_CONFIGS
-    from anomaly.weights import segmenter_candidates
+    from anomaly.weights import segmenter_candidates, segmenter_title
 
     detector = load_rfdetr(meta.variant, meta.weights, meta.source.get("num_classes"))
     spec = segmenter_candidates(settings)[0][0]
     device = "cuda" if gpu else "cpu"
-    predictor = SAM2ImagePredictor(build_sam2(SAM2_CONFIGS[spec.variant], spec.checkpoint, device=device))
+    segment = reference_segmenter(spec, device)
     defect_ids = np.array([i for i, r in enumerate(meta.roles) if r == "defect"])
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if gpu else torch.autocast("cpu", enabled=False)
     found = {}
@@ -329,15 +359,13 @@ def plain_script(settings: Settings, meta, data: bytes, threshold: float, repeat
         detections = detector.predict(rgb, threshold=threshold)
         boxes = detections.xyxy[np.isin(detections.class_id, defect_ids)][: settings.max_detections]
         with torch.inference_mode(), autocast:
-            predictor.set_image(rgb)
-            if len(boxes):
-                predictor.predict(box=boxes, multimask_output=False)
+            segment(rgb, boxes)
         if gpu:
             torch.cuda.synchronize()
         found["boxes"] = len(boxes)
 
     result = timed(run, repeats)
-    return result | {"defects_segmented": found["boxes"], "sam": f"SAM2.1 {spec.variant}"}
+    return result | {"defects_segmented": found["boxes"], "sam": segmenter_title(spec.kind, spec.variant)}
 
 
 def _nvidia_smi(query: str) -> list[list[str]]:

@@ -7,6 +7,7 @@
 #   there: bench/offline_gpu.sh run [ARGS]   in the repo root with .gpu/ beside it; ARGS go to bench.gpu
 #          bench/offline_gpu.sh coldstart    the entrypoint twice (empty MODEL_REPOSITORY, then the same
 #                                            one again): its `cold start:` lines
+#          bench/offline_gpu.sh sam3 [ARGS]  SAM3 as served, memory and times, against Meta's path (bench.sam3_gpu)
 #
 # Triton's Python stub imports numpy from the python on PATH and garbles BYTES tensors under numpy 2, so
 # `run` makes a venv whose own site-packages (numpy 1.26.4, our dependencies, the repo) come first and the
@@ -31,7 +32,7 @@ pack() {
         pytriton/tritonserver/python_backend_stubs/3.12 $libs
     .venv/bin/python -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
         --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
-        -d .gpu/wheels numpy==1.26.4 pydantic-core==2.50.5 pycocotools==2.0.11 python-rapidjson==1.25
+        -d .gpu/wheels numpy==1.26.4 pydantic-core==2.46.5 pycocotools==2.0.11 python-rapidjson==1.25 regex==2026.11.19
     # pure-Python packages the machine lacks (it has torch, transformers, scipy, scikit-image, OpenCV, grpc)
     (cd "$site" && tar --exclude=__pycache__ -cJf "$OLDPWD/.gpu/pure.tar.xz" \
         rfdetr rfdetr-*.dist-info sam2 sam2-*.dist-info supervision supervision-*.dist-info \
@@ -39,7 +40,9 @@ pack() {
         iopath iopath-*.dist-info defusedxml defusedxml-*.dist-info deprecate pydeprecate-*.dist-info \
         pydantic pydantic-2*.dist-info annotated_types annotated_types-*.dist-info \
         typing_inspection typing_inspection-*.dist-info typing_extensions.py typing_extensions-*.dist-info \
-        tritonclient tritonclient-*.dist-info)
+        tritonclient tritonclient-*.dist-info \
+        sam3 sam3-*.dist-info open_clip open_clip_torch-*.dist-info timm timm-*.dist-info einops einops-*.dist-info \
+        ftfy ftfy-*.dist-info wcwidth wcwidth-*.dist-info portalocker portalocker-*.dist-info)
     du -sh .gpu
 }
 
@@ -76,6 +79,11 @@ run() {
     "$env/bin/python" -m bench.gpu "$@"
 }
 
+sam3() {
+    machine_env
+    "$env/bin/python" -m bench.sam3_gpu "$@"
+}
+
 coldstart() {
     machine_env
     local repo=/tmp/cold-model-repository log pid
@@ -99,5 +107,6 @@ case "${1:-}" in
 pack) pack ;;
 run) shift; run "$@" ;;
 coldstart) coldstart ;;
-*) echo "usage: $0 pack | run [bench.gpu arguments] | coldstart" >&2; exit 2 ;;
+sam3) shift; sam3 "$@" ;;
+*) echo "usage: $0 pack | run [bench.gpu arguments] | coldstart | sam3 [bench.sam3_gpu arguments]" >&2; exit 2 ;;
 esac

@@ -13,7 +13,7 @@ import warnings
 from anomaly.config import load_settings
 from anomaly.errors import ConfigError
 from anomaly.logs import setup_logging
-from anomaly.weights import UNTRAINED_BANNER, prepare_segmenter_weights
+from anomaly.weights import UNTRAINED_BANNER, prepare_segmenter_weights, segmenter_title
 from export.detector import export_detector
 
 
@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> int:
         f"detector: RF-DETR {meta.variant} at {meta.resolution}px, {len(meta.class_names)} class slots, "
         f"weights {meta.weights}"
     )
-    print(f"segmenter: SAM2.1 {spec.variant}, weights {spec.checkpoint}")
+    print(f"segmenter: {segmenter_title(spec.kind, spec.variant)}, weights {spec.checkpoint}")
     for what, untrained in (("the detector", meta.untrained), ("the segmenter", spec.untrained)):
         if untrained:
             print("WARNING " + UNTRAINED_BANNER.format(what=what), file=sys.stderr)

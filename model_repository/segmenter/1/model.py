@@ -1,5 +1,5 @@
-"""Triton step 4: box-prompted SAM2.1 masks as bit-packed box crops, the frames of a dynamic batch embedded
-together (anomaly.segmenter)."""
+"""Triton step 4: box-prompted SAM3 or SAM2.1 masks as bit-packed box crops, the frames of a dynamic batch
+embedded together (anomaly.segmenter, anomaly.sam3; which one: anomaly.weights)."""
 
 import json
 
@@ -8,7 +8,7 @@ import numpy as np
 from anomaly import masks
 from anomaly.config import settings
 from anomaly.serving import in_service, step_inputs, triton_io
-from anomaly.weights import UNTRAINED_BANNER, load_segmenter, segmenter_info
+from anomaly.weights import UNTRAINED_BANNER, load_segmenter, segmenter_info, segmenter_title
 
 
 def pack_crops(crops: list) -> dict[str, np.ndarray]:
@@ -33,7 +33,8 @@ class TritonPythonModel(triton_io.StageModel):
         self.info = triton_io.bytes_tensor([json.dumps(info).encode()]).reshape(1, 1)
         triton_io.log.info("segmenter: %s", info)
         if spec.untrained:
-            triton_io.log.warning(UNTRAINED_BANNER.format(what=f"the segmenter (SAM2.1 {spec.variant})"))
+            title = segmenter_title(spec.kind, spec.variant)
+            triton_io.log.warning(UNTRAINED_BANNER.format(what=f"the segmenter ({title})"))
 
     def execute(self, requests):
         s = settings()
