@@ -5,7 +5,8 @@ every box is decoded from that one embedding by the SAM-style prompt encoder and
 (what `Sam3Processor.set_image` + `predict_inst(state, box=..., multimask_output=False)` do). Sam3Segmenter
 runs that path with the crops, frame batching and CUDA graphs of Sam2Segmenter, whose code it reuses; only
 the model, the input normalisation, the embedding and the logits' hole filling differ. The text encoder is
-part of the model and its checkpoint, and never runs.
+part of the checkpoint; it is loaded (so that a checkpoint missing it is refused like any other) and then
+dropped, since box prompts never run it.
 
 Checkpoints are loaded in SAM3's official layout ("detector.<image model key>", "tracker.<tracker key>",
 optionally under "model"), strictly: every parameter must come from the file (sam3's own loader only prints
@@ -170,7 +171,11 @@ class Sam3Segmenter(Sam2Segmenter):
     def __init__(self, checkpoint: str | Path, device: str = "auto", threads: int = 0):
         self.variant = ""
         self._start(device, threads)
-        self.sam3 = build_sam3(checkpoint, self.device)
+        self.sam3 = build_sam3(checkpoint, "cpu")
+        # The text encoder (a third of SAM3's weights) is loaded with the checkpoint, to check that it is whole,
+        # and then dropped: box prompts never run it.
+        self.sam3.backbone.language_backbone = None
+        self.sam3.to(self.device)
         self.predictor = self.sam3.inst_interactive_predictor  # threshold, hole area, feature sizes
         self.model = self.predictor.model  # the SAM-style prompt encoder and mask decoder every box goes through
         self.resolution = SAM3_RESOLUTION

@@ -21,7 +21,7 @@ TEST_IMAGE = REPO_ROOT / "samples" / "hub_test.jpg"
 
 # Shown first on the Hub; every other listed setting is under "advanced".
 COMMON = (
-    "RUNPOD_SERVERLESS", "DETECTOR_VARIANT", "DETECTOR_WEIGHTS", "SAM_MODEL_PATH", "SAM2_VARIANT",
+    "RUNPOD_SERVERLESS", "DETECTOR_VARIANT", "DETECTOR_WEIGHTS", "SAM_MODEL_PATH", "SEGMENTER", "SAM2_VARIANT",
     "CONFIDENCE_THRESHOLD", "MM_PER_PIXEL", "ALLOW_UNTRAINED_WEIGHTS",
 )  # fmt: skip
 # Set by the image or by RunPod itself, or meaningless in a worker: not listed.
