@@ -68,7 +68,7 @@ test: lint $(VENV_STAMP) $(TRITON_STAMP)
 
 unit: $(VENV_STAMP)
 	$(DEV_ENV) $(PY) -m export
-	$(DEV_ENV) $(PY) -m pytest -q -m "not e2e"
+	$(DEV_ENV) $(PY) -m pytest -q -m "not e2e and not slow"
 
 perf: $(VENV_STAMP) $(TRITON_STAMP)
 	$(DEV_ENV) $(PY) -m export

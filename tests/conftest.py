@@ -116,6 +116,20 @@ def client(request, grpc_client, http_client):
     return grpc_client if request.param == "grpc" else http_client
 
 
+def assert_served_mask_matches(anomaly: dict, reference_full: np.ndarray, box, min_iou: float = 0.98) -> None:
+    """A served anomaly's mask (COCO RLE) against a reference model's full-frame mask logits for the same box,
+    compared inside the anomaly's bbox."""
+    from anomaly.masks import rle_to_mask
+
+    b = anomaly["bbox"]
+    window = (slice(b["y_min"], b["y_max"]), slice(b["x_min"], b["x_max"]))
+    ref = reference_full[window] > 0
+    ours = rle_to_mask(anomaly["mask"])[window]
+    union = (ref | ours).sum()
+    iou = (ref & ours).sum() / union if union else 1.0
+    assert iou >= min_iou, f"mask IoU {iou:.4f} for box {box}"
+
+
 def encode(rgb: np.ndarray, fmt: str = "JPEG", **kwargs) -> bytes:
     from PIL import Image
 

@@ -7,8 +7,7 @@ import numpy as np
 import pytest
 
 from anomaly.images import decode_image
-from anomaly.masks import rle_to_mask
-from tests.conftest import SAMPLES
+from tests.conftest import SAMPLES, assert_served_mask_matches
 
 THRESHOLD = 0.25
 MARGIN = 2e-3  # detections this close to the threshold may fall either side of it
@@ -84,11 +83,5 @@ def test_masks_through_triton_match_sam2_image_predictor(grpc_client, sam_predic
     sam_predictor.set_image(decode_image(data, 1 << 30, 1 << 30))
     for anomaly, box, score in zip(anomalies, boxes, served.arrays["MASK_SCORES"]):
         full, iou_pred, _ = sam_predictor.predict(box=box, multimask_output=False)
-        b = anomaly["bbox"]
-        window = (slice(b["y_min"], b["y_max"]), slice(b["x_min"], b["x_max"]))
-        ref = full[0][window] > 0
-        ours = rle_to_mask(anomaly["mask"])[window]
-        union = (ref | ours).sum()
-        iou = (ref & ours).sum() / union if union else 1.0
-        assert iou >= 0.98, f"mask IoU {iou:.4f} for box {box}"
+        assert_served_mask_matches(anomaly, full[0], box)
         assert score == pytest.approx(float(np.clip(iou_pred[0], 0, 1)), abs=1e-4)

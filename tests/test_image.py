@@ -26,6 +26,7 @@ from tests.conftest import REPO, SAMPLES, free_ports, wait_http
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 
 
+@pytest.mark.slow
 def test_the_image_lock_resolves_exactly_for_the_base_python():
     locked = image.read_lock()
     pins = [f"{name}=={v}" for name, v in locked.items()] + [f"{name}=={v}" for name, v in image.FROM_SOURCE.items()]
@@ -65,6 +66,7 @@ def test_the_dockerfile_installs_exactly_these_lists():
     assert "COPY requirements-image.lock" in DOCKERFILE and "requirements.in" not in DOCKERFILE.split("COPY --chown")[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("too_old", ["3.10"])
 def test_the_old_base_python_cannot_hold_these_pins(too_old):
     """Why the base moved to a Python 3.12 release: for 3.10 (Triton 24.10 and earlier) pip finds no

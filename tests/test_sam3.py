@@ -17,9 +17,8 @@ import torch
 from anomaly.config import load_settings
 from anomaly.errors import WeightsMissingError
 from anomaly.images import decode_image
-from anomaly.masks import rle_to_mask
 from anomaly.weights import load_segmenter, make_untrained_sam3, untrained_sam3_path
-from tests.conftest import SAMPLES, free_ports
+from tests.conftest import SAMPLES, assert_served_mask_matches, free_ports
 
 pytestmark = pytest.mark.e2e
 BIG = 1 << 30
@@ -83,13 +82,7 @@ def test_triton_serves_sam3_masks_equal_to_meta_predict_inst(exported, sam3_chec
     state = processor.set_image(Image.fromarray(rgb))
     for anomaly, box, score in zip(anomalies, boxes, served.arrays["MASK_SCORES"]):
         full, iou_pred, _ = model.predict_inst(state, box=box, multimask_output=False)
-        b = anomaly["bbox"]
-        window = (slice(b["y_min"], b["y_max"]), slice(b["x_min"], b["x_max"]))
-        ref = full[0][window] > 0
-        ours = rle_to_mask(anomaly["mask"])[window]
-        union = (ref | ours).sum()
-        iou = (ref & ours).sum() / union if union else 1.0
-        assert iou >= 0.98, f"mask IoU {iou:.4f} for box {box}"
+        assert_served_mask_matches(anomaly, full[0], box)
         assert score == pytest.approx(float(np.clip(iou_pred[0], 0, 1)), abs=1e-4)
 
 
