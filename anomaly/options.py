@@ -32,6 +32,8 @@ class RequestOptions:
     include_masks: bool = False
     frame_id: str | None = None
     mm_per_pixel: float | None = None
+    scale_source: str = ""  # where mm_per_pixel came from: request, setting, metadata (anomaly.scale); "" none
+    scale_detail: str = ""  # how the metadata gave it, or which value it lacked
 
 
 def _number(name: str, value, lo: float, hi: float | None, lo_open: bool = False) -> float:
@@ -80,8 +82,11 @@ def parse_options(
     threshold = params.get("confidence_threshold")
     threshold = default_threshold if threshold is None else _number("confidence_threshold", threshold, 0.0, 1.0)
     mm = params.get("mm_per_pixel")
-    mm = default_mm_per_pixel if mm is None or mm == "" else _number("mm_per_pixel", mm, 0.0, 1000.0, lo_open=True)
+    if mm is None or mm == "":
+        mm, source = default_mm_per_pixel, "setting" if default_mm_per_pixel is not None else ""
+    else:
+        mm, source = _number("mm_per_pixel", mm, 0.0, 1000.0, lo_open=True), "request"
     frame_id = frame_id_value(params.get("frame_id"))
     include = params.get("include_masks")
     include = False if include is None else _boolean("include_masks", include)
-    return RequestOptions(threshold, include, frame_id, mm)
+    return RequestOptions(threshold, include, frame_id, mm, source)

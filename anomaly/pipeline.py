@@ -21,6 +21,7 @@ from anomaly.geometry import GEOMETRY_FIELDS
 from anomaly.images import read_header
 from anomaly.options import RequestOptions
 from anomaly.result import build_response
+from anomaly.scale import resolve_scale
 from anomaly.weights import UNTRAINED_BANNER, segmenter_title
 
 
@@ -142,6 +143,7 @@ class InProcessPipeline:
         start = time.monotonic_ns()
         s = self.settings
         header = read_header(data, s.max_image_bytes, s.max_image_pixels)
+        options = resolve_scale(options, data)
         image_hw = (header.height, header.width)
         x, _ = self.detector.prepare(data)
         boxes, logits = self.detector.run([x])

@@ -15,6 +15,7 @@ from anomaly import geometry as geo
 from anomaly.detector import Detections, DetectorMetadata
 from anomaly.masks import crop_to_rle
 from anomaly.options import RequestOptions
+from anomaly.scale import scale_record
 from anomaly.segmenter import crop_box
 
 # A structure is the one an anomaly lies on when its box covers at least this share of the anomaly's box.
@@ -122,6 +123,7 @@ def build_response(
     }
     if options.mm_per_pixel:
         response["mm_per_pixel"] = options.mm_per_pixel
+    response["scale"] = scale_record(options)
     response["untrained_weights"] = any(w.startswith("UNTRAINED") for w in warnings)
     response["warnings"] = list(warnings)
     if models:

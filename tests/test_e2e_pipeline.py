@@ -290,10 +290,42 @@ def test_result_step_refuses_garbage_metadata(triton, pier_png):
         "SEG_INDEX_IN": np.zeros(0, np.int32), "NOTES": np.array([b"x"], dtype=np.object_),
         "MASK_BOXES": np.zeros((1, 0, 4), np.int32), "MASKS": np.empty((1, 0), dtype=np.object_),
         "MASK_SCORES_IN": np.zeros((1, 0), np.float32), "SEGMENTER": not_json, "GEOMETRY_IN": np.zeros((0, 5)),
+        "SCALE": np.array([[b'{"mm_per_pixel": null, "source": null, "detail": ""}']], dtype=np.object_),
     }  # fmt: skip
     with pytest.raises(InferenceServerException) as err:
         _call_step(triton, "result", inputs, "http")
     assert err.value.status() == "400" and "SEGMENTER: is not a JSON object" in err.value.message()
-    inputs["SEGMENTER"] = np.array([[b"{}"]], dtype=np.object_)  # the same call with sound inputs answers
+    inputs["SEGMENTER"] = np.array([[b"{}"]], dtype=np.object_)
+    good_scale = inputs["SCALE"]
+    inputs["SCALE"] = np.array([[b'{"mm_per_pixel": -1, "source": "request", "detail": ""}']], dtype=np.object_)
+    with pytest.raises(InferenceServerException) as err:
+        _call_step(triton, "result", inputs, "http")
+    assert err.value.status() == "400" and "SCALE: mm_per_pixel must be a positive number" in err.value.message()
+    inputs["SCALE"] = good_scale  # the same call with sound inputs answers
     body = _call_step(triton, "result", inputs, "http").as_numpy("RESULT_JSON")
     assert b'"anomaly_count":0' in bytes(body.reshape(-1)[0])
+
+
+def test_scale_comes_from_the_photo_when_none_is_given(grpc_client):
+    """A nadir drone photo (EXIF focal length and 35 mm equivalent, DJI XMP altitude and gimbal pitch) gets
+    its mm fields from its own metadata and says so; a request's mm_per_pixel still wins."""
+    import math
+
+    from tests.test_scale import xmp
+
+    exif = Image.Exif()
+    exif.get_ifd(0x8769).update({0x920A: 8.8, 0xA405: 24})
+    buffer = io.BytesIO()
+    packet = xmp(RelativeAltitude="+30.0", GimbalPitchDegree="-89.5")
+    Image.open(SAMPLES / "pier_spalling.png").convert("RGB").save(buffer, "JPEG", exif=exif, xmp=packet)
+    sensor = math.hypot(36, 24) * 8.8 / 24 * 800 / math.hypot(800, 450)  # the equivalent is by the diagonal
+    expected = 30000 * sensor / (8.8 * 800)
+    found = grpc_client.detect(buffer.getvalue(), confidence_threshold=0.25)
+    assert found["scale"]["source"] == "metadata" and "nadir shot 30 m" in found["scale"]["detail"]
+    assert found["mm_per_pixel"] == pytest.approx(expected, rel=1e-4)
+    assert found["anomalies"] and all("length_mm" in a["geometry"] for a in found["anomalies"])
+    given = grpc_client.detect(buffer.getvalue(), confidence_threshold=0.25, mm_per_pixel=0.3)
+    assert given["scale"] == {"mm_per_pixel": 0.3, "source": "request", "detail": ""}
+    plain = grpc_client.detect((SAMPLES / "pier_spalling.png").read_bytes(), confidence_threshold=0.25)
+    assert plain["scale"]["source"] is None and "mm_per_pixel" not in plain
+    assert plain["scale"]["detail"] == "no EXIF FocalLength"

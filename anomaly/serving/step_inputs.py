@@ -94,6 +94,17 @@ def indices(name: str, values: np.ndarray, size: int) -> np.ndarray:
     return values
 
 
+def scale_object(name: str, value) -> dict:
+    """The pixel size the preprocess step decided: {"mm_per_pixel": positive number or null, "source", "detail"}."""
+    scale = json_object(name, value)
+    mm = scale.get("mm_per_pixel")
+    if mm is not None and (isinstance(mm, bool) or not isinstance(mm, (int, float)) or not 0 < mm < float("inf")):
+        raise InputError(name, f"mm_per_pixel must be a positive number or null, got {mm!r}")
+    if scale.get("source") not in (None, "request", "setting", "metadata") or not isinstance(scale.get("detail"), str):
+        raise InputError(name, "must hold source (request, setting, metadata or null) and detail")
+    return scale
+
+
 def result_inputs(get, max_pixels: int, max_detections: int) -> dict:
     """Everything the result step receives, checked for shape and agreement: `get(name)` reads an input."""
     image_hw = image_size("IMAGE_SIZE", get("IMAGE_SIZE"), max_pixels)
@@ -115,6 +126,7 @@ def result_inputs(get, max_pixels: int, max_detections: int) -> dict:
         "notes": [bytes(n).decode("utf-8", "replace") for n in get("NOTES").reshape(-1)],
         "segmenter": json_object("SEGMENTER", get("SEGMENTER")),
         "detector": json_object("DETECTOR", get("DETECTOR")),
+        "scale": scale_object("SCALE", get("SCALE")),
         "mask_boxes": mask_boxes,
         "masks": masks,
         "typed": {

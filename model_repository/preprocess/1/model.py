@@ -1,22 +1,27 @@
-"""Triton step 1: refuse bad options and images early, from the header alone; pass the bytes on."""
+"""Triton step 1: refuse bad options and images early, from the header alone; decide the pixel size (the
+request's, the setting's, or the photo's metadata: anomaly.scale); pass the bytes on."""
 
+import json
 import time
 
 import numpy as np
 
 from anomaly.config import settings
 from anomaly.images import read_header
+from anomaly.scale import resolve_scale, scale_record
 from anomaly.serving import triton_io
 
 
 class TritonPythonModel(triton_io.StageModel):
     def handle(self, request):
         start = time.monotonic_ns()
-        triton_io.options_of(request)  # refuse bad options before any work is done
+        options = triton_io.options_of(request)  # refuse bad options before any work is done
         data = triton_io.image_bytes(request)
         s = settings()
         header = read_header(data, s.max_image_bytes, s.max_image_pixels)
+        scale = scale_record(resolve_scale(options, data))
         return {
+            "SCALE": triton_io.bytes_tensor([json.dumps(scale).encode()]).reshape(1, 1),
             "ENCODED": triton_io.bytes_tensor([data]).reshape(1, 1),
             "IMAGE_SIZE": np.array([header.height, header.width], np.int32),
             "START_NS": np.array([start], np.int64),

@@ -8,6 +8,7 @@ from anomaly import pipeline
 from anomaly.config import settings
 from anomaly.detector import Detections
 from anomaly.result import build_response
+from anomaly.scale import with_scale
 from anomaly.serving import step_inputs, triton_io
 
 
@@ -15,11 +16,11 @@ class TritonPythonModel(triton_io.StageModel):
     needs_detector_metadata = True  # its classes and their roles
 
     def handle(self, request):
-        options = triton_io.options_of(request)
         s = settings()
         got = step_inputs.result_inputs(
             lambda name: triton_io.array(request, name), s.max_image_pixels, s.max_detections
         )
+        options = with_scale(triton_io.options_of(request), got["scale"])  # as the preprocess step decided
         typed, mask_boxes = got["typed"], got["mask_boxes"]
         response = build_response(
             image_hw=got["image_hw"],
