@@ -3,6 +3,11 @@
 anomaly detect IMAGE... [--url HOST:PORT] [--protocol grpc|http] [--threshold T] [--include-masks]
                         [--mm-per-pixel MM] [--annotate-dir DIR]
     Sends each image through Triton's anomaly_pipeline; prints one response JSON object per line.
+anomaly detect PATH... --out DIR [--in-flight N] [--fps F] [...]
+    A campaign: files, folders, globs and videos -> DIR/results.jsonl, coco.json, defects.csv, annotated/
+    (client.campaign); a re-run skips the frames DIR already holds.
+anomaly report DIR
+    DIR/report.html from a campaign's outputs (client.report).
 anomaly measure MASK.png... [--mm-per-pixel MM]
     Geometry of binary mask images (nonzero = mask) with the server's own code; one JSON per line.
 """
@@ -17,12 +22,47 @@ from pathlib import Path
 import numpy as np
 
 
-def _detect(args: argparse.Namespace) -> int:
+def _url(args: argparse.Namespace) -> str:
     from anomaly.config import settings
-    from client import AnomalyClient, AnomalyServiceError
 
     s = settings()
-    url = args.url or f"127.0.0.1:{s.triton_grpc_port if args.protocol == 'grpc' else s.triton_http_port}"
+    return args.url or f"127.0.0.1:{s.triton_grpc_port if args.protocol == 'grpc' else s.triton_http_port}"
+
+
+def _campaign(args: argparse.Namespace) -> int:
+    from client.campaign import run_campaign
+
+    options = {"confidence_threshold": args.threshold, "mm_per_pixel": args.mm_per_pixel}
+    out = Path(args.out)
+    counts = run_campaign(
+        args.images, out, url=_url(args), protocol=args.protocol, in_flight=args.in_flight, fps=args.fps,
+        options={k: v for k, v in options.items() if v is not None},
+    )  # fmt: skip
+    print(
+        f"{counts['sent']} frames answered, {counts['skipped']} already in {out / 'results.jsonl'}, "
+        f"{counts['failed']} failed (errors.jsonl); wrote coco.json, defects.csv, annotated/",
+        file=sys.stderr,
+    )
+    return 2 if counts["failed"] else 0
+
+
+def _report(args: argparse.Namespace) -> int:
+    from client.report import write_report
+
+    out = Path(args.dir)
+    if not (out / "results.jsonl").is_file():
+        print(f"{out}: no results.jsonl (run `anomaly detect PATH... --out {out}` first)", file=sys.stderr)
+        return 1
+    print(f"wrote {write_report(out)}", file=sys.stderr)
+    return 0
+
+
+def _detect(args: argparse.Namespace) -> int:
+    from client import AnomalyClient, AnomalyServiceError
+
+    if args.out:
+        return _campaign(args)
+    url = _url(args)
     failures = 0
     with AnomalyClient(url, args.protocol) as client:
         for path in args.images:
@@ -98,8 +138,8 @@ def _positive(text: str) -> float:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="anomaly", description="Infrastructure defect detection client and tools")
     sub = parser.add_subparsers(dest="command", required=True)
-    detect = sub.add_parser("detect", help="run images through Triton's anomaly_pipeline")
-    detect.add_argument("images", nargs="+")
+    detect = sub.add_parser("detect", help="run images (or, with --out, folders, globs and videos) through Triton")
+    detect.add_argument("images", nargs="+", metavar="PATH")
     detect.add_argument("--url", help="Triton address (default 127.0.0.1 and the gRPC or HTTP port)")
     detect.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
     detect.add_argument("--threshold", type=float, help="confidence threshold in [0, 1] (default: the server's)")
@@ -108,7 +148,13 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--frame-ids", action="store_true", help="use each file's name as its frame_id")
     detect.add_argument("--annotate-dir", help="write <name>_annotated.jpg with boxes, masks and labels here")
     detect.add_argument("--pretty", action="store_true", help="indent the JSON")
+    detect.add_argument("--out", help="campaign mode: write results.jsonl, coco.json, defects.csv, annotated/ here")
+    detect.add_argument("--in-flight", type=int, default=4, help="requests in flight to the server (campaign)")
+    detect.add_argument("--fps", type=_positive, default=1.0, help="frames a second read from videos (campaign)")
     detect.set_defaults(run=_detect)
+    report = sub.add_parser("report", help="DIR/report.html from a campaign's outputs")
+    report.add_argument("dir", metavar="DIR")
+    report.set_defaults(run=_report)
     meas = sub.add_parser("measure", help="geometry of binary mask images, one JSON object per line")
     meas.add_argument("masks", nargs="+")
     meas.add_argument("--mm-per-pixel", type=_positive)

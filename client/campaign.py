@@ -1,0 +1,300 @@
+"""An inspection campaign through the service: folders, globs and videos in; JSON Lines, COCO, CSV and
+annotated images out (`anomaly detect PATH... --out DIR`, README "Inspection campaigns").
+
+Frames are read lazily (a video frame by frame at the asked rate), sent with a bounded number of requests in
+flight, and written as they come back. `results.jsonl` is the record: a re-run skips every frame_id already
+in it, and the COCO file and the CSV are rebuilt from it at the end. A file that cannot be read or that the
+server refuses is reported on stderr and in `errors.jsonl`, and the run goes on.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
+VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".m4v", ".webm"}
+RESULTS, COCO, CSV, ERRORS, ANNOTATED = "results.jsonl", "coco.json", "defects.csv", "errors.jsonl", "annotated"
+
+
+@dataclass
+class Frame:
+    frame_id: str  # a file's path relative to what was named, or a video's name plus ":<seconds>s"
+    source: str  # the file it came from
+    data: bytes | None  # encoded image; None when it could not be read (error says why)
+    error: str = ""
+
+
+def find_inputs(paths: list[str]) -> list[tuple[Path, str]]:
+    """Files, folders (recursively) and glob patterns -> (file, frame-id stem) pairs in a stable order."""
+    found: list[tuple[Path, str]] = []
+    for given in paths:
+        if any(ch in given for ch in "*?["):
+            matches = sorted(Path(p) for p in glob.glob(given, recursive=True))
+            found += [(m, m.name) for m in matches if m.is_file()]
+        elif Path(given).is_dir():
+            root = Path(given)
+            files = sorted(
+                p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES
+            )
+            found += [(f, str(f.relative_to(root))) for f in files]
+        else:
+            found.append((Path(given), Path(given).name))
+    return found
+
+
+def video_frames(path: Path, name: str, fps: float) -> Iterator[Frame]:
+    """A video's frames at `fps` (by timestamp), JPEG-encoded, frame_id `<name>:<seconds>s`."""
+    import cv2
+
+    capture = cv2.VideoCapture(str(path))
+    if not capture.isOpened():
+        yield Frame(name, str(path), None, "is not a readable video")
+        return
+    native = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    step, next_at, index = 1.0 / fps, 0.0, 0
+    try:
+        while True:
+            ok, bgr = capture.read()
+            if not ok:
+                break
+            at = index / native
+            index += 1
+            if at + 1e-9 < next_at:
+                continue
+            next_at += step
+            ok, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
+            yield Frame(f"{name}:{at:.3f}s", str(path), jpeg.tobytes() if ok else None, "" if ok else "encode failed")
+    finally:
+        capture.release()
+
+
+def frames(paths: list[str], fps: float) -> Iterator[Frame]:
+    for path, name in find_inputs(paths):
+        if path.suffix.lower() in VIDEO_SUFFIXES:
+            yield from video_frames(path, name, fps)
+            continue
+        try:
+            yield Frame(name, str(path), path.read_bytes())
+        except OSError as exc:
+            yield Frame(name, str(path), None, exc.strerror or str(exc))
+
+
+def done_frame_ids(out: Path) -> set[str]:
+    """frame_ids already answered in a previous run (a half-written last line is ignored)."""
+    done = set()
+    if (out / RESULTS).is_file():
+        for line in (out / RESULTS).read_text().splitlines():
+            try:
+                done.add(json.loads(line)["frame_id"])
+            except (ValueError, KeyError):
+                continue
+    return done
+
+
+class Progress:
+    """One line on stderr: frames done, frames/s, ETA (when the total is known)."""
+
+    def __init__(self, total: int | None, stream=sys.stderr):
+        self.total, self.stream, self.done, self.failed = total, stream, 0, 0
+        self.start = time.monotonic()
+
+    def tick(self, failed: bool = False) -> None:
+        self.done += 1
+        self.failed += failed
+        rate = self.done / max(time.monotonic() - self.start, 1e-6)
+        total = f"/{self.total}" if self.total else ""
+        eta = f", ETA {max(self.total - self.done, 0) / rate:.0f} s" if self.total and rate > 0 else ""
+        failed_text = f", {self.failed} failed" if self.failed else ""
+        self.stream.write(f"\r{self.done}{total} frames, {rate:.2f} frames/s{eta}{failed_text}   ")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.stream.write("\n")
+        self.stream.flush()
+
+
+def run_campaign(paths: list[str], out: Path, *, url: str, protocol: str = "grpc", in_flight: int = 4,
+                 fps: float = 1.0, options: dict | None = None, annotate: bool = True) -> dict:  # fmt: skip
+    """Send every frame not yet in out/results.jsonl; write the outputs. -> counts (sent, skipped, failed).
+    Responses are kept whole, masks (COCO RLE) included: the COCO export is made from them."""
+    from client import AnomalyClient, AnomalyServiceError
+
+    out.mkdir(parents=True, exist_ok=True)
+    done = done_frame_ids(out)
+    local = threading.local()
+    lock = threading.Lock()
+
+    def client() -> AnomalyClient:
+        if not hasattr(local, "client"):
+            local.client = AnomalyClient(url, protocol)
+        return local.client
+
+    def send(frame: Frame) -> dict:
+        return client().detect(frame.data, frame_id=frame.frame_id, include_masks=True, **(options or {}))
+
+    counts = {"sent": 0, "skipped": 0, "failed": 0}
+    inputs = find_inputs(paths)
+    images = sum(1 for p, _ in inputs if p.suffix.lower() not in VIDEO_SUFFIXES)
+    progress = Progress(images if images == len(inputs) else None)
+
+    def record_error(frame: Frame, message: str) -> None:
+        counts["failed"] += 1
+        print(f"\n{frame.source} ({frame.frame_id}): {message}", file=sys.stderr)
+        with open(out / ERRORS, "a") as errors:
+            errors.write(json.dumps({"frame_id": frame.frame_id, "source": frame.source, "error": message}) + "\n")
+        progress.tick(failed=True)
+
+    def finish(frame: Frame, future: Future) -> None:
+        try:
+            response = future.result()
+        except AnomalyServiceError as exc:
+            record_error(frame, str(exc))
+            return
+        if annotate:
+            write_annotated(out / ANNOTATED, frame, response)
+        with lock, open(out / RESULTS, "a") as results:
+            results.write(json.dumps({**response, "source": frame.source}) + "\n")
+        counts["sent"] += 1
+        progress.tick()
+
+    pending: dict[Future, Frame] = {}
+    with ThreadPoolExecutor(max_workers=in_flight) as pool:
+        for frame in frames(paths, fps):
+            if frame.frame_id in done:
+                counts["skipped"] += 1
+                continue
+            if frame.data is None:
+                record_error(frame, frame.error)
+                continue
+            while len(pending) >= in_flight:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    finish(pending.pop(future), future)
+            pending[pool.submit(send, frame)] = frame
+        for future in list(pending):
+            wait([future])
+            finish(pending.pop(future), future)
+    progress.close()
+    write_exports(out)
+    return counts
+
+
+def write_annotated(folder: Path, frame: Frame, response: dict) -> Path:
+    from PIL import Image
+
+    from anomaly.images import decode_image
+    from client.annotate import annotate
+
+    rgb = decode_image(frame.data, len(frame.data) + 1, 10**10)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / (safe_name(frame.frame_id) + ".jpg")
+    Image.fromarray(annotate(rgb, response)).save(target, quality=88)
+    return target
+
+
+def safe_name(frame_id: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_.@" else "_" for c in frame_id)
+
+
+def read_results(out: Path) -> list[dict]:
+    """Every response of the campaign, from results.jsonl (a half-written last line is left out)."""
+    responses = []
+    if (out / RESULTS).is_file():
+        for line in (out / RESULTS).read_text().splitlines():
+            try:
+                responses.append(json.loads(line))
+            except ValueError:
+                continue
+    return responses
+
+
+def write_exports(out: Path) -> None:
+    """coco.json and defects.csv from results.jsonl (the whole campaign, this run's frames and earlier ones)."""
+    responses = read_results(out)
+    (out / COCO).write_text(json.dumps(coco(responses)) + "\n")
+    with open(out / CSV, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in defect_rows(responses):
+            writer.writerow(row)
+
+
+CSV_FIELDS = (
+    "frame_id", "source", "anomaly_id", "defect_type", "structure_type", "confidence", "x_min", "y_min", "x_max",
+    "y_max", "area_pixels", "length_pixels", "width_pixels", "max_width_pixels", "orientation_degrees",
+    "mm_per_pixel", "area_mm2", "length_mm", "width_mm", "max_width_mm", "severity", "untrained_weights",
+)  # fmt: skip
+
+
+def defect_rows(responses: list[dict]) -> Iterator[dict]:
+    """One CSV row per defect: where, what, on which structure, its measures (mm where the scale is known)."""
+    for response in responses:
+        for a in response["anomalies"]:
+            g = a["geometry"]
+            yield {
+                "frame_id": response["frame_id"],
+                "source": response.get("source", ""),
+                "anomaly_id": a["anomaly_id"],
+                "defect_type": a["defect_type"],
+                "structure_type": a["structure_type"],
+                "confidence": a["confidence"]["combined"],
+                **{k: a["bbox"][k] for k in ("x_min", "y_min", "x_max", "y_max")},
+                **{k: g.get(k, "") for k in CSV_FIELDS if k in g or k.endswith(("_mm", "_mm2"))},
+                "mm_per_pixel": response.get("mm_per_pixel", ""),
+                "severity": a.get("severity", ""),
+                "untrained_weights": response.get("untrained_weights", False),
+            }
+
+
+def coco(responses: list[dict]) -> dict:
+    """COCO instances: one image per frame, one category per defect type, one annotation per defect with its
+    RLE segmentation (full-image, as the service returns it), bbox [x, y, w, h], mask area, and the geometry,
+    severity, structure and confidences as `attributes` (FiftyOne reads them as fields)."""
+    from anomaly.masks import rle_to_mask
+
+    categories: dict[str, int] = {}
+    images, annotations = [], []
+    for image_id, response in enumerate(responses, start=1):
+        size = response["image_size"]
+        images.append({"id": image_id, "file_name": response["frame_id"], "width": size["width"],
+                       "height": size["height"], "source": response.get("source", "")})  # fmt: skip
+        for a in response["anomalies"]:
+            category = categories.setdefault(a["defect_type"], len(categories) + 1)
+            b = a["bbox"]
+            entry = {
+                "id": len(annotations) + 1,
+                "image_id": image_id,
+                "category_id": category,
+                "bbox": [b["x_min"], b["y_min"], b["x_max"] - b["x_min"], b["y_max"] - b["y_min"]],
+                "iscrowd": 0,
+                "score": a["confidence"]["combined"],
+                "attributes": {
+                    "anomaly_id": a["anomaly_id"],
+                    "structure_type": a["structure_type"],
+                    "confidence": a["confidence"],
+                    "severity": a.get("severity"),
+                    **a["geometry"],
+                },
+            }
+            if "mask" in a:
+                entry["segmentation"] = a["mask"]
+                entry["area"] = int(rle_to_mask(a["mask"]).sum())
+            else:
+                entry["area"] = a["geometry"]["area_pixels"]
+            annotations.append(entry)
+    return {
+        "info": {"description": "Infrastructure defects (anomaly-inspection)", "untrained_weights":
+                 any(r.get("untrained_weights") for r in responses)},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": i, "name": name, "supercategory": "defect"} for name, i in categories.items()],
+    }  # fmt: skip

@@ -1,0 +1,114 @@
+"""`anomaly detect PATH... --out DIR` and `anomaly report DIR` against the real Triton: a folder with a corrupt
+file, a PNG, a large JPEG and a short video gives JSON Lines, a COCO file pycocotools loads (masks decode,
+areas match), a CSV, annotated images and an HTML report; the corrupt file is reported and skipped; a second
+run resumes without sending anything again."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from html.parser import HTMLParser
+
+import cv2
+import numpy as np
+import pytest
+
+from client.cli import main as cli
+from tests.conftest import SAMPLES
+
+
+@pytest.fixture(scope="module")
+def campaign_folder(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("flight")
+    (folder / "sub").mkdir()
+    shutil.copy(SAMPLES / "pier_spalling.png", folder / "pier.png")
+    (folder / "sub" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a JPEG")
+    deck = cv2.imread(str(SAMPLES / "bridge_deck.jpg"))
+    cv2.imwrite(str(folder / "sub" / "large.jpg"), cv2.resize(deck, (4000, 2250)), [cv2.IMWRITE_JPEG_QUALITY, 90])
+    (folder / "notes.txt").write_text("not media: left alone")
+    video = cv2.VideoWriter(str(folder / "clip.mp4"), cv2.VideoWriter_fourcc(*"mp4v"), 5, (640, 360))
+    small = cv2.resize(deck, (640, 360))
+    for i in range(10):  # 2 s at 5 frames/s
+        video.write(np.roll(small, 8 * i, axis=1))
+    video.release()
+    return folder
+
+
+class Report(HTMLParser):
+    """What a reader of report.html sees: the defect table's rows, thumbnails and links, the banner."""
+
+    def __init__(self):
+        super().__init__()
+        self.rows, self.in_defects, self.thumbs, self.links, self.banner, self.svgs = 0, False, 0, [], False, 0
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "table" and "defects" in (a.get("class") or ""):
+            self.in_defects = True
+        elif tag == "tr" and self.in_defects:
+            self.rows += 1
+        elif tag == "img" and (a.get("src") or "").startswith("data:image/jpeg;base64,"):
+            self.thumbs += 1
+        elif tag == "a" and a.get("href"):
+            self.links.append(a["href"])
+        elif tag == "p" and a.get("class") == "banner":
+            self.banner = True
+        elif tag == "svg":
+            self.svgs += 1
+
+    def handle_endtag(self, tag):
+        if tag == "table":
+            self.in_defects = False
+
+
+def test_campaign_outputs_resume_and_report(triton, campaign_folder, tmp_path, capsys):
+    from pycocotools.coco import COCO
+
+    out = tmp_path / "out"
+    args = ["detect", str(campaign_folder), "--out", str(out), "--url", triton.grpc_url, "--threshold", "0.25",
+            "--fps", "2", "--in-flight", "3", "--mm-per-pixel", "0.5"]  # fmt: skip
+    assert cli(args) == 2  # done, with one file that failed
+    err = capsys.readouterr().err
+    assert "broken.jpg" in err and "frames/s" in err
+
+    results = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    ids = sorted(r["frame_id"] for r in results)
+    # 2 frames a second from a 5 frames/s video: the first frame at or after each half second
+    assert ids == ["clip.mp4:0.000s", "clip.mp4:0.600s", "clip.mp4:1.000s", "clip.mp4:1.600s", "pier.png",
+                   "sub/large.jpg"]  # fmt: skip
+    large = next(r for r in results if r["frame_id"] == "sub/large.jpg")
+    assert large["image_size"] == {"width": 4000, "height": 2250}
+    errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
+    assert [e["frame_id"] for e in errors] == ["sub/broken.jpg"] and "image" in errors[0]["error"]
+
+    coco = COCO(str(out / "coco.json"))
+    anomalies = sum(len(r["anomalies"]) for r in results)
+    assert len(coco.getImgIds()) == len(results) and len(coco.getAnnIds()) == anomalies > 0
+    for ann in coco.loadAnns(coco.getAnnIds()):
+        mask = coco.annToMask(ann)
+        assert mask.sum() == ann["area"] > 0
+        x, y, w, h = ann["bbox"]
+        assert mask[:, : int(x)].sum() == 0 and mask[: int(y)].sum() == 0  # the mask lies in its box
+        assert mask[int(y + h) :].sum() == 0 and mask[:, int(x + w) :].sum() == 0
+        assert {"length_pixels", "width_pixels", "structure_type"} <= set(ann["attributes"])
+
+    with open(out / "defects.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == anomalies
+    cracks = [r for r in rows if "crack" in r["defect_type"]]
+    assert all(float(r["max_width_mm"]) == pytest.approx(float(r["max_width_pixels"]) * 0.5, abs=0.01) for r in cracks)
+    assert len(list((out / "annotated").glob("*.jpg"))) == len(results)
+
+    assert cli(["report", str(out)]) == 0
+    page = Report()
+    page.feed((out / "report.html").read_text())
+    assert page.rows == anomalies + 1  # the header row too
+    assert page.thumbs == len(results) and page.banner  # untrained weights here: said on the page
+    assert page.svgs == (2 if cracks else 0)
+    assert all((out / link).is_file() for link in page.links)
+
+    # a second run sends nothing again: every frame is already in results.jsonl
+    assert cli(args) == 2  # the broken file is tried again and still fails
+    assert "6 already in" in capsys.readouterr().err
+    assert len((out / "results.jsonl").read_text().splitlines()) == len(results)
