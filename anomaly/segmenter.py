@@ -1,8 +1,8 @@
 """Box-prompted segmentation: one image embedding per frame, every box of the frame decoded from it.
 
-Masks stay at box-crop size: SAM's 256x256 low-resolution logits are upsampled only over each box,
-sampled exactly where the full-frame bilinear upsample of SAM2ImagePredictor would sample them, so the
-crops equal the predictor's full-frame masks cut to the box without ever allocating N full frames.
+Masks stay at box-crop size: SAM's low-resolution logits (256 x 256 for SAM2.1, 288 x 288 for SAM3) are
+upsampled only over each box, sampled exactly where the predictor's full-frame bilinear upsample would sample
+them, so the crops equal its full-frame masks cut to the box without ever allocating N full frames.
 """
 
 from __future__ import annotations
@@ -160,7 +160,7 @@ class Sam2Segmenter:
     def _decode_boxes(self, coords, image_embed, high_res_0, high_res_1):
         """Prompt encoder + mask decoder for the boxes `coords` (N, 2, 2) of one frame, from that frame's
         features (batch 1, broadcast over the boxes), as SAM2ImagePredictor._predict minus its full-frame
-        upsample. -> (low-res logits (N, 1, 256, 256) float32, predicted IoU (N,) float32). No host copies
+        upsample. -> (low-res logits (N, 1, h, w) float32, predicted IoU (N,) float32). No host copies
         or synchronisation: it is captured as a CUDA graph per box count."""
         labels = self._box_labels.expand(coords.shape[0], 2)  # a box is corner points labelled 2 and 3
         sparse, dense = self.model.sam_prompt_encoder(points=(coords, labels), boxes=None, masks=None)
@@ -227,11 +227,11 @@ class Sam2Segmenter:
         return low_res
 
     def upsample_crops(self, low_res, windows: list, sizes: list, budget: int = 1 << 23) -> list[np.ndarray]:
-        """Bilinear samples of the (N, 1, 256, 256) logits at each window's pixel centres, thresholded at 0:
+        """Bilinear samples of the (N, 1, h, w) logits at each window's pixel centres, thresholded at 0:
         box j's crop of what F.interpolate of its logits to its frame's (height, width) would give.
 
         grid_sample with align_corners=False and border padding samples source coordinate
-        (x + 0.5) * 256 / W - 0.5, clamped to the grid, which is what F.interpolate to (H, W) samples. Boxes go
+        (x + 0.5) * w / W - 0.5, clamped to the grid, which is what F.interpolate to (H, W) samples. Boxes go
         through grid_sample together, padded to the largest window of their group (groups of similar size,
         at most `budget` samples each), and come to the host in one copy: per box, the handful of small
         kernels and the copy each waited on the GPU."""

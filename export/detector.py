@@ -18,6 +18,8 @@ from anomaly import taxonomy
 from anomaly.config import Settings
 from anomaly.detector import CPU_PROVIDER, DetectorMetadata, OnnxDetector, export_files, load_rfdetr, rfdetr_class
 from anomaly.errors import ConfigError, WeightsMissingError
+from anomaly.hardware import has_gpu
+from anomaly.serving.plan import ServingPlan, serving_plan
 from anomaly.weights import UNTRAINED_SEED, save_untrained, untrained_dir
 
 log = logging.getLogger(__name__)
@@ -179,19 +181,20 @@ NATIVE_BACKENDS = {
 }
 
 
-def native_config(kind: str, resolution: int, queries: int, slots: int) -> str:
+def native_config(kind: str, resolution: int, queries: int, slots: int, plan: ServingPlan) -> str:
     """A detector config for Triton's own onnxruntime or TensorRT backend (the official container), used
-    instead of the Python-backend one with `tritonserver --model-config-name=<kind>`."""
+    instead of the Python-backend one with `tritonserver --model-config-name=<kind>`; its batching is the
+    machine's serving plan (anomaly.serving.plan), as for the Python-backend detector."""
     runtime, extra = NATIVE_BACKENDS[kind]
     return (
         f"# Triton's native {kind} backend, selected with --model-config-name={kind}. Written by `make models`.\n"
-        f'name: "detector"\n{runtime}\nmax_batch_size: 8\n'
+        f'name: "detector"\n{runtime}\nmax_batch_size: {plan.detector_batch}\n'
         f'input [{{ name: "input", data_type: TYPE_FP32, dims: [3, {resolution}, {resolution}] }}]\n'
         "output [\n"
         f'  {{ name: "dets", data_type: TYPE_FP32, dims: [{queries}, 4] }},\n'
         f'  {{ name: "labels", data_type: TYPE_FP32, dims: [{queries}, {slots}] }}\n'
         "]\n"
-        "dynamic_batching { max_queue_delay_microseconds: 2000 }\n"
+        f"dynamic_batching {{ max_queue_delay_microseconds: {plan.batch_delay_us} }}\n"
         "instance_group [{ kind: KIND_GPU, count: 1 }]\n" + extra
     )
 
@@ -242,9 +245,11 @@ def export_detector(settings: Settings, force: bool = False) -> DetectorMetadata
     configs = settings.model_repository / "detector" / "configs"
     configs.mkdir(exist_ok=True)
     queries = onnx_queries(onnx_path)
-    (configs / "onnxruntime.pbtxt").write_text(native_config("onnxruntime", metadata.resolution, queries, len(names)))
-    if build_tensorrt_engine(onnx_path, version_dir / "model.plan", metadata.resolution):
-        (configs / "tensorrt.pbtxt").write_text(native_config("tensorrt", metadata.resolution, queries, len(names)))
+    plan = serving_plan(settings, has_gpu())
+    shape = (metadata.resolution, queries, len(names), plan)
+    (configs / "onnxruntime.pbtxt").write_text(native_config("onnxruntime", *shape))
+    if build_tensorrt_engine(onnx_path, version_dir / "model.plan", metadata.resolution, plan.detector_batch):
+        (configs / "tensorrt.pbtxt").write_text(native_config("tensorrt", *shape))
     log.info("exported %s (%s, untrained=%s) to %s", settings.detector_variant, weights, untrained, onnx_path)
     return metadata
 

@@ -123,4 +123,9 @@ def test_native_onnxruntime_config_matches_the_exported_graph(exported):
     }
     graph = {t.name: t.shape[1:] for t in [*session.get_inputs(), *session.get_outputs()]}
     assert declared == graph
-    assert 'backend: "onnxruntime"' in config and "max_batch_size: 8" in config
+    from anomaly.hardware import has_gpu
+    from anomaly.serving.plan import serving_plan
+
+    plan = serving_plan(load_settings(), has_gpu())  # the same batching as the Python-backend detector's
+    assert 'backend: "onnxruntime"' in config and f"max_batch_size: {plan.detector_batch}\n" in config
+    assert f"max_queue_delay_microseconds: {plan.batch_delay_us} }}" in config
