@@ -54,8 +54,8 @@ $(TRITON_STAMP): | $(VENV_STAMP)
 models: $(VENV_STAMP)
 	$(PY) -m export
 
-serve: $(VENV_STAMP) $(TRITON_STAMP)  # the entrypoint exports what is missing
-	RUNPOD_SERVERLESS=false $(PY) -m runpod_handler.entrypoint
+serve: $(VENV_STAMP) $(TRITON_STAMP)  # the entrypoint exports what is missing; pod mode unless RUNPOD_SERVERLESS says
+	RUNPOD_SERVERLESS=$${RUNPOD_SERVERLESS:-false} $(PY) -m runpod_handler.entrypoint
 
 demo: $(VENV_STAMP) $(TRITON_STAMP)
 	$(DEV_ENV) $(PY) -m export

@@ -41,3 +41,16 @@ def annotate(rgb: np.ndarray, response: dict) -> np.ndarray:
     if response.get("untrained_weights"):
         _label(out, "UNTRAINED WEIGHTS - output is meaningless", 4, rgb.shape[0] - 4, (200, 0, 0))
     return out
+
+
+def write_annotated(data: bytes, response: dict, target) -> None:
+    """The encoded image `data` with its response drawn on it, saved as a JPEG at `target`."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from anomaly.images import decode_image
+
+    rgb = decode_image(data, len(data) + 1, 10**10)
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(annotate(rgb, response)).save(target, quality=88)

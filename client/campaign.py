@@ -127,6 +127,7 @@ def run_campaign(paths: list[str], out: Path, *, url: str, protocol: str = "grpc
     """Send every frame not yet in out/results.jsonl; write the outputs. -> counts (sent, skipped, failed).
     Responses are kept whole, masks (COCO RLE) included: the COCO export is made from them."""
     from client import AnomalyClient, AnomalyServiceError
+    from client.annotate import write_annotated
 
     out.mkdir(parents=True, exist_ok=True)
     done = done_frame_ids(out)
@@ -160,7 +161,7 @@ def run_campaign(paths: list[str], out: Path, *, url: str, protocol: str = "grpc
             record_error(frame, str(exc))
             return
         if annotate:
-            write_annotated(out / ANNOTATED, frame, response)
+            write_annotated(frame.data, response, out / ANNOTATED / (safe_name(frame.frame_id) + ".jpg"))
         with lock, open(out / RESULTS, "a") as results:
             results.write(json.dumps({**response, "source": frame.source}) + "\n")
         counts["sent"] += 1
@@ -186,19 +187,6 @@ def run_campaign(paths: list[str], out: Path, *, url: str, protocol: str = "grpc
     progress.close()
     write_exports(out)
     return counts
-
-
-def write_annotated(folder: Path, frame: Frame, response: dict) -> Path:
-    from PIL import Image
-
-    from anomaly.images import decode_image
-    from client.annotate import annotate
-
-    rgb = decode_image(frame.data, len(frame.data) + 1, 10**10)
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / (safe_name(frame.frame_id) + ".jpg")
-    Image.fromarray(annotate(rgb, response)).save(target, quality=88)
-    return target
 
 
 def safe_name(frame_id: str) -> str:

@@ -95,15 +95,10 @@ def _detect(args: argparse.Namespace) -> int:
 
 
 def _annotate(path: str, data: bytes, response: dict, out_dir: Path) -> Path:
-    from PIL import Image
+    from client.annotate import write_annotated
 
-    from anomaly.images import decode_image
-    from client.annotate import annotate
-
-    rgb = decode_image(data, len(data) + 1, 10**9)
-    out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"{Path(path).stem}_annotated.jpg"
-    Image.fromarray(annotate(rgb, response)).save(target, quality=90)
+    write_annotated(data, response, target)
     return target
 
 

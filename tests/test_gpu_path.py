@@ -385,3 +385,20 @@ def test_bench_gpu_checks_on_the_cpu(exported):
     for name in ("torch_gpu_vs_onnx_cpu_top20_queries", "torch_gpu_fp32_vs_onnx_cpu_top20_queries"):
         assert checks[name]["score_max_diff"] < 1e-3 and checks[name]["same_top_class"], checks[name]
         assert checks[name]["box_min_iou"] > 0.99, checks[name]
+
+
+def test_launcher_keeps_gpu_memory_down_and_the_operators_choice_wins(monkeypatch):
+    """What a GPU machine's tritonserver is started with (read here without a GPU): no pinned or CUDA pools of
+    Triton's own (only CPU tensors pass between the steps), torch's allocator with expandable segments in
+    every model process unless the operator set PYTORCH_CUDA_ALLOC_CONF."""
+    from anomaly.serving.triton_server import TritonServer
+
+    monkeypatch.delenv("PYTORCH_CUDA_ALLOC_CONF", raising=False)
+    server = TritonServer(load_settings())
+    server._gpu = True
+    command = server.command()
+    assert "--pinned-memory-pool-byte-size=0" in command and "--cuda-memory-pool-byte-size=0:0" in command
+    assert "--allow-gpu-metrics=false" not in command
+    assert server.environment()["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
+    monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
+    assert server.environment()["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
