@@ -47,7 +47,7 @@ PIPELINE_MODELS = ("preprocess", "detector", "select_detections", "segmenter", "
 app = FastAPI(
     title="Infrastructure anomaly detection",
     version=importlib.metadata.version("anomaly-inspection"),
-    description="RF-DETR + SAM2.1 on Triton: defects with boxes, masks, measured geometry and structural element.",
+    description="RF-DETR + SAM3 or SAM2.1 on Triton: defects with boxes, masks, measured geometry and structure.",
 )
 
 

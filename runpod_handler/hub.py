@@ -103,12 +103,12 @@ def hub_listing() -> dict:
     listed = [k for k in KNOBS if k.name not in NOT_LISTED]
     listed.sort(key=lambda k: (k.name not in COMMON, COMMON.index(k.name) if k.name in COMMON else 0))
     return {
-        "title": "Infrastructure defect detection (RF-DETR + SAM2.1 on Triton)",
+        "title": "Infrastructure defect detection (RF-DETR + SAM3 / SAM2.1 on Triton)",
         "description": (
             "Photos of bridges, buildings and tunnels in; cracks, spalling, corrosion and other defects out, with "
             "boxes, masks, measured length, width, area and orientation (mm when the pixel size is known), crack "
-            "severity and the structural element they sit on. RF-DETR detects, SAM2.1 segments each defect box, "
-            "all served by one Triton ensemble."
+            "severity and the structural element they sit on. RF-DETR detects, SAM3 (or SAM2.1) segments each "
+            "defect box, all served by one Triton ensemble."
         ),
         "type": "serverless",
         "category": "image",
