@@ -20,7 +20,7 @@ from anomaly.detector import Detections, DetectorMetadata, export_files, select_
 from anomaly.geometry import GEOMETRY_FIELDS
 from anomaly.images import read_header
 from anomaly.options import RequestOptions
-from anomaly.result import build_response
+from anomaly.result import Findings, build_response
 from anomaly.scale import resolve_scale
 from anomaly.weights import UNTRAINED_BANNER, segmenter_title
 
@@ -156,15 +156,18 @@ class InProcessPipeline:
             prepared, hw = self.segmenter.prepare(data, s.max_image_bytes, s.max_image_pixels)
             crops = self.segmenter.segment_batch([(prepared, hw, seg_boxes)])[0]
         table = measure_all([c.mask for c in crops])
-        return build_response(
-            image_hw=image_hw,
+        findings = Findings(
             detections=det,
-            metadata=self.meta,
             seg_index=seg_index,
             mask_boxes=np.asarray([c.box for c in crops], np.int32).reshape(-1, 4),
             masks=[c.mask for c in crops],
             mask_scores=np.asarray([c.score for c in crops], np.float32),
             geometries=geometry_dicts(table),
+        )
+        return build_response(
+            image_hw=image_hw,
+            findings=findings,
+            metadata=self.meta,
             options=options,
             severity_thresholds_mm=s.severity_thresholds_mm,
             warnings=warnings_for(self.meta, self.segmenter_info, notes, self.detector.info),

@@ -8,6 +8,7 @@ segmentation, combined}), anomaly_count, structures[], processing_time_ms. Extra
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -44,16 +45,86 @@ def is_crack(defect_type: str) -> bool:
     return "crack" in defect_type.lower()
 
 
+@dataclass
+class Findings:
+    """What the pipeline found in one frame: the detections above the threshold, which of them were segmented
+    (`seg_index`), and for each segmented defect k its mask box, mask crop (none when masks were not asked
+    for), SAM's score and its geometry."""
+
+    detections: Detections
+    seg_index: np.ndarray
+    mask_boxes: np.ndarray
+    masks: list[np.ndarray]
+    mask_scores: np.ndarray
+    geometries: list[dict]
+
+
+def _structures(found: Findings, metadata: DetectorMetadata, image_hw) -> tuple[list[dict], list[tuple]]:
+    """The detected structural elements as response records, and their integer boxes (same order)."""
+    records, boxes = [], []
+    det = found.detections
+    for i in range(len(det)):
+        if metadata.role(int(det.class_ids[i])) == "structure":
+            box = crop_box(det.boxes[i], image_hw)
+            records.append({
+                "structure_id": new_id("struct"),
+                "structure_type": metadata.name(int(det.class_ids[i])),
+                "bbox": bbox_dict(box),
+                "confidence": round(float(det.scores[i]), 4),
+            })  # fmt: skip
+            boxes.append(box)
+    return records, boxes
+
+
+def _host(box: tuple, structures: list[dict], boxes: list[tuple]) -> dict | None:
+    """The structure whose box covers the largest share of `box`, at least MIN_STRUCTURE_COVERAGE (ties: the
+    more confident)."""
+    host, best = None, 0.0
+    for record, other in zip(structures, boxes):
+        c = coverage(box, other)
+        if c >= MIN_STRUCTURE_COVERAGE and (
+            c > best or (c == best and host and record["confidence"] > host["confidence"])
+        ):
+            host, best = record, c
+    return host
+
+
+def _anomaly(found: Findings, k: int, host: dict | None, metadata: DetectorMetadata, options: RequestOptions,
+             severity_thresholds_mm, image_hw) -> dict:  # fmt: skip
+    """Segmented defect k as its response record."""
+    det = int(np.asarray(found.seg_index, int)[k])
+    box = tuple(int(v) for v in found.mask_boxes[k])
+    defect_type = metadata.name(int(found.detections.class_ids[det]))
+    det_conf, seg_conf = float(found.detections.scores[det]), float(found.mask_scores[k])
+    g = dict(found.geometries[k])
+    g["area_pixels"] = int(g["area_pixels"])
+    if options.mm_per_pixel:
+        g |= geo.to_millimetres(g, options.mm_per_pixel)
+    anomaly = {
+        "anomaly_id": new_id("anom"),
+        "defect_type": defect_type,
+        "structure_type": host["structure_type"] if host else "unknown",
+        "structure_id": host["structure_id"] if host else None,
+        "bbox": bbox_dict(box),
+        "geometry": g,
+        "confidence": {
+            "detection": round(det_conf, 4),
+            "segmentation": round(seg_conf, 4),
+            "combined": round((det_conf + seg_conf) / 2.0, 4),
+        },
+    }
+    if options.mm_per_pixel and is_crack(defect_type):
+        anomaly["severity"] = geo.crack_severity(g["max_width_mm"], severity_thresholds_mm)
+    if options.include_masks:
+        anomaly["mask"] = crop_to_rle(found.masks[k], box, image_hw)
+    return anomaly
+
+
 def build_response(
     *,
     image_hw: tuple[int, int],
-    detections: Detections,
+    findings: Findings,
     metadata: DetectorMetadata,
-    seg_index: np.ndarray,
-    mask_boxes: np.ndarray,
-    masks: list[np.ndarray],
-    mask_scores: np.ndarray,
-    geometries: list[dict],
     options: RequestOptions,
     severity_thresholds_mm: tuple[float, float, float],
     warnings: list[str],
@@ -61,58 +132,11 @@ def build_response(
     models: dict | None = None,
 ) -> dict:
     height, width = image_hw
-    structures = []
-    for i in range(len(detections)):
-        if metadata.role(int(detections.class_ids[i])) == "structure":
-            box = crop_box(detections.boxes[i], image_hw)
-            structures.append(
-                {
-                    "structure_id": new_id("struct"),
-                    "structure_type": metadata.name(int(detections.class_ids[i])),
-                    "bbox": bbox_dict(box),
-                    "confidence": round(float(detections.scores[i]), 4),
-                    "_box": box,
-                }
-            )
-
+    structures, structure_boxes = _structures(findings, metadata, image_hw)
     anomalies = []
-    for k, det in enumerate(np.asarray(seg_index, int)):
-        box = tuple(int(v) for v in mask_boxes[k])
-        defect_type = metadata.name(int(detections.class_ids[det]))
-        host, best = None, 0.0
-        for s in structures:
-            c = coverage(box, s["_box"])
-            if c >= MIN_STRUCTURE_COVERAGE and (
-                c > best or (c == best and host and s["confidence"] > host["confidence"])
-            ):
-                host, best = s, c
-        det_conf = float(detections.scores[det])
-        seg_conf = float(mask_scores[k])
-        g = dict(geometries[k])
-        g["area_pixels"] = int(g["area_pixels"])
-        if options.mm_per_pixel:
-            g |= geo.to_millimetres(g, options.mm_per_pixel)
-        anomaly = {
-            "anomaly_id": new_id("anom"),
-            "defect_type": defect_type,
-            "structure_type": host["structure_type"] if host else "unknown",
-            "structure_id": host["structure_id"] if host else None,
-            "bbox": bbox_dict(box),
-            "geometry": g,
-            "confidence": {
-                "detection": round(det_conf, 4),
-                "segmentation": round(seg_conf, 4),
-                "combined": round((det_conf + seg_conf) / 2.0, 4),
-            },
-        }
-        if options.mm_per_pixel and is_crack(defect_type):
-            anomaly["severity"] = geo.crack_severity(g["max_width_mm"], severity_thresholds_mm)
-        if options.include_masks:
-            anomaly["mask"] = crop_to_rle(masks[k], box, image_hw)
-        anomalies.append(anomaly)
-
-    for s in structures:
-        del s["_box"]
+    for k in range(len(findings.seg_index)):
+        host = _host(tuple(int(v) for v in findings.mask_boxes[k]), structures, structure_boxes)
+        anomalies.append(_anomaly(findings, k, host, metadata, options, severity_thresholds_mm, image_hw))
     response = {
         "frame_id": options.frame_id or new_id("frame"),
         "image_size": {"width": int(width), "height": int(height)},

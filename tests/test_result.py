@@ -9,7 +9,7 @@ from pycocotools import mask as coco_mask
 from anomaly.detector import Detections, DetectorMetadata
 from anomaly.masks import crop_to_rle, pack, rle_to_mask, unpack
 from anomaly.options import RequestOptions
-from anomaly.result import build_response, coverage
+from anomaly.result import Findings, build_response, coverage
 
 META = DetectorMetadata(
     "medium", 576, [0.5] * 3, [0.2] * 3, ["crack", "spalling", "beam", "column", ""],
@@ -29,11 +29,10 @@ def response(options=None, boxes=None, class_ids=None, warnings=()):
     masks = [np.ones((b[3] - b[1], b[2] - b[0]), bool) for b in mask_boxes]
     geo = [{"area_pixels": int(m.sum()), "length_pixels": 40.0, "width_pixels": m.sum() / 40.0,
             "orientation_degrees": 10.0, "max_width_pixels": 3.0} for m in masks]  # fmt: skip
+    findings = Findings(det, seg, mask_boxes, masks, np.full(len(seg), 0.8, np.float32), geo)
     return build_response(
-        image_hw=(480, 640), detections=det, metadata=META, seg_index=seg, mask_boxes=mask_boxes, masks=masks,
-        mask_scores=np.full(len(seg), 0.8, np.float32), geometries=geo,
-        options=options or RequestOptions(0.3), severity_thresholds_mm=(0.1, 0.3, 1.0),
-        warnings=list(warnings), processing_time_ms=12.345,
+        image_hw=(480, 640), findings=findings, metadata=META, options=options or RequestOptions(0.3),
+        severity_thresholds_mm=(0.1, 0.3, 1.0), warnings=list(warnings), processing_time_ms=12.345,
     )  # fmt: skip
 
 

@@ -7,7 +7,7 @@ import numpy as np
 from anomaly import pipeline
 from anomaly.config import settings
 from anomaly.detector import Detections
-from anomaly.result import build_response
+from anomaly.result import Findings, build_response
 from anomaly.scale import with_scale
 from anomaly.serving import step_inputs, triton_io
 
@@ -22,15 +22,18 @@ class TritonPythonModel(triton_io.StageModel):
         )
         options = with_scale(triton_io.options_of(request), got["scale"])  # as the preprocess step decided
         typed, mask_boxes = got["typed"], got["mask_boxes"]
-        response = build_response(
-            image_hw=got["image_hw"],
+        findings = Findings(
             detections=Detections(typed["BOXES"], typed["SCORES"], typed["CLASS_IDS"]),
-            metadata=self.meta,
             seg_index=typed["SEG_INDEX"],
             mask_boxes=mask_boxes,
             masks=pipeline.unpack_crops(mask_boxes, got["masks"]) if options.include_masks else [],
             mask_scores=typed["MASK_SCORES"],
             geometries=pipeline.geometry_dicts(typed["GEOMETRY"]),
+        )
+        response = build_response(
+            image_hw=got["image_hw"],
+            findings=findings,
+            metadata=self.meta,
             options=options,
             severity_thresholds_mm=s.severity_thresholds_mm,
             warnings=pipeline.warnings_for(self.meta, got["segmenter"], got["notes"], got["detector"]),
