@@ -110,10 +110,16 @@ def build_sam3(checkpoint: str | Path | None = None, device: str = "cpu"):
 
 
 def read_state(path: str | Path) -> dict:
-    """A checkpoint's tensors, memory-mapped (a 3 GB file is not read to answer what it holds)."""
+    """A checkpoint's tensors, memory-mapped (a 3 GB file is not read to answer what it holds); a file in
+    torch's legacy (pre-zip) format cannot be mapped and is read whole."""
     import torch
 
-    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as exc:
+        if "mmap" not in str(exc):
+            raise
+        state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]
     if not isinstance(state, dict):

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import glob
+import hashlib
 import json
+import re
 import sys
 import threading
 import time
@@ -33,21 +35,31 @@ class Frame:
     error: str = ""
 
 
+def frame_id_for(name: str) -> str:
+    """A file's name as a frame_id the service accepts (1-128 of A-Z a-z 0-9 _ . : / -): other characters
+    become "_" and a short hash of the real name keeps two such names apart; long names are cut, room
+    left for a video's ":<seconds>s". The same name always gives the same id, so a re-run resumes."""
+    cleaned = re.sub(r"[^A-Za-z0-9_.:/\-]", "_", name)
+    if cleaned == name and len(name) <= 100:
+        return name
+    return f"{cleaned[:90]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+
+
 def find_inputs(paths: list[str]) -> list[tuple[Path, str]]:
-    """Files, folders (recursively) and glob patterns -> (file, frame-id stem) pairs in a stable order."""
+    """Files, folders (recursively) and glob patterns -> (file, frame_id) pairs in a stable order."""
     found: list[tuple[Path, str]] = []
     for given in paths:
         if any(ch in given for ch in "*?["):
             matches = sorted(Path(p) for p in glob.glob(given, recursive=True))
-            found += [(m, m.name) for m in matches if m.is_file()]
+            found += [(m, frame_id_for(m.name)) for m in matches if m.is_file()]
         elif Path(given).is_dir():
             root = Path(given)
             files = sorted(
                 p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES
             )
-            found += [(f, str(f.relative_to(root))) for f in files]
+            found += [(f, frame_id_for(str(f.relative_to(root)))) for f in files]
         else:
-            found.append((Path(given), Path(given).name))
+            found.append((Path(given), frame_id_for(Path(given).name)))
     return found
 
 
@@ -144,8 +156,8 @@ def run_campaign(paths: list[str], out: Path, *, url: str, protocol: str = "grpc
 
     counts = {"sent": 0, "skipped": 0, "failed": 0}
     inputs = find_inputs(paths)
-    images = sum(1 for p, _ in inputs if p.suffix.lower() not in VIDEO_SUFFIXES)
-    progress = Progress(images if images == len(inputs) else None)
+    videos = any(p.suffix.lower() in VIDEO_SUFFIXES for p, _ in inputs)
+    progress = Progress(None if videos else sum(1 for _, name in inputs if name not in done))
 
     def record_error(frame: Frame, message: str) -> None:
         counts["failed"] += 1

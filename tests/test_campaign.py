@@ -112,3 +112,17 @@ def test_campaign_outputs_resume_and_report(triton, campaign_folder, tmp_path, c
     assert cli(args) == 2  # the broken file is tried again and still fails
     assert "6 already in" in capsys.readouterr().err
     assert len((out / "results.jsonl").read_text().splitlines()) == len(results)
+
+
+def test_file_names_become_frame_ids_the_service_accepts():
+    """Real photo names carry spaces, brackets and accents; the service's frame_id allows fewer characters.
+    The id is derived the same way every time (a re-run resumes), and names that clean up alike stay apart."""
+    from anomaly.options import frame_id_value
+    from client.campaign import frame_id_for
+
+    for name in ("DJI 0001 (copy).JPG", "pont/façade été.jpg", "x" * 300 + ".png", "pier3/DJI_0042.JPG"):
+        frame_id = frame_id_for(name)
+        assert frame_id_value(frame_id) == frame_id and frame_id_value(frame_id + ":1234.500s")
+        assert frame_id_for(name) == frame_id
+    assert frame_id_for("pier3/DJI_0042.JPG") == "pier3/DJI_0042.JPG"  # a clean name is kept as it is
+    assert frame_id_for("a b.jpg") != frame_id_for("a_b.jpg")

@@ -58,6 +58,8 @@ def test_checkpoint_kind_comes_from_the_keys(tmp_path, content, kind):
     path = tmp_path / "weights.pt"
     torch.save(content, path)
     assert checkpoint_kind(path) == kind
+    torch.save(content, path, _use_new_zipfile_serialization=False)  # torch's legacy format: not mappable
+    assert checkpoint_kind(path) == kind
 
 
 @pytest.mark.parametrize(
