@@ -81,6 +81,15 @@ KNOBS: tuple[Knob, ...] = (
     # --- images ---
     Knob("MAX_IMAGE_BYTES", str(40 * 1024 * 1024), "largest encoded image accepted, in bytes"),
     Knob("MAX_IMAGE_PIXELS", str(50_000_000), "largest decoded image accepted, width x height"),
+    Knob(
+        "TILING",
+        "auto",
+        "`auto`: photos whose long side is over 4x the detector's input are detected in tiles at their own scale "
+        "and segmented in full-resolution windows; `on`: any photo larger than a tile; `off`: never. Per request: "
+        "`tiling`",
+        ("auto", "off", "on"),
+    ),
+    Knob("TILE_OVERLAP", "64", "pixels neighbouring detector tiles share (at most half a tile)"),
     # --- measurement ---
     Knob("MM_PER_PIXEL", "", "default pixel size in mm; adds `*_mm` fields and crack severity"),
     Knob(
@@ -233,6 +242,8 @@ class Settings:
     confidence_threshold: float
     max_image_bytes: int
     max_image_pixels: int
+    tiling: str  # auto, off or on: the default of the request's `tiling`
+    tile_overlap: int
     mm_per_pixel: float | None
     severity_thresholds_mm: tuple[float, float, float]
     api_host: str
@@ -298,6 +309,8 @@ def load_settings() -> Settings:
         confidence_threshold=_float("CONFIDENCE_THRESHOLD", 0.0, 1.0),  # type: ignore[arg-type]
         max_image_bytes=_int("MAX_IMAGE_BYTES"),
         max_image_pixels=_int("MAX_IMAGE_PIXELS"),
+        tiling=_choice("TILING"),
+        tile_overlap=_int("TILE_OVERLAP", lo=0),
         mm_per_pixel=mm,
         severity_thresholds_mm=_severity(),
         api_host=env("API_HOST"),

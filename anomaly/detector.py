@@ -316,7 +316,7 @@ class DetectorRunner:
             from anomaly.hardware import has_gpu
 
             gpu = has_gpu() and _torch_sees_gpu()
-        self.meta, self.settings = meta, settings
+        self.meta, self.settings, self.max_batch = meta, settings, max_batch
         self.choice = choose_backend(
             settings.detector_backend, settings.device, gpu, ort.get_available_providers(), settings.detector_precision
         )
@@ -349,14 +349,37 @@ class DetectorRunner:
 
     def prepare(self, data: bytes, field: str = "image"):
         """Encoded image -> (model input (3, R, R), (height, width)). Raises InputError naming `field`."""
+        inputs, hw = self.prepare_windows(data, None, field)
+        return inputs[0], hw
+
+    def prepare_windows(self, data: bytes, windows, field: str = "image"):
+        """Encoded image -> ([model input (3, R, R) of each window], (height, width)): the image decoded once,
+        each window (x0, y0, x1, y1 in its pixels; None: the whole image) cut out and prepared as rfdetr
+        prepares one image. Raises InputError naming `field`."""
         from anomaly.images import decode_image, decode_to_tensor, rfdetr_input, rfdetr_preprocess
 
         s, m = self.settings, self.meta
         if self.input_device == "cuda":
-            chw = decode_to_tensor(data, "cuda", s.max_image_bytes, s.max_image_pixels, field)
-            return rfdetr_input(chw, m.resolution, m.means, m.stds), (int(chw.shape[1]), int(chw.shape[2]))
-        rgb = decode_image(data, s.max_image_bytes, s.max_image_pixels, field)
-        return rfdetr_preprocess(rgb, m.resolution, m.means, m.stds), rgb.shape[:2]
+            image = decode_to_tensor(data, "cuda", s.max_image_bytes, s.max_image_pixels, field)
+            hw = (int(image.shape[1]), int(image.shape[2]))
+
+            def cut(x0, y0, x1, y1):
+                return rfdetr_input(image[:, y0:y1, x0:x1], m.resolution, m.means, m.stds)
+        else:
+            image = decode_image(data, s.max_image_bytes, s.max_image_pixels, field)
+            hw = image.shape[:2]
+
+            def cut(x0, y0, x1, y1):
+                return rfdetr_preprocess(image[y0:y1, x0:x1], m.resolution, m.means, m.stds)
+
+        windows = windows or [(0, 0, hw[1], hw[0])]
+        return [cut(*w) for w in windows], hw
+
+    def run_all(self, inputs: list) -> tuple[np.ndarray, np.ndarray]:
+        """Prepared inputs -> (boxes (N, Q, 4), logits (N, Q, slots)), in batches of at most the step's batch size
+        (a tiled frame brings dozens of windows)."""
+        parts = [self.run(inputs[i : i + self.max_batch]) for i in range(0, len(inputs), self.max_batch)]
+        return np.concatenate([b for b, _ in parts]), np.concatenate([lg for _, lg in parts])
 
     def run(self, inputs: list) -> tuple[np.ndarray, np.ndarray]:
         """Prepared inputs -> (boxes (B, Q, 4) cxcywh, logits (B, Q, slots)), one batch."""

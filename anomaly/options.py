@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 from anomaly.errors import InputError
 
-OPTION_NAMES = ("confidence_threshold", "include_masks", "frame_id", "mm_per_pixel")
+OPTION_NAMES = ("confidence_threshold", "include_masks", "frame_id", "mm_per_pixel", "tiling")
+TILING_MODES = ("auto", "off", "on")  # anomaly.tiling
 # Parameters Triton itself or its clients attach to requests; they are not ours to validate.
 _TRITON_PARAMS = {
     "sequence_id",
@@ -32,6 +33,7 @@ class RequestOptions:
     include_masks: bool = False
     frame_id: str | None = None
     mm_per_pixel: float | None = None
+    tiling: str | None = None  # auto, off or on; None: the TILING setting
     scale_source: str = ""  # where mm_per_pixel came from: request, setting, metadata (anomaly.scale); "" none
     scale_detail: str = ""  # how the metadata gave it, or which value it lacked
 
@@ -89,4 +91,11 @@ def parse_options(
     frame_id = frame_id_value(params.get("frame_id"))
     include = params.get("include_masks")
     include = False if include is None else _boolean("include_masks", include)
-    return RequestOptions(threshold, include, frame_id, mm, source)
+    tiling = params.get("tiling")
+    if tiling is not None and tiling != "":
+        tiling = str(tiling).strip().lower()
+        if tiling not in TILING_MODES:
+            raise InputError("tiling", f"must be one of {', '.join(TILING_MODES)}, got {params['tiling']!r}")
+    else:
+        tiling = None
+    return RequestOptions(threshold, include, frame_id, mm, tiling, source)

@@ -16,25 +16,27 @@ import numpy as np
 
 from anomaly import geometry, masks
 from anomaly.config import Settings
-from anomaly.detector import Detections, DetectorMetadata, export_files, select_detections
+from anomaly.detector import Detections, DetectorMetadata, export_files
 from anomaly.geometry import GEOMETRY_FIELDS
 from anomaly.images import read_header
 from anomaly.options import RequestOptions
 from anomaly.result import Findings, build_response
 from anomaly.scale import resolve_scale
+from anomaly.tiling import TilePlan, describe, merge_windows, plan_tiles, select_windows
 from anomaly.weights import UNTRAINED_BANNER, segmenter_title
 
 
 def select(
     boxes: np.ndarray,
     logits: np.ndarray,
-    image_hw,
+    plan: TilePlan,
     threshold: float,
     meta: DetectorMetadata,
     max_defects: int,
 ) -> tuple[Detections, np.ndarray, list[str]]:
-    """Raw detector output of one image -> (all detections, indices of the defects to segment, notes)."""
-    det = select_detections(boxes, logits, tuple(int(v) for v in image_hw), threshold, meta.num_select)
+    """Raw detector output of one frame's windows, (W, Q, 4) and (W, Q, slots) (W = 1 when not tiled) -> (all
+    detections, indices of the defects to segment, notes)."""
+    det = merge_windows(select_windows(boxes, logits, plan, threshold, meta.num_select), plan)
     defects = np.array([i for i, c in enumerate(det.class_ids) if meta.role(int(c)) == "defect"], np.int32)
     notes = []
     if len(defects) > max_defects:
@@ -44,6 +46,11 @@ def select(
         )
         defects = defects[:max_defects]
     return det, defects, notes
+
+
+def tile_plan(image_hw, options: RequestOptions, settings: Settings, resolution: int) -> TilePlan:
+    """How a frame is detected: the request's `tiling`, else the TILING setting (anomaly.tiling)."""
+    return plan_tiles(image_hw, resolution, options.tiling or settings.tiling, settings.tile_overlap)
 
 
 def _measure_row(mask: np.ndarray) -> list[float]:
@@ -135,8 +142,9 @@ class InProcessPipeline:
         self.meta = DetectorMetadata.load(meta_path)
         self.detector = DetectorRunner(self.meta, onnx_path, settings)
         self.segmenter, spec = load_segmenter(settings)
+        self.sam_batch = 1  # windows of a tiled frame embedded one at a time, as one frame is
         if settings.cuda_graphs:
-            self.segmenter.use_cuda_graphs(1)
+            self.segmenter.use_cuda_graphs(self.sam_batch)
         self.segmenter_info = segmenter_info(self.segmenter, spec)
 
     def __call__(self, data: bytes, options: RequestOptions) -> dict:
@@ -145,16 +153,17 @@ class InProcessPipeline:
         header = read_header(data, s.max_image_bytes, s.max_image_pixels)
         options = resolve_scale(options, data)
         image_hw = (header.height, header.width)
-        x, _ = self.detector.prepare(data)
-        boxes, logits = self.detector.run([x])
-        det, seg_index, notes = select(
-            boxes[0], logits[0], image_hw, options.confidence_threshold, self.meta, s.max_detections
-        )
+        plan = tile_plan(image_hw, options, s, self.meta.resolution)
+        inputs, _ = self.detector.prepare_windows(data, plan.windows)
+        boxes, logits = self.detector.run_all(inputs)
+        det, seg_index, notes = select(boxes, logits, plan, options.confidence_threshold, self.meta, s.max_detections)
         seg_boxes = det.boxes[seg_index]
-        crops = []
+        crops, sam_frames = [], []
         if len(seg_boxes):
-            prepared, hw = self.segmenter.prepare(data, s.max_image_bytes, s.max_image_pixels)
-            crops = self.segmenter.segment_batch([(prepared, hw, seg_boxes)])[0]
+            sam_frames = self.segmenter.prepare_windows(
+                data, seg_boxes, plan.tiled, s.max_image_bytes, s.max_image_pixels
+            )
+            crops = self.segmenter.segment_windows([sam_frames], self.sam_batch)[0]
         table = measure_all([c.mask for c in crops])
         findings = Findings(
             detections=det,
@@ -173,6 +182,7 @@ class InProcessPipeline:
             warnings=warnings_for(self.meta, self.segmenter_info, notes, self.detector.info),
             processing_time_ms=(time.monotonic_ns() - start) / 1e6,
             models=models_info(self.meta, self.segmenter_info, self.detector.info),
+            tiling=describe(plan, np.asarray([f.window for f in sam_frames]), self.segmenter.resolution),
         )
 
 

@@ -130,6 +130,7 @@ def build_response(
     warnings: list[str],
     processing_time_ms: float,
     models: dict | None = None,
+    tiling: dict | None = None,
 ) -> dict:
     height, width = image_hw
     structures, structure_boxes = _structures(findings, metadata, image_hw)
@@ -148,6 +149,8 @@ def build_response(
     if options.mm_per_pixel:
         response["mm_per_pixel"] = options.mm_per_pixel
     response["scale"] = scale_record(options)
+    if tiling is not None:
+        response["tiling"] = tiling
     response["untrained_weights"] = any(w.startswith("UNTRAINED") for w in warnings)
     response["warnings"] = list(warnings)
     if models:

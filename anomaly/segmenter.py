@@ -36,6 +36,20 @@ class MaskCrop:
     score: float  # SAM's predicted IoU, clipped to [0, 1]
 
 
+@dataclass
+class SamFrame:
+    """One image SAM embeds for a frame: the whole frame, or a window of a tiled frame."""
+
+    window: tuple[int, int, int, int]  # x0, y0, x1, y1 in the frame's pixels
+    held: list[int]  # which of the frame's boxes are decoded from it
+    input: object  # the prepared (3, S, S) tensor
+    boxes: np.ndarray  # those boxes (len(held), 4) in the window's pixels
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return self.window[3] - self.window[1], self.window[2] - self.window[0]
+
+
 def crop_box(box: np.ndarray, image_hw: tuple[int, int]) -> tuple[int, int, int, int]:
     """Float box -> the integer pixel window that contains it, at least one pixel, inside the image."""
     height, width = image_hw
@@ -121,6 +135,44 @@ class Sam2Segmenter:
 
         chw = decode_to_tensor(data, self.device, max_bytes, max_pixels, field)
         return self.model_input(chw), (int(chw.shape[1]), int(chw.shape[2]))
+
+    def prepare_windows(self, data: bytes, boxes: np.ndarray, tiled: bool, max_bytes: int, max_pixels: int,
+                        field: str = "image") -> list[SamFrame]:  # fmt: skip
+        """Encoded image and its boxes (N, 4) -> what SAM embeds for them: the whole image, or for a tiled frame
+        full-resolution windows around groups of the boxes (anomaly.tiling.sam_windows), each with its boxes."""
+        from anomaly.images import decode_to_tensor
+        from anomaly.tiling import sam_windows
+
+        chw = decode_to_tensor(data, self.device, max_bytes, max_pixels, field)
+        height, width = int(chw.shape[1]), int(chw.shape[2])
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        if not tiled:
+            return [SamFrame((0, 0, width, height), list(range(len(boxes))), self.model_input(chw), boxes)]
+        out = []
+        for (x0, y0, x1, y1), held in sam_windows(boxes, (height, width), self.resolution):
+            local = boxes[held] - np.array([x0, y0, x0, y0], np.float32)
+            out.append(SamFrame((x0, y0, x1, y1), held, self.model_input(chw[:, y0:y1, x0:x1]), local))
+        return out
+
+    def segment_windows(self, frames: list[list[SamFrame]], max_batch: int) -> list[list[MaskCrop]]:
+        """Each image's SamFrames (prepare_windows) -> one MaskCrop per box of the image, in its box order and
+        its pixels. The frames of all images are embedded `max_batch` at a time."""
+        flat = [f for image in frames for f in image]
+        crops: list[list[MaskCrop]] = []
+        for start in range(0, len(flat), max(1, max_batch)):
+            chunk = flat[start : start + max(1, max_batch)]
+            crops += self.segment_batch([(f.input, f.hw, f.boxes) for f in chunk])
+        found = iter(crops)
+        out = []
+        for image in frames:
+            ordered: list[MaskCrop] = [None] * sum(len(f.held) for f in image)  # type: ignore[list-item]
+            for f in image:
+                x0, y0 = f.window[:2]
+                for j, c in zip(f.held, next(found)):
+                    box = (c.box[0] + x0, c.box[1] + y0, c.box[2] + x0, c.box[3] + y0)
+                    ordered[j] = MaskCrop(box, c.mask, c.score)
+            out.append(ordered)
+        return out
 
     def prepare_rgb(self, rgb: np.ndarray):
         """RGB uint8 (H, W, 3) -> (SAM input, (height, width)), as SAM2ImagePredictor.set_image prepares it."""

@@ -32,7 +32,7 @@ def _url(args: argparse.Namespace) -> str:
 def _campaign(args: argparse.Namespace) -> int:
     from client.campaign import run_campaign
 
-    options = {"confidence_threshold": args.threshold, "mm_per_pixel": args.mm_per_pixel}
+    options = {"confidence_threshold": args.threshold, "mm_per_pixel": args.mm_per_pixel, "tiling": args.tiling}
     out = Path(args.out)
     counts = run_campaign(
         args.images, out, url=_url(args), protocol=args.protocol, in_flight=args.in_flight, fps=args.fps,
@@ -79,6 +79,7 @@ def _detect(args: argparse.Namespace) -> int:
                     include_masks=args.include_masks or bool(args.annotate_dir),
                     confidence_threshold=args.threshold,
                     mm_per_pixel=args.mm_per_pixel,
+                    tiling=args.tiling,
                 )
             except AnomalyServiceError as exc:
                 print(f"{path}: {exc}", file=sys.stderr)
@@ -140,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--threshold", type=float, help="confidence threshold in [0, 1] (default: the server's)")
     detect.add_argument("--include-masks", action="store_true", help="add each anomaly's COCO RLE mask")
     detect.add_argument("--mm-per-pixel", type=_positive, help="pixel size in mm: adds *_mm fields and severity")
+    detect.add_argument(
+        "--tiling", choices=("auto", "off", "on"), help="detect large photos in tiles (default: the server's TILING)"
+    )
     detect.add_argument("--frame-ids", action="store_true", help="use each file's name as its frame_id")
     detect.add_argument("--annotate-dir", help="write <name>_annotated.jpg with boxes, masks and labels here")
     detect.add_argument("--pretty", action="store_true", help="indent the JSON")

@@ -97,6 +97,7 @@ class AnomalyClient:
         include_masks: bool | None = None,
         confidence_threshold: float | None = None,
         mm_per_pixel: float | None = None,
+        tiling: str | None = None,
     ) -> Detection:
         from tritonclient.utils import InferenceServerException
 
@@ -109,6 +110,7 @@ class AnomalyClient:
                 ("include_masks", include_masks),
                 ("confidence_threshold", confidence_threshold),
                 ("mm_per_pixel", mm_per_pixel),
+                ("tiling", tiling),
             )
             if v is not None
         }

@@ -4,7 +4,8 @@
   GET  /ping            RunPod load-balancing health: 204 while starting, 200 when ready, 503 when it was
                         ready and no longer is
   GET  /info            detector, segmenter, weights (and whether untrained), classes, versions, device
-  POST /detect          {"image": b64, "frame_id"?, "include_masks"?, "confidence_threshold"?, "mm_per_pixel"?}
+  POST /detect          {"image": b64, "frame_id"?, "include_masks"?, "confidence_threshold"?, "mm_per_pixel"?,
+                         "tiling"?}
   POST /detect/batch    {"images": [b64...], "frame_ids"?: [...], same options}
   POST /detect/upload   multipart: file, and the same options as form fields
   GET  /docs            OpenAPI documentation (/openapi.json)
@@ -57,6 +58,7 @@ class DetectRequest(BaseModel):
     include_masks: bool = Field(False, description="add each anomaly's mask as COCO RLE")
     confidence_threshold: float | None = Field(None, description="detection threshold in [0, 1]")
     mm_per_pixel: float | None = Field(None, description="pixel size: adds *_mm fields and crack severity")
+    tiling: str | None = Field(None, description="auto, off or on: detect a large photo in tiles at its own scale")
     model_config = {"extra": "forbid"}
 
 
@@ -66,6 +68,7 @@ class BatchRequest(BaseModel):
     include_masks: bool = False
     confidence_threshold: float | None = None
     mm_per_pixel: float | None = None
+    tiling: str | None = None
     model_config = {"extra": "forbid"}
 
 
@@ -303,13 +306,14 @@ async def detect_upload(
     confidence_threshold: Annotated[float | None, Form()] = None,
     frame_id: Annotated[str | None, Form()] = None,
     mm_per_pixel: Annotated[float | None, Form()] = None,
+    tiling: Annotated[str | None, Form()] = None,
 ):
     unknown = sorted(set((await request.form()).keys()) - set(UPLOAD_FIELDS))  # the form FastAPI already parsed
     if unknown:  # a misspelt confidence_treshold must not fall back to the default silently
         raise InputError(unknown[0], f"is not a known form field; expected {', '.join(UPLOAD_FIELDS)}")
     s = settings()
     params = {"include_masks": include_masks, "confidence_threshold": confidence_threshold, "frame_id": frame_id,
-              "mm_per_pixel": mm_per_pixel}  # fmt: skip
+              "mm_per_pixel": mm_per_pixel, "tiling": tiling}  # fmt: skip
     options = parse_options({k: v for k, v in params.items() if v is not None}, s.confidence_threshold, s.mm_per_pixel)
     data = await file.read(s.max_image_bytes + 1)
     if len(data) > s.max_image_bytes:

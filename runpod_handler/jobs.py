@@ -1,7 +1,7 @@
 """The RunPod API's request bodies (README, "RunPod") (single image, batch), parsed and run through Triton.
 
 Shared by the serverless handler and the pod REST gateway so both accept and answer exactly the same.
-Single: {"image": b64, "frame_id"?, "include_masks"?, "confidence_threshold"?, "mm_per_pixel"?}
+Single: {"image": b64, "frame_id"?, "include_masks"?, "confidence_threshold"?, "mm_per_pixel"?, "tiling"?}
 Batch:  {"images": [b64, ...], "frame_ids"?: [...], same options}   -> {"results": [...], "count", "failed"}
 A batch item that the server refuses becomes {"frame_id", "error"} in `results`: reported, not dropped.
 """
@@ -109,6 +109,7 @@ def _call(client: AnomalyClient, frame_id: str | None, data: bytes, options: Req
         include_masks=options.include_masks,
         confidence_threshold=options.confidence_threshold,
         mm_per_pixel=options.mm_per_pixel,
+        tiling=options.tiling,
     )
 
 

@@ -252,6 +252,12 @@ def _packed(n: int) -> np.ndarray:
     return out
 
 
+def _plan(image_hw, mode: str = "off") -> np.ndarray:
+    from anomaly.tiling import plan_tiles
+
+    return np.array([[plan_tiles(image_hw, 576, mode, 64).to_json()]], dtype=np.object_)
+
+
 @pytest.mark.parametrize(
     "model,inputs,words",
     [
@@ -264,9 +270,27 @@ def _packed(n: int) -> np.ndarray:
             {
                 "dets": np.zeros((1, 300, 4), np.float32),
                 "labels": np.zeros((1, 299, 23), np.float32),
-                "IMAGE_SIZE": np.array([1080, 1920], np.int32),
+                "TILING": _plan((1080, 1920)),
             },
             "labels: must have shape (1, 300, N)",
+        ),
+        (
+            "select_detections",
+            {
+                "dets": np.zeros((1, 300, 4), np.float32),
+                "labels": np.zeros((1, 300, 23), np.float32),
+                "TILING": np.array([[b'{"mode": "on", "windows": [[0, 0, 99999, 99999]]}']], dtype=np.object_),
+            },
+            "TILING: must hold mode",
+        ),
+        (
+            "select_detections",
+            {
+                "dets": np.zeros((1, 300, 4), np.float32),
+                "labels": np.zeros((1, 300, 23), np.float32),
+                "TILING": _plan((1080, 1920), "on"),  # 8 windows: 300 boxes cannot be theirs
+            },
+            "dets: holds 300 boxes, not a whole number for",
         ),
     ],
 )
@@ -291,6 +315,7 @@ def test_result_step_refuses_garbage_metadata(triton, pier_png):
         "MASK_BOXES": np.zeros((1, 0, 4), np.int32), "MASKS": np.empty((1, 0), dtype=np.object_),
         "MASK_SCORES_IN": np.zeros((1, 0), np.float32), "SEGMENTER": not_json, "GEOMETRY_IN": np.zeros((0, 5)),
         "SCALE": np.array([[b'{"mm_per_pixel": null, "source": null, "detail": ""}']], dtype=np.object_),
+        "TILING": _plan((450, 800)), "SAM_WINDOWS": np.zeros((1, 0, 4), np.int32),
     }  # fmt: skip
     with pytest.raises(InferenceServerException) as err:
         _call_step(triton, "result", inputs, "http")
@@ -329,3 +354,43 @@ def test_scale_comes_from_the_photo_when_none_is_given(grpc_client):
     plain = grpc_client.detect((SAMPLES / "pier_spalling.png").read_bytes(), confidence_threshold=0.25)
     assert plain["scale"]["source"] is None and "mm_per_pixel" not in plain
     assert plain["scale"]["detail"] == "no EXIF FocalLength"
+
+
+def test_large_photo_is_tiled_and_says_so(triton, exported):
+    """A 2400 x 1800 photo (over 4x RF-DETR-M's 576 px on its long side): `auto` tiles it, `off` does not; the
+    response keeps its shape and full-image coordinates. Plain tritonclient, the option as a request parameter."""
+    import json
+
+    import tritonclient.grpc as grpcclient
+
+    from anomaly.tiling import plan_tiles
+
+    rng = np.random.default_rng(7)
+    rgb = np.clip(rng.normal(150, 40, (1800, 2400, 3)), 0, 255).astype(np.uint8)
+    rgb[900:903, 200:2200] = 10  # a long hairline across many tiles
+    data = encode(rgb, "JPEG")
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+
+    def ask(**params):
+        tensor = grpcclient.InferInput("IMAGE", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([data], dtype=np.object_))
+        result = client.infer("anomaly_pipeline", [tensor], parameters={"confidence_threshold": LOW, **params},
+                              outputs=[grpcclient.InferRequestedOutput("RESULT_JSON")])  # fmt: skip
+        return json.loads(result.as_numpy("RESULT_JSON").reshape(-1)[0])
+
+    tiled, plain = ask(), ask(tiling="off")
+    plan = plan_tiles((1800, 2400), exported.resolution, "auto", 64)
+    assert tiled["tiling"]["tiled"] and tiled["tiling"]["mode"] == "auto"
+    assert tiled["tiling"]["detector_tiles"] == len(plan.windows) - 1 == 20
+    assert tiled["tiling"]["tile_size"] == exported.resolution and tiled["tiling"]["overlap"] == 64
+    assert not plain["tiling"]["tiled"] and plain["tiling"]["detector_tiles"] == 0
+    for response in (tiled, plain):
+        check_response(response, 2400, 1800, exported)
+    assert tiled["anomalies"], "the untrained detector finds something at this threshold"
+    assert tiled["tiling"]["sam_windows"] >= 1 and plain["tiling"]["sam_windows"] == (1 if plain["anomalies"] else 0)
+    whole = round(1024 / 2400, 4)  # SAM's input per photo pixel when it sees the whole photo
+    assert tiled["tiling"]["sam_scale"] >= whole and plain["tiling"]["sam_scale"] == (
+        whole if plain["anomalies"] else 1
+    )
+    with pytest.raises(Exception, match="tiling: must be one of auto, off, on"):
+        ask(tiling="sometimes")

@@ -13,7 +13,7 @@ def test_defaults_and_coercion():
     assert (parse_options({}, 0.3, 0.05).mm_per_pixel, parse_options({}, 0.3, 0.05).scale_source) == (0.05, "setting")
     got = parse_options({"confidence_threshold": "0.5", "include_masks": "true", "frame_id": "cam1/0001.jpg",
                          "mm_per_pixel": 0.1, "sequence_id": 0}, 0.3)  # fmt: skip
-    assert got == RequestOptions(0.5, True, "cam1/0001.jpg", 0.1, "request")
+    assert got == RequestOptions(0.5, True, "cam1/0001.jpg", 0.1, scale_source="request")
     assert parse_options({"confidence_threshold": 1, "include_masks": 0}, 0.3) == RequestOptions(1.0, False)
 
 

@@ -120,7 +120,12 @@ def result_inputs(get, max_pixels: int, max_detections: int) -> dict:
     at_most("SEG_INDEX_IN", same_count(count | {"GEOMETRY_IN": len(geometry)}), max_detections)
     masks = get("MASKS")
     packed_masks("MASKS", masks, mask_boxes)
+    plan = tile_plan("TILING", get("TILING"), max_pixels)
+    if plan.image_hw != image_hw:
+        raise InputError("TILING", f"is for a {plan.image_hw} image, but IMAGE_SIZE says {image_hw}")
     return {
+        "plan": plan,
+        "sam_windows": crop_boxes("SAM_WINDOWS", get("SAM_WINDOWS"), max_pixels, image_hw),
         "image_hw": image_hw,
         "start_ns": int(get("START_NS").reshape(-1)[0]),
         "notes": [bytes(n).decode("utf-8", "replace") for n in get("NOTES").reshape(-1)],
@@ -138,3 +143,25 @@ def result_inputs(get, max_pixels: int, max_detections: int) -> dict:
             "GEOMETRY": geometry.astype(np.float64),
         },
     }
+
+
+def tile_plan(name: str, values: np.ndarray, max_pixels: int, max_windows: int = 4096):
+    """How the preprocess step cut the frame (anomaly.tiling.TilePlan): a JSON object whose windows lie inside
+    an image of at most `max_pixels`, the first of them the whole image."""
+    from anomaly.tiling import TILING_MODES, TilePlan
+
+    raw = json_object(name, values)
+    try:
+        plan = TilePlan.from_json(json.dumps(raw))
+        height, width = (int(v) for v in plan.image_hw)
+        windows = np.asarray(plan.windows, np.int64).reshape(-1, 4)
+        ok = plan.mode in TILING_MODES and isinstance(plan.reason, str) and isinstance(plan.tile, int)
+    except (KeyError, TypeError, ValueError):
+        raise InputError(name, "must hold mode, image_hw, tile, overlap, windows and reason") from None
+    if not ok or not 0 < height * width <= max_pixels or not 1 <= len(windows) <= max_windows:
+        raise InputError(name, f"must describe 1 to {max_windows} windows of an image of at most {max_pixels} pixels")
+    crop_boxes(name, windows, max_pixels, (height, width))
+    if tuple(windows[0]) != (0, 0, width, height):
+        raise InputError(name, "must start with the whole image")
+    checked = tuple(tuple(w) for w in windows.tolist())
+    return TilePlan(plan.mode, (height, width), plan.tile, plan.overlap, checked, plan.reason)

@@ -1,11 +1,13 @@
-"""Triton step 2: RF-DETR on a dynamic batch of frames, decoded where the model runs (anomaly.detector)."""
+"""Triton step 2: RF-DETR on a dynamic batch of frames, decoded where the model runs (anomaly.detector); a tiled
+frame's windows (anomaly.tiling) go through the same batches, its outputs are the windows' one after another."""
 
 import json
 from dataclasses import asdict
 
 from anomaly.config import settings
 from anomaly.detector import ONNX_BOXES, ONNX_LOGITS, DetectorRunner
-from anomaly.serving import in_service, triton_io
+from anomaly.errors import InputError
+from anomaly.serving import in_service, step_inputs, triton_io
 from anomaly.weights import UNTRAINED_BANNER
 
 
@@ -23,13 +25,24 @@ class TritonPythonModel(triton_io.StageModel):
 
     def execute(self, requests):
         def prepare(request):
-            return self.runner.prepare(triton_io.image_bytes(request, "ENCODED"))[0]
+            plan = step_inputs.tile_plan("TILING", triton_io.array(request, "TILING"), settings().max_image_pixels)
+            inputs, image_hw = self.runner.prepare_windows(triton_io.image_bytes(request, "ENCODED"), plan.windows)
+            if tuple(image_hw) != plan.image_hw:
+                raise InputError("TILING", f"is for a {plan.image_hw} image, but ENCODED is {tuple(image_hw)}")
+            return inputs
 
-        def run(inputs):
-            boxes, logits = self.runner.run(inputs)
-            return [
-                {ONNX_BOXES: boxes[i : i + 1], ONNX_LOGITS: logits[i : i + 1], "DETECTOR": self.info}
-                for i in range(len(inputs))
-            ]
+        def run(per_request):
+            # every window of every frame in the batch goes through RF-DETR together, then back to its frame
+            boxes, logits = self.runner.run_all([x for windows in per_request for x in windows])
+            out, start = [], 0
+            for windows in per_request:
+                end = start + len(windows)
+                out.append({
+                    ONNX_BOXES: boxes[start:end].reshape(1, -1, boxes.shape[-1]),
+                    ONNX_LOGITS: logits[start:end].reshape(1, -1, logits.shape[-1]),
+                    "DETECTOR": self.info,
+                })  # fmt: skip
+                start = end
+            return out
 
         return triton_io.answer_batch(requests, prepare, run)

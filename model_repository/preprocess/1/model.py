@@ -1,11 +1,13 @@
 """Triton step 1: refuse bad options and images early, from the header alone; decide the pixel size (the
-request's, the setting's, or the photo's metadata: anomaly.scale); pass the bytes on."""
+request's, the setting's, or the photo's metadata: anomaly.scale) and whether the frame is detected in tiles
+(anomaly.tiling); pass the bytes on."""
 
 import json
 import time
 
 import numpy as np
 
+from anomaly import pipeline
 from anomaly.config import settings
 from anomaly.images import read_header
 from anomaly.scale import resolve_scale, scale_record
@@ -13,6 +15,8 @@ from anomaly.serving import triton_io
 
 
 class TritonPythonModel(triton_io.StageModel):
+    needs_detector_metadata = True  # its resolution sets the tile size
+
     def handle(self, request):
         start = time.monotonic_ns()
         options = triton_io.options_of(request)  # refuse bad options before any work is done
@@ -20,7 +24,9 @@ class TritonPythonModel(triton_io.StageModel):
         s = settings()
         header = read_header(data, s.max_image_bytes, s.max_image_pixels)
         scale = scale_record(resolve_scale(options, data))
+        plan = pipeline.tile_plan((header.height, header.width), options, s, self.meta.resolution)
         return {
+            "TILING": triton_io.bytes_tensor([plan.to_json()]).reshape(1, 1),
             "SCALE": triton_io.bytes_tensor([json.dumps(scale).encode()]).reshape(1, 1),
             "ENCODED": triton_io.bytes_tensor([data]).reshape(1, 1),
             "IMAGE_SIZE": np.array([header.height, header.width], np.int32),

@@ -10,6 +10,7 @@ from anomaly.detector import Detections
 from anomaly.result import Findings, build_response
 from anomaly.scale import with_scale
 from anomaly.serving import step_inputs, triton_io
+from anomaly.tiling import describe
 
 
 class TritonPythonModel(triton_io.StageModel):
@@ -39,5 +40,6 @@ class TritonPythonModel(triton_io.StageModel):
             warnings=pipeline.warnings_for(self.meta, got["segmenter"], got["notes"], got["detector"]),
             processing_time_ms=(time.monotonic_ns() - got["start_ns"]) / 1e6,
             models=pipeline.models_info(self.meta, got["segmenter"], got["detector"]),
+            tiling=describe(got["plan"], got["sam_windows"], int(got["segmenter"].get("resolution", 1024))),
         )
         return {"RESULT_JSON": np.array([pipeline.to_json(response)], dtype=np.object_)} | typed

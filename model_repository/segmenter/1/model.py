@@ -1,5 +1,6 @@
 """Triton step 4: box-prompted SAM3 or SAM2.1 masks as bit-packed box crops, the frames of a dynamic batch
-embedded together (anomaly.segmenter, anomaly.sam3; which one: anomaly.weights)."""
+embedded together (anomaly.segmenter, anomaly.sam3; which one: anomaly.weights); a tiled frame is embedded as
+full-resolution windows around its boxes (anomaly.tiling)."""
 
 import json
 
@@ -25,9 +26,10 @@ def pack_crops(crops: list) -> dict[str, np.ndarray]:
 
 class TritonPythonModel(triton_io.StageModel):
     def setup(self, args):
+        self.max_batch = int(json.loads(args["model_config"])["max_batch_size"])
         self.segmenter, spec = load_segmenter(settings())
         if settings().cuda_graphs:
-            self.segmenter.use_cuda_graphs(int(json.loads(args["model_config"])["max_batch_size"]))
+            self.segmenter.use_cuda_graphs(self.max_batch)
         info = segmenter_info(self.segmenter, spec)
         in_service.write_record(args, {"segmenter": info})
         self.info = triton_io.bytes_tensor([json.dumps(info).encode()]).reshape(1, 1)
@@ -42,14 +44,23 @@ class TritonPythonModel(triton_io.StageModel):
         def prepare(request):
             boxes = step_inputs.finite("SEG_BOXES", triton_io.array(request, "SEG_BOXES")).reshape(-1, 4)
             step_inputs.at_most("SEG_BOXES", len(boxes), s.max_detections)
-            boxes = boxes.astype(np.float32)
             if not len(boxes):  # nothing to segment: no decoding, no SAM
-                return None, None, boxes
+                return []
+            plan = step_inputs.tile_plan("TILING", triton_io.array(request, "TILING"), s.max_image_pixels)
             data = triton_io.image_bytes(request, "ENCODED")
-            return (*self.segmenter.prepare(data, s.max_image_bytes, s.max_image_pixels), boxes)
+            return self.segmenter.prepare_windows(data, boxes, plan.tiled, s.max_image_bytes, s.max_image_pixels)
 
         def run(frames):
-            crops_per_frame = self.segmenter.segment_batch(frames)
-            return [pack_crops(crops) | {"SEGMENTER": self.info} for crops in crops_per_frame]
+            # the windows of every frame in the batch are embedded together, max_batch at a time
+            crops_per_frame = self.segmenter.segment_windows(frames, self.max_batch)
+            return [
+                pack_crops(crops) | {"SEGMENTER": self.info, "SAM_WINDOWS": sam_windows(windows)}
+                for crops, windows in zip(crops_per_frame, frames)
+            ]
 
         return triton_io.answer_batch(requests, prepare, run)
+
+
+def sam_windows(frames: list) -> np.ndarray:
+    """The windows SAM embedded for one frame, (1, K, 4) x0 y0 x1 y1: the response says how the frame was cut."""
+    return np.asarray([f.window for f in frames], np.int32).reshape(1, len(frames), 4)

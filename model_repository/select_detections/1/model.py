@@ -1,7 +1,9 @@
-"""Triton stage 3: detections above the threshold, and the defects to segment (anomaly.pipeline.select)."""
+"""Triton stage 3: detections above the threshold, merged across the windows of a tiled frame, and the defects
+to segment (anomaly.pipeline.select)."""
 
 from anomaly import pipeline
 from anomaly.config import settings
+from anomaly.errors import InputError
 from anomaly.serving import step_inputs, triton_io
 
 
@@ -13,9 +15,17 @@ class TritonPythonModel(triton_io.StageModel):
         s = settings()
         boxes = step_inputs.finite("dets", step_inputs.shaped("dets", triton_io.array(request, "dets"), (1, None, 4)))
         logits = step_inputs.shaped("labels", triton_io.array(request, "labels"), (1, boxes.shape[1], None))
-        image_hw = step_inputs.image_size("IMAGE_SIZE", triton_io.array(request, "IMAGE_SIZE"), s.max_image_pixels)
+        plan = step_inputs.tile_plan("TILING", triton_io.array(request, "TILING"), s.max_image_pixels)
+        windows = len(plan.windows)
+        if boxes.shape[1] % windows:
+            raise InputError("dets", f"holds {boxes.shape[1]} boxes, not a whole number for {windows} windows")
         det, seg_index, notes = pipeline.select(
-            boxes[0], logits[0], image_hw, options.confidence_threshold, self.meta, s.max_detections
+            boxes[0].reshape(windows, -1, 4),
+            logits[0].reshape(windows, -1, logits.shape[-1]),
+            plan,
+            options.confidence_threshold,
+            self.meta,
+            s.max_detections,
         )
         return {
             "BOXES": det.boxes.reshape(-1, 4),
