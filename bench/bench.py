@@ -10,6 +10,8 @@
 3. latency: one 1080p frame through the Triton ensemble (gRPC) against the same models and stages run
    in this process (anomaly.pipeline.InProcessPipeline), alternated, median of N.
 4. memory: resident set size of tritonserver and its model processes after the runs.
+5. tiling: a 24-megapixel photo (6000 x 4000, the deck frame enlarged) in this process, tiled against not
+   tiled: time per frame and per megapixel, split into detector windows, SAM and the rest.
 Results go to stdout and bench_output/bench.json. This machine is shared and noisy: read the ratios.
 """
 
@@ -29,7 +31,7 @@ import numpy as np
 from anomaly.config import REPO_ROOT, load_settings
 from anomaly.geometry import measure
 from anomaly.options import RequestOptions
-from bench.scenes import inspection_masks
+from bench.scenes import inspection_masks, large_photo
 
 BASELINE_COMMIT = "98451c8"  # the commit measured on the H100 before the GPU path
 
@@ -188,12 +190,40 @@ def bench_latency(image: str, threshold: float, repeats: int) -> dict:
     }
 
 
+def bench_tiling(image: str, threshold: float, repeats: int = 2) -> dict:
+    """The cost of tiling a large photo, in one process: the whole pipeline, and its detector windows alone."""
+    from anomaly.pipeline import InProcessPipeline, tile_plan
+
+    settings = load_settings()
+    data, megapixels = large_photo(REPO_ROOT / "samples" / image), 6000 * 4000 / 1e6
+    local = InProcessPipeline(settings)
+    out = {"photo": "6000x4000", "threshold": threshold}
+    for mode in ("off", "on"):
+        options = RequestOptions(threshold, tiling=mode)
+        response = local(data, options)  # warm-up
+        total = best_of(lambda o=options: local(data, o), repeats)
+        plan = tile_plan((4000, 6000), options, settings, local.meta.resolution)
+        detector = best_of(lambda p=plan: local.detector.run_all(local.detector.prepare_windows(data, p.windows)[0]), 1)
+        out[mode] = {
+            "detector_windows": len(plan.windows),
+            "sam_windows": response["tiling"]["sam_windows"],
+            "defects_segmented": response["anomaly_count"],
+            "frame_s": round(total, 2),
+            "detector_s": round(detector, 2),
+            "ms_per_megapixel": round(total * 1000 / megapixels, 1),
+            "detector_ms_per_window": round(detector * 1000 / len(plan.windows), 1),
+        }
+    out["tiled_over_untiled"] = round(out["on"]["frame_s"] / out["off"]["frame_s"], 2)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.bench", description=__doc__)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--image", default="bridge_deck.jpg")
     parser.add_argument("--threshold", type=float, default=0.2)  # 15 defects on the deck frame: SAM works
     parser.add_argument("--skip-latency", action="store_true")
+    parser.add_argument("--skip-tiling", action="store_true")
     args = parser.parse_args(argv)
     results = {"geometry": bench_geometry()}
     print(json.dumps(results["geometry"]), flush=True)
@@ -202,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.skip_latency:
         results["latency"] = bench_latency(args.image, args.threshold, args.repeats)
         print(json.dumps(results["latency"], indent=1), flush=True)
+    if not args.skip_tiling:
+        results["tiling"] = bench_tiling(args.image, 0.3)
+        print(json.dumps(results["tiling"], indent=1), flush=True)
     out = REPO_ROOT / "bench_output"
     out.mkdir(exist_ok=True)
     (out / "bench.json").write_text(json.dumps(results, indent=2) + "\n")

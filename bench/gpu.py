@@ -29,6 +29,8 @@ import numpy as np
 
 from anomaly.config import REPO_ROOT, Settings, load_settings
 from anomaly.options import RequestOptions
+from anomaly.tiling import untiled
+from bench.scenes import large_photo
 
 STEPS = ("preprocess", "detector", "select_detections", "segmenter", "geometry", "result", "anomaly_pipeline")
 
@@ -52,7 +54,7 @@ def threshold_for(pipeline, data: bytes, defects: int) -> tuple[float, int]:
     boxes, logits = pipeline.detector.run([x])
     from anomaly.pipeline import select
 
-    det, seg_index, _ = select(boxes[0], logits[0], hw, 0.0, pipeline.meta, 10**6)
+    det, seg_index, _ = select(boxes, logits, untiled(hw), 0.0, pipeline.meta, 10**6)
     scores = np.sort(det.scores[seg_index])[::-1]
     if len(scores) <= defects:
         return max(float(scores[-1]) - 1e-4, 0.0) if len(scores) else 0.0, len(scores)
@@ -91,7 +93,7 @@ def step_table(before: dict, after: dict) -> dict[str, dict]:
     return rows
 
 
-def load(url: str, data: bytes, threshold: float, concurrency: int, requests: int) -> dict:
+def load(url: str, data: bytes, threshold: float, concurrency: int, requests: int, **options) -> dict:
     """`requests` frames sent by `concurrency` threads, each with its own gRPC client."""
     from client import AnomalyClient
 
@@ -109,7 +111,7 @@ def load(url: str, data: bytes, threshold: float, concurrency: int, requests: in
                         return
                 t = time.perf_counter()
                 try:
-                    response = client.detect(data, confidence_threshold=threshold)
+                    response = client.detect(data, confidence_threshold=threshold, **options)
                 except Exception as exc:  # noqa: BLE001 - counted and reported, the run goes on
                     with lock:
                         errors.append(str(exc)[:200])
@@ -268,7 +270,7 @@ def pieces(local, data: bytes, threshold: float, repeats: int, gpu: bool) -> dic
         seg.use_cuda_graphs(batch)
     x, hw = det.prepare(data)
     boxes, logits = det.run([x])
-    detections, seg_index, _ = select(boxes[0], logits[0], hw, threshold, local.meta, s.max_detections)
+    detections, seg_index, _ = select(boxes, logits, untiled(hw), threshold, local.meta, s.max_detections)
     seg_boxes = detections.boxes[seg_index]
     prepared, hw = seg.prepare(data, s.max_image_bytes, s.max_image_pixels)
     windows = [crop_box(box, hw) for box in seg_boxes]
@@ -418,6 +420,8 @@ def print_table(result: dict) -> None:
     print(f"\n{'step (at the highest concurrency)':<34}{'queue ms':>10}{'compute ms':>12}{'batch':>8}")
     for name, row in result["steps"].items():
         print(f"{name:<34}{row['queue_ms']:>10}{row['compute_ms']:>12}{row['mean_batch'] or '':>8}")
+    tiled = result["tiled"]
+    print(f"\n{tiled['photo']} photo, tiled: p50 {tiled['p50_ms']} ms ({tiled['ms_per_megapixel']} ms per megapixel)")
     print(f"\nmemory: {result['memory']}")
 
 
@@ -429,6 +433,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8] if gpu else [1, 2])
     parser.add_argument("--requests", type=int, default=64 if gpu else 3, help="requests per concurrency level")
     parser.add_argument("--repeats", type=int, default=20 if gpu else 2, help="runs of each in-process baseline")
+    parser.add_argument("--tiled-size", default="6000x4000" if gpu else "1600x1200", help="the tiled photo, WxH")
+    parser.add_argument("--tiled-requests", type=int, default=8 if gpu else 1, help="large photos sent tiled")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_output" / "gpu.json")
     args = parser.parse_args(argv)
 
@@ -458,6 +464,14 @@ def main(argv: list[str] | None = None) -> int:
             result["steps_by_concurrency"][str(level)] = step_table(before, model_stats(stats_client))
             result["steps"] = result["steps_by_concurrency"][str(level)]  # the table shows the highest level
             print(json.dumps(result["ensemble"][-1]), flush=True)
+        # a large photo, tiled: what a drone frame costs (README, "Large photos: tiling")
+        width, height = (int(v) for v in args.tiled_size.split("x"))
+        big = large_photo(REPO_ROOT / "samples" / args.image, (width, height))
+        load(server.grpc_url, big, threshold, 1, 1, tiling="on")
+        tiled = load(server.grpc_url, big, threshold, 1, args.tiled_requests, tiling="on")
+        tiled |= {"photo": args.tiled_size, "ms_per_megapixel": round(tiled["p50_ms"] * 1e6 / (width * height), 1)}
+        result["tiled"] = tiled
+        print(json.dumps({"tiled": tiled}), flush=True)
         result["memory"] = gpu_memory_mib(server)
         stats_client.close()
 

@@ -46,3 +46,14 @@ def inspection_masks(seed: int = 0) -> list[np.ndarray]:
         + [_blob(rng, 60, 250) for _ in range(5)]
         + [_blob(rng, 40, 150) for _ in range(3)]
     )
+
+
+def large_photo(image_path, size: tuple[int, int] = (6000, 4000)) -> bytes:
+    """A drone-size JPEG (24 MP by default): a sample frame enlarged, for what tiling costs."""
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.open(image_path).convert("RGB").resize(size, Image.BILINEAR).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()

@@ -113,6 +113,9 @@ def test_bench_gpu_runs_on_a_cpu_with_small_settings(triton, tmp_path):
     assert result["in_process"]["p50_ms"] > 0
     assert result["plain_script"]["p50_ms"] > 0 and result["plain_script"]["defects_segmented"] == 1
     assert result["memory"]["resident"]["total_mib"] > 0
+    tiled = result["tiled"]  # a 1600 x 1200 photo sent with tiling on: 9 tiles here
+    assert tiled["photo"] == "1600x1200" and tiled["requests"] == 1 and not tiled["errors"]
+    assert abs(tiled["ms_per_megapixel"] - tiled["p50_ms"] / 1.92) <= 0.1 and tiled["p50_ms"] > 0
     pieces = result["pieces"]  # where a frame's time goes; on a CPU the encoder dwarfs the decoder's 1 box
     assert pieces["sam_encoder_b1"] > pieces["sam_decoder_1_boxes"] > 0 and pieces["sam_mask_crops_1_boxes"] > 0
     assert pieces["segmenter_runtime"] == "fp32 on cpu, image encoder eager, mask decoder eager"
