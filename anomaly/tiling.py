@@ -171,6 +171,26 @@ def _overlaps(a: Window, b: Window) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
+def _union_of_groups(boxes, scores, classes, first: np.ndarray, second: np.ndarray) -> Detections:
+    """Boxes linked pairwise (first[k] with second[k]) -> one box per connected group: the box around its
+    members, the best member's score."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    n = len(boxes)
+    graph = coo_matrix((np.ones(len(first), np.int8), (first, second)), shape=(n, n))
+    count, group = connected_components(graph, directed=False)
+    lo = np.full((count, 2), np.inf, np.float32)
+    hi = np.full((count, 2), -np.inf, np.float32)
+    best = np.full(count, -np.inf, np.float32)
+    np.minimum.at(lo, group, boxes[:, :2])
+    np.maximum.at(hi, group, boxes[:, 2:])
+    np.maximum.at(best, group, scores)
+    kind = np.zeros(count, np.int32)
+    kind[group] = classes  # links join boxes of one class only
+    return Detections(np.concatenate([lo, hi], axis=1).reshape(-1, 4), best, kind)
+
+
 def merge_windows(per_window: list[Detections], plan: TilePlan) -> Detections:
     """The plan's per-window detections (full-image pixels) -> the frame's detections, best score first.
 
@@ -188,16 +208,9 @@ def merge_windows(per_window: list[Detections], plan: TilePlan) -> Detections:
     boxes = np.concatenate([d.boxes for d in dets]).reshape(-1, 4)
     scores = np.concatenate([d.scores for d in dets])
     classes = np.concatenate([d.class_ids for d in dets])
-    parent = np.arange(len(boxes))
-
-    def find(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
     tolerance = max(2.0, 0.01 * plan.tile)
     cuts = [_cut_sides(d.boxes.reshape(-1, 4), w, plan.image_hw, tolerance) for d, w in zip(dets, tiles)]
+    links = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)]
     pairs = [(i, j) for i in range(len(tiles)) for j in range(i + 1, len(tiles))]
     for i, j in pairs:
         if not (len(dets[i]) and len(dets[j]) and _overlaps(tiles[i], tiles[j])):
@@ -206,33 +219,18 @@ def merge_windows(per_window: list[Detections], plan: TilePlan) -> Detections:
         same = dets[i].class_ids[:, None] == dets[j].class_ids[None, :]
         linked = _iou(a, b) >= DUPLICATE_IOU
         linked |= _continues(a, cuts[i], b) | _continues(b, cuts[j], a).T
-        for p, q in zip(*np.nonzero(linked & same)):
-            ra, rb = find(offsets[i] + p), find(offsets[j] + q)
-            if ra != rb:
-                parent[max(ra, rb)] = min(ra, rb)
-
-    roots = np.array([find(i) for i in range(len(boxes))], np.int64)
-    groups = sorted(set(roots.tolist()))
-    out_boxes, out_scores, out_classes = [], [], []
-    for g in groups:
-        members = roots == g
-        m = boxes[members]
-        out_boxes.append([m[:, 0].min(), m[:, 1].min(), m[:, 2].max(), m[:, 3].max()])
-        out_scores.append(scores[members].max())
-        out_classes.append(classes[members][0])
-    merged = Detections(
-        np.asarray(out_boxes, np.float32).reshape(-1, 4),
-        np.asarray(out_scores, np.float32),
-        np.asarray(out_classes, np.int32),
-    )
+        p, q = np.nonzero(linked & same)
+        links[0].append(offsets[i] + p)
+        links[1].append(offsets[j] + q)
+    merged = _union_of_groups(boxes, scores, classes, np.concatenate(links[0]), np.concatenate(links[1]))
     whole = per_window[0]
     if len(whole) and len(merged):
         iou = _iou(whole.boxes, merged.boxes)
         sides = np.maximum(whole.boxes[:, 2] - whole.boxes[:, 0], whole.boxes[:, 3] - whole.boxes[:, 1])
         touches = _intersect(whole.boxes, merged.boxes) & (sides <= plan.tile)[:, None]
         duplicate = ((iou >= DUPLICATE_IOU) | touches) & (whole.class_ids[:, None] == merged.class_ids[None, :])
-        for p, q in zip(*np.nonzero(duplicate)):
-            merged.scores[q] = max(merged.scores[q], whole.scores[p])
+        p, q = np.nonzero(duplicate)
+        np.maximum.at(merged.scores, q, whole.scores[p])
         keep = ~duplicate.any(axis=1)
     else:
         keep = np.ones(len(whole), bool)

@@ -279,6 +279,8 @@ def info():
             "severity_thresholds_mm": list(s.severity_thresholds_mm),
             "max_detections": s.max_detections,
             "max_batch_images": s.max_batch_images,
+            "tiling": s.tiling,
+            "tile_overlap": s.tile_overlap,
         },
         "triton": {"url": s.triton_url, "http_port": s.triton_http_port, "grpc_port": s.triton_grpc_port},
     }

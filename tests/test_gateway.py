@@ -81,7 +81,7 @@ def test_openapi_docs(gateway):
 def test_detect_json(gateway):
     r = requests.post(
         f"{gateway}/detect",
-        json={"image": PIER, "frame_id": "pier-1", "include_masks": True, "confidence_threshold": 0.25},
+        json={"image": PIER, "frame_id": "pier-1", "include_masks": True, "confidence_threshold": 0.25, "tiling": "on"},
         timeout=300,
     )
     assert r.status_code == 200, r.text
@@ -89,6 +89,7 @@ def test_detect_json(gateway):
     assert SEED_FIELDS <= set(body) and body["frame_id"] == "pier-1"
     assert body["anomalies"] and all("mask" in a for a in body["anomalies"])
     assert body["untrained_weights"] is True
+    assert body["tiling"]["tiled"] and body["tiling"]["detector_tiles"] == 2  # 800 x 450: two 576 px tiles
 
 
 def test_detect_batch(gateway):
@@ -108,13 +109,14 @@ def test_detect_upload_multipart(gateway):
     r = requests.post(
         f"{gateway}/detect/upload",
         files={"file": ("pier.png", PIER_BYTES, "image/png")},
-        data={"include_masks": "false", "confidence_threshold": "0.25", "frame_id": "upload-1"},
+        data={"include_masks": "false", "confidence_threshold": "0.25", "frame_id": "upload-1", "tiling": "off"},
         timeout=300,
     )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["frame_id"] == "upload-1" and body["image_size"] == {"width": 800, "height": 450}
     assert body["anomalies"] and all("mask" not in a for a in body["anomalies"])
+    assert body["tiling"]["mode"] == "off" and not body["tiling"]["tiled"]
 
 
 @pytest.mark.parametrize(
@@ -130,6 +132,7 @@ def test_detect_upload_multipart(gateway):
         ("/detect", {"json": {"frame_id": "x"}}, 422, "image"),
         ("/detect", {"json": {"image": PIER, "confidence_threshold": 7}}, 400, "confidence_threshold"),
         ("/detect", {"json": {"image": PIER, "colour": "red"}}, 422, "colour"),
+        ("/detect", {"json": {"image": PIER, "tiling": "always"}}, 400, "tiling: must be one of auto, off, on"),
         ("/detect/batch", {"json": {"images": [PIER, "**"]}}, 400, "images[1]: is not valid base64"),
         ("/detect/batch", {"json": {"images": [PIER], "frame_ids": ["a", "b"]}}, 400, "frame_ids"),
         ("/detect/upload", {"files": {"file": ("x.png", b"", "image/png")}}, 400, "file: is empty"),

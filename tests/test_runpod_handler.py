@@ -109,11 +109,13 @@ def runsync(url: str, job_input) -> dict:
 
 
 def test_runsync_single_and_batch(rp_api):
-    single = runsync(rp_api, {"image": PIER, "frame_id": "p1", "mm_per_pixel": 0.2, "confidence_threshold": 0.25})
+    job = {"image": PIER, "frame_id": "p1", "mm_per_pixel": 0.2, "confidence_threshold": 0.25, "tiling": "on"}
+    single = runsync(rp_api, job)
     assert single["status"] == "COMPLETED"
     out = single["output"]
     assert out["frame_id"] == "p1" and out["mm_per_pixel"] == 0.2
     assert out["anomalies"] and all("length_mm" in a["geometry"] for a in out["anomalies"])
+    assert out["tiling"]["tiled"] and out["tiling"]["detector_tiles"] == 2
     masked = runsync(rp_api, {"image": PIER, "include_masks": True, "confidence_threshold": 0.25})["output"]
     assert masked["anomalies"] and all(a["mask"]["size"] == [450, 800] for a in masked["anomalies"])
     batch = runsync(rp_api, {"images": [WALL, "aGVsbG8gd29ybGQ=", PIER], "frame_ids": ["w", "hello", "p"]})
@@ -137,6 +139,7 @@ BAD_JOBS = [
     ({"image": PIER, "frame_id": "../../etc/passwd;"}, "frame_id: must be 1-128"),
     ({"image": PIER, "mm_per_pixel": -3}, "mm_per_pixel: must be in"),
     ({"image": PIER, "colour": "red"}, "colour: is not a known field"),
+    ({"image": PIER, "tiling": "yes"}, "tiling: must be one of auto, off, on"),
     ({"images": []}, "images: must be a non-empty list"),
     ({"images": [PIER], "frame_ids": ["a", "b"]}, "frame_ids: must be a list as long as images (1)"),
     ({"images": [PIER, "@@"]}, "images[1]: is not valid base64"),
