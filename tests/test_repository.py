@@ -63,6 +63,33 @@ def test_bad_settings_name_the_variable(monkeypatch, name, value):
         load_settings()
 
 
+def test_every_checked_setting_refuses_nonsense_by_name(monkeypatch):
+    """Settings and their checking come from the KNOBS table alone: every knob with a parser (paths and
+    addresses take any text) refuses a value that is no number, choice or boolean, naming the knob."""
+    takes_any_text = {"WEIGHTS_DIR", "MODEL_REPOSITORY", "TRITON_URL"}
+    checked = [k for k in KNOBS if k.parse is not None and k.name not in takes_any_text]
+    assert len(checked) > 25
+    for knob in checked:
+        monkeypatch.setenv(knob.name, "nonsense")
+        with pytest.raises(ConfigError, match=knob.name):
+            load_settings()
+        monkeypatch.delenv(knob.name)
+
+
+def test_settings_defaults_taken_from_other_knobs(monkeypatch):
+    monkeypatch.setenv("PORT", "9123")
+    monkeypatch.setenv("TRITON_HOST", "0.0.0.0")
+    monkeypatch.setenv("TRITON_GRPC_PORT", "9001")
+    monkeypatch.delenv("PORT_HEALTH", raising=False)
+    monkeypatch.delenv("TRITON_URL", raising=False)
+    s = load_settings()
+    assert (s.port_health, s.triton_url) == (9123, "127.0.0.1:9001")  # a bind-all host is reached on loopback
+    monkeypatch.setenv("PORT_HEALTH", "9124")
+    monkeypatch.setenv("TRITON_URL", "triton:8001")
+    s = load_settings()
+    assert (s.port_health, s.triton_url) == (9124, "triton:8001")
+
+
 def test_model_repository_copies_to_a_volume(tmp_path):
     from runpod_handler.entrypoint import sync_model_repository
 
