@@ -6,6 +6,7 @@ normalisation and classes; nothing on the serving side hard-codes them.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -350,12 +351,13 @@ class DetectorRunner:
     def prepare(self, data: bytes, field: str = "image"):
         """Encoded image -> (model input (3, R, R), (height, width)). Raises InputError naming `field`."""
         inputs, hw = self.prepare_windows(data, None, field)
-        return inputs[0], hw
+        return inputs[0](), hw
 
     def prepare_windows(self, data: bytes, windows, field: str = "image"):
-        """Encoded image -> ([model input (3, R, R) of each window], (height, width)): the image decoded once,
-        each window (x0, y0, x1, y1 in its pixels; None: the whole image) cut out and prepared as rfdetr
-        prepares one image. Raises InputError naming `field`."""
+        """Encoded image -> ([for each window, a function making its model input (3, R, R)], (height, width)):
+        the image is decoded now (a bad one raises InputError naming `field`); each window (x0, y0, x1, y1 in
+        its pixels; None: the whole image) is cut out and prepared as rfdetr prepares one image only when
+        run_all reaches its batch, so a tiled photo's ~100 windows (4 MB each) are never all in memory."""
         from anomaly.images import decode_image, decode_to_tensor, rfdetr_input, rfdetr_preprocess
 
         s, m = self.settings, self.meta
@@ -373,12 +375,14 @@ class DetectorRunner:
                 return rfdetr_preprocess(image[y0:y1, x0:x1], m.resolution, m.means, m.stds)
 
         windows = windows or [(0, 0, hw[1], hw[0])]
-        return [cut(*w) for w in windows], hw
+        return [functools.partial(cut, *w) for w in windows], hw
 
     def run_all(self, inputs: list) -> tuple[np.ndarray, np.ndarray]:
-        """Prepared inputs -> (boxes (N, Q, 4), logits (N, Q, slots)), in batches of at most the step's batch size
-        (a tiled frame brings dozens of windows)."""
-        parts = [self.run(inputs[i : i + self.max_batch]) for i in range(0, len(inputs), self.max_batch)]
+        """prepare_windows' input makers -> (boxes (N, Q, 4), logits (N, Q, slots)), in batches of at most the
+        step's batch size (a tiled frame brings dozens of windows), each batch's inputs made just before it runs."""
+        parts = [
+            self.run([make() for make in inputs[i : i + self.max_batch]]) for i in range(0, len(inputs), self.max_batch)
+        ]
         return np.concatenate([b for b, _ in parts]), np.concatenate([lg for _, lg in parts])
 
     def run(self, inputs: list) -> tuple[np.ndarray, np.ndarray]:

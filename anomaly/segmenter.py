@@ -7,8 +7,10 @@ them, so the crops equal its full-frame masks cut to the box without ever alloca
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -42,7 +44,7 @@ class SamFrame:
 
     window: tuple[int, int, int, int]  # x0, y0, x1, y1 in the frame's pixels
     held: list[int]  # which of the frame's boxes are decoded from it
-    input: object  # the prepared (3, S, S) tensor
+    make_input: Callable[[], object]  # makes the (3, S, S) tensor when its batch is embedded (12 MB each)
     boxes: np.ndarray  # those boxes (len(held), 4) in the window's pixels
 
     @property
@@ -147,21 +149,22 @@ class Sam2Segmenter:
         height, width = int(chw.shape[1]), int(chw.shape[2])
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         if not tiled:
-            return [SamFrame((0, 0, width, height), list(range(len(boxes))), self.model_input(chw), boxes)]
+            return [SamFrame((0, 0, width, height), list(range(len(boxes))), lambda: self.model_input(chw), boxes)]
         out = []
         for (x0, y0, x1, y1), held in sam_windows(boxes, (height, width), self.resolution):
             local = boxes[held] - np.array([x0, y0, x0, y0], np.float32)
-            out.append(SamFrame((x0, y0, x1, y1), held, self.model_input(chw[:, y0:y1, x0:x1]), local))
+            make = functools.partial(self.model_input, chw[:, y0:y1, x0:x1])  # a view: nothing copied yet
+            out.append(SamFrame((x0, y0, x1, y1), held, make, local))
         return out
 
     def segment_windows(self, frames: list[list[SamFrame]], max_batch: int) -> list[list[MaskCrop]]:
         """Each image's SamFrames (prepare_windows) -> one MaskCrop per box of the image, in its box order and
-        its pixels. The frames of all images are embedded `max_batch` at a time."""
+        its pixels. The frames of all images are embedded `max_batch` at a time, their inputs made per batch."""
         flat = [f for image in frames for f in image]
         crops: list[list[MaskCrop]] = []
         for start in range(0, len(flat), max(1, max_batch)):
             chunk = flat[start : start + max(1, max_batch)]
-            crops += self.segment_batch([(f.input, f.hw, f.boxes) for f in chunk])
+            crops += self.segment_batch([(f.make_input(), f.hw, f.boxes) for f in chunk])
         found = iter(crops)
         out = []
         for image in frames:

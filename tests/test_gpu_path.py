@@ -256,6 +256,26 @@ def test_detector_batches_answer_like_single_frames(runners):
     np.testing.assert_allclose(logits[1], single_logits[0], atol=1e-3)
 
 
+def test_detector_windows_are_made_per_batch(runners, monkeypatch):
+    """A tiled photo's windows (4 MB each at RF-DETR-M's input) are cut and resized only when their batch runs:
+    prepare_windows decodes and hands back makers, run_all runs them at most the step's batch size at a time
+    and answers as if each window had been prepared and run on its own."""
+    onnx, _ = runners
+    data = (SAMPLES / "bridge_deck.jpg").read_bytes()
+    windows = [(x, y, x + 400, y + 300) for x in (0, 500, 1000, 1500) for y in (0, 400, 700)]  # 12 windows
+    makers, hw = onnx.prepare_windows(data, windows)
+    assert hw == (1080, 1920) and len(makers) == 12
+    assert not any(isinstance(m, np.ndarray) for m in makers)  # nothing prepared yet
+    batches = []
+    run = onnx.run
+    monkeypatch.setattr(onnx, "run", lambda inputs: batches.append(len(inputs)) or run(inputs))
+    boxes, logits = onnx.run_all(makers)
+    assert batches == [onnx.max_batch, len(windows) - onnx.max_batch] and boxes.shape[0] == 12
+    alone_boxes, alone_logits = run([makers[9]()])
+    np.testing.assert_allclose(boxes[9], alone_boxes[0], atol=1e-4)
+    np.testing.assert_allclose(logits[9], alone_logits[0], atol=1e-3)
+
+
 # --- SAM: frames embedded together equal frames embedded alone ----------------------------------------------
 
 

@@ -189,7 +189,7 @@ def test_sam_sees_the_hairline_at_the_photos_scale(photo):
 
     def darkness_profile(frame):
         """The darkest value of each row of SAM's input near the line, over the line's columns."""
-        grey = (frame.input.numpy() * np.asarray(STDS)[:, None, None] + np.asarray(MEANS)[:, None, None]).mean(0)
+        grey = (frame.make_input().numpy() * np.asarray(STDS)[:, None, None] + np.asarray(MEANS)[:, None, None]).mean(0)
         (height, width), (wx, wy) = frame.hw, frame.window[:2]
         c0, c1 = int((HAIRLINE[0] - wx) * 1024 / width), int((HAIRLINE[2] - wx) * 1024 / width)
         r = int((HAIRLINE[1] - wy) * 1024 / height)
