@@ -385,6 +385,16 @@ class DetectorRunner:
         ]
         return np.concatenate([b for b, _ in parts]), np.concatenate([lg for _, lg in parts])
 
+    def run_frames(self, frames: list[list]) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Each frame's input makers (prepare_windows) -> per frame (boxes (W*Q, 4), logits (W*Q, slots)), its
+        windows one after another. The windows of all frames go through the model together (run_all)."""
+        boxes, logits = self.run_all([make for windows in frames for make in windows])
+        bounds = np.cumsum([0] + [len(windows) for windows in frames])
+        return [
+            (boxes[a:b].reshape(-1, boxes.shape[-1]), logits[a:b].reshape(-1, logits.shape[-1]))
+            for a, b in zip(bounds[:-1], bounds[1:])
+        ]
+
     def run(self, inputs: list) -> tuple[np.ndarray, np.ndarray]:
         """Prepared inputs -> (boxes (B, Q, 4) cxcywh, logits (B, Q, slots)), one batch."""
         if isinstance(inputs[0], np.ndarray):

@@ -274,6 +274,12 @@ def test_detector_windows_are_made_per_batch(runners, monkeypatch):
     alone_boxes, alone_logits = run([makers[9]()])
     np.testing.assert_allclose(boxes[9], alone_boxes[0], atol=1e-4)
     np.testing.assert_allclose(logits[9], alone_logits[0], atol=1e-3)
+    # two frames in one batch (the detector step's dynamic batching): each gets its own windows back, in order
+    first, second = onnx.run_frames([makers[:3], makers[3:]])
+    queries = boxes.shape[1]
+    assert first[0].shape == (3 * queries, 4) and second[0].shape == (9 * queries, 4)
+    np.testing.assert_allclose(second[0][6 * queries : 7 * queries], boxes[9], atol=1e-4)
+    np.testing.assert_allclose(second[1][6 * queries : 7 * queries], logits[9], atol=1e-3)
 
 
 # --- SAM: frames embedded together equal frames embedded alone ----------------------------------------------

@@ -165,3 +165,14 @@ def tile_plan(name: str, values: np.ndarray, max_pixels: int, max_windows: int =
         raise InputError(name, "must start with the whole image")
     checked = tuple(tuple(w) for w in windows.tolist())
     return TilePlan(plan.mode, (height, width), plan.tile, plan.overlap, checked, plan.reason)
+
+
+def window_detections(get, plan) -> tuple[np.ndarray, np.ndarray]:
+    """The detector's raw outputs for one frame, `dets` (1, W*Q, 4) and `labels` (1, W*Q, slots), as (W, Q, 4)
+    and (W, Q, slots): one row per window of `plan` (tile_plan), in its order."""
+    boxes = finite("dets", shaped("dets", get("dets"), (1, None, 4)))
+    logits = shaped("labels", get("labels"), (1, boxes.shape[1], None))
+    windows = len(plan.windows)
+    if boxes.shape[1] % windows:
+        raise InputError("dets", f"holds {boxes.shape[1]} boxes, not a whole number for {windows} windows")
+    return boxes[0].reshape(windows, -1, 4), logits[0].reshape(windows, -1, logits.shape[-1])

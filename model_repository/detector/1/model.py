@@ -31,18 +31,10 @@ class TritonPythonModel(triton_io.StageModel):
                 raise InputError("TILING", f"is for a {plan.image_hw} image, but ENCODED is {tuple(image_hw)}")
             return inputs
 
-        def run(per_request):
-            # every window of every frame in the batch goes through RF-DETR together, then back to its frame
-            boxes, logits = self.runner.run_all([x for windows in per_request for x in windows])
-            out, start = [], 0
-            for windows in per_request:
-                end = start + len(windows)
-                out.append({
-                    ONNX_BOXES: boxes[start:end].reshape(1, -1, boxes.shape[-1]),
-                    ONNX_LOGITS: logits[start:end].reshape(1, -1, logits.shape[-1]),
-                    "DETECTOR": self.info,
-                })  # fmt: skip
-                start = end
-            return out
+        def run(per_request):  # every window of every frame in the batch goes through RF-DETR together
+            return [
+                {ONNX_BOXES: boxes[None], ONNX_LOGITS: logits[None], "DETECTOR": self.info}
+                for boxes, logits in self.runner.run_frames(per_request)
+            ]
 
         return triton_io.answer_batch(requests, prepare, run)
