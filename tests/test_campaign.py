@@ -79,6 +79,8 @@ def test_campaign_outputs_resume_and_report(triton, campaign_folder, tmp_path, c
                    "sub/large.jpg"]  # fmt: skip
     large = next(r for r in results if r["frame_id"] == "sub/large.jpg")
     assert large["image_size"] == {"width": 4000, "height": 2250}
+    assert large["tiling"]["tiled"] and large["tiling"]["detector_tiles"] == 40  # auto: 4000 px > 4 x 576
+    assert not next(r for r in results if r["frame_id"] == "pier.png")["tiling"]["tiled"]
     errors = [json.loads(line) for line in (out / "errors.jsonl").read_text().splitlines()]
     assert [e["frame_id"] for e in errors] == ["sub/broken.jpg"] and "image" in errors[0]["error"]
 
