@@ -7,6 +7,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 VENV_STAMP := $(VENV)/.installed
 TRITON_STAMP := .triton/.installed
+BROWSER_STAMP := .browser/.installed
 IMAGE ?= anomaly-detection
 TAG ?= latest
 REGISTRY ?= your-registry
@@ -14,7 +15,7 @@ REGISTRY ?= your-registry
 # Tests and the demo run untrained models (no weights can be downloaded here) and the smallest SAM.
 DEV_ENV := ALLOW_UNTRAINED_WEIGHTS=$${ALLOW_UNTRAINED_WEIGHTS:-1} SAM2_VARIANT=$${SAM2_VARIANT:-tiny}
 
-.PHONY: help venv triton models serve demo test unit perf bench bench-gpu soak lint lock image-lock hub docker-build docker-push clean
+.PHONY: help venv triton browser models serve demo test unit perf bench bench-gpu soak lint lock image-lock hub docker-build docker-push clean
 
 help:
 	@echo "make serve   pod mode: Triton (HTTP 8000, gRPC 8001, metrics 8002) + REST gateway (8080)"
@@ -27,6 +28,7 @@ help:
 	@echo "make soak    10 minutes at concurrency 8 with 10% bad inputs: errors, latency, memory growth"
 	@echo "make lint    ruff and hadolint"
 	@echo "make models  export the detector and prepare segmenter weights"
+	@echo "make browser chromium-headless-shell in .browser/ (the report test opens the report in it)"
 	@echo "make image-lock  resolve requirements-image.lock for the image's Python 3.12"
 	@echo "make hub     write .runpod/hub.json, .runpod/tests.json and test_input.json from the settings"
 	@echo "make docker-build / docker-push  the pod/serverless image (Dockerfile)"
@@ -51,6 +53,19 @@ $(TRITON_STAMP): | $(VENV_STAMP)
 		&& dpkg -x libb64-0d_*.deb root
 	touch $@
 
+# chromium-headless-shell and the libraries it needs that this Debian image lacks, unpacked into .browser/ as
+# the Triton binaries are (nothing installed system-wide): the tests open the campaign report in a real browser.
+BROWSER_DEBS := chromium-headless-shell chromium-common libxnvctrl0 libdouble-conversion3 libharfbuzz-subset0 \
+	libminizip1 libopenh264-7 libopus0 libogg0 libflac12 libasyncns0 libmp3lame0 libmpg123-0 libvorbis0a \
+	libvorbisenc2 libsndfile1 libpulse0
+browser: $(BROWSER_STAMP)
+$(BROWSER_STAMP):
+	rm -rf .browser && mkdir -p .browser/deb
+	cd .browser/deb && (apt-get download $(BROWSER_DEBS) || (apt-get update -qq && apt-get download $(BROWSER_DEBS))) \
+		&& for deb in *.deb; do dpkg -x $$deb ../root; done
+	rm -rf .browser/deb
+	touch $@
+
 models: $(VENV_STAMP)
 	$(PY) -m export
 
@@ -62,7 +77,7 @@ demo: $(VENV_STAMP) $(TRITON_STAMP)
 	$(DEV_ENV) $(PY) -m client.demo
 
 # `make test` (CI) = unit + e2e + lint; `make unit` is the fast inner loop: no tritonserver (under a minute).
-test: lint $(VENV_STAMP) $(TRITON_STAMP)
+test: lint $(VENV_STAMP) $(TRITON_STAMP) $(BROWSER_STAMP)
 	$(DEV_ENV) $(PY) -m export
 	$(DEV_ENV) $(PY) -m pytest -q
 

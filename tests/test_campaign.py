@@ -1,13 +1,19 @@
 """`anomaly detect PATH... --out DIR` and `anomaly report DIR` against the real Triton: a folder with a corrupt
 file, a PNG, a large JPEG and a short video gives JSON Lines, a COCO file pycocotools loads (masks decode,
 areas match), a CSV, annotated images and an HTML report; the corrupt file is reported and skipped; a second
-run resumes without sending anything again."""
+run resumes without sending anything again. The report is also opened in a real browser (chromium-headless-shell,
+`make browser`): its thumbnails decode, its script runs without error and sorts the defect table."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
+import subprocess
+import time
+import urllib.request
+from contextlib import ExitStack
 from html.parser import HTMLParser
 
 import cv2
@@ -15,7 +21,9 @@ import numpy as np
 import pytest
 
 from client.cli import main as cli
-from tests.conftest import SAMPLES
+from tests.conftest import REPO, SAMPLES
+
+BROWSER_ROOT = REPO / ".browser" / "root"
 
 
 @pytest.fixture(scope="module")
@@ -60,6 +68,91 @@ class Report(HTMLParser):
     def handle_endtag(self, tag):
         if tag == "table":
             self.in_defects = False
+
+
+class Browser:
+    """chromium-headless-shell driven over the DevTools protocol: open a page, evaluate JavaScript in it, and
+    collect the exceptions its scripts throw."""
+
+    def __init__(self, profile):
+        binary = BROWSER_ROOT / "usr" / "lib" / "chromium" / "chromium-headless-shell"
+        assert binary.is_file(), "no browser: run `make browser` (make test does)"
+        libs = BROWSER_ROOT / "usr" / "lib" / "x86_64-linux-gnu"
+        env = os.environ | {"LD_LIBRARY_PATH": f"{libs}:{libs / 'pulseaudio'}"}
+        args = [str(binary), "--no-sandbox", "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"]
+        self.process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = profile / "DevToolsActivePort"  # the browser writes its port there once it listens
+        deadline = time.monotonic() + 30
+        while not (port_file.is_file() and port_file.read_text().strip()):
+            assert time.monotonic() < deadline and self.process.poll() is None, "the browser did not start"
+            time.sleep(0.1)
+        port = int(port_file.read_text().split()[0])
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list") as answer:
+            page = next(t for t in json.load(answer) if t["type"] == "page")
+        from websockets.sync.client import connect
+
+        self.stack = ExitStack()
+        self.socket = self.stack.enter_context(connect(page["webSocketDebuggerUrl"], max_size=None))
+        self.calls, self.events = 0, []
+
+    def call(self, method: str, **params) -> dict:
+        self.calls += 1
+        self.socket.send(json.dumps({"id": self.calls, "method": method, "params": params}))
+        while True:
+            message = json.loads(self.socket.recv(timeout=30))
+            if message.get("id") == self.calls:
+                assert "error" not in message, message
+                return message["result"]
+            self.events.append(message)
+
+    def open(self, url: str) -> None:
+        self.call("Runtime.enable")
+        self.call("Page.enable")
+        self.call("Page.navigate", url=url)
+        deadline = time.monotonic() + 30
+        while not any(e.get("method") == "Page.loadEventFired" for e in self.events):
+            assert time.monotonic() < deadline, "the page did not load"
+            self.events.append(json.loads(self.socket.recv(timeout=30)))
+
+    def evaluate(self, expression: str):
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        assert "exceptionDetails" not in result, result["exceptionDetails"]
+        return result["result"].get("value")
+
+    @property
+    def script_errors(self) -> list:
+        return [e["params"] for e in self.events if e.get("method") == "Runtime.exceptionThrown"]
+
+    def close(self) -> None:
+        self.stack.close()
+        self.process.terminate()
+        self.process.wait(timeout=10)
+
+
+def check_report_in_a_browser(report, anomalies: int, profile) -> None:
+    """What a reader sees: every thumbnail decoded, no script error, and a click on a numeric column's header
+    sorting the defect rows by it, ascending then descending."""
+    browser = Browser(profile)
+    try:
+        browser.open(report.as_uri())
+        assert browser.evaluate("document.querySelectorAll('table.defects tbody tr').length") == anomalies
+        images = browser.evaluate("Array.from(document.images).map(i => i.complete && i.naturalWidth > 0)")
+        assert images and all(images)
+        column = browser.evaluate(
+            "Array.from(document.querySelectorAll('table.defects th')).findIndex(th => th.textContent == 'length px')"
+        )
+        assert column >= 0
+        read = f"Array.from(document.querySelectorAll('table.defects tbody tr')).map(r => +r.cells[{column}].dataset.v)"
+        before = browser.evaluate(read)
+        browser.evaluate(f"document.querySelectorAll('table.defects th')[{column}].click()")
+        ascending = browser.evaluate(read)
+        browser.evaluate(f"document.querySelectorAll('table.defects th')[{column}].click()")
+        descending = browser.evaluate(read)
+        assert ascending == sorted(before) and descending == sorted(before, reverse=True)
+        assert len(set(before)) > 1  # the sort had something to do
+        assert browser.script_errors == []
+    finally:
+        browser.close()
 
 
 def test_campaign_outputs_resume_and_report(triton, campaign_folder, tmp_path, capsys):
@@ -109,6 +202,7 @@ def test_campaign_outputs_resume_and_report(triton, campaign_folder, tmp_path, c
     assert page.thumbs == len(results) and page.banner  # untrained weights here: said on the page
     assert page.svgs == (2 if cracks else 0)
     assert all((out / link).is_file() for link in page.links)
+    check_report_in_a_browser(out / "report.html", anomalies, tmp_path / "browser")
 
     # a second run sends nothing again: every frame is already in results.jsonl
     assert cli(args) == 2  # the broken file is tried again and still fails
