@@ -79,7 +79,15 @@ class Browser:
         assert binary.is_file(), "no browser: run `make browser` (make test does)"
         libs = BROWSER_ROOT / "usr" / "lib" / "x86_64-linux-gnu"
         env = os.environ | {"LD_LIBRARY_PATH": f"{libs}:{libs / 'pulseaudio'}"}
-        args = [str(binary), "--no-sandbox", "--remote-debugging-port=0", f"--user-data-dir={profile}", "about:blank"]
+        args = [
+            str(binary),
+            "--no-sandbox",
+            "--disable-dev-shm-usage",
+            "--disable-gpu",
+            "--remote-debugging-port=0",
+            f"--user-data-dir={profile}",
+            "about:blank",
+        ]
         self.process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         port_file = profile / "DevToolsActivePort"  # the browser writes its port there once it listens
         deadline = time.monotonic() + 30
