@@ -7,6 +7,7 @@ checked against KNOBS by a test, so a knob added here without documentation fail
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, make_dataclass
@@ -51,6 +52,8 @@ def _number(knob: Knob, raw: str, kind: type, lo: float | None, hi: float | None
         value = kind(raw)
     except ValueError:
         raise ConfigError(f"{knob.name}={raw!r} is not {'an integer' if kind is int else 'a number'}") from None
+    if not math.isfinite(value):  # float() reads "nan" and "inf", which no bound check refuses
+        raise ConfigError(f"{knob.name}={raw!r} is not a finite number")
     if lo is not None and value < lo:
         raise ConfigError(f"{knob.name}={raw} must be at least {lo}" + (f" and at most {hi}" if hi is not None else ""))
     if hi is not None and value > hi:
@@ -338,6 +341,7 @@ Settings = make_dataclass(
     frozen=True,
 )
 Settings.__doc__ = "Every knob, parsed: `settings().tiling`, `settings().max_detections`, ..."
+Settings.__module__ = __name__  # make_dataclass would leave `types`, and pickling (e.g. to a worker process) fail
 
 
 def load_settings() -> Settings:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 import re
 import subprocess
 import sys
@@ -55,7 +56,14 @@ def test_ci_runs_the_readme_test_command():
 
 
 @pytest.mark.parametrize(
-    "name,value", [("CONFIDENCE_THRESHOLD", "2"), ("SAM2_VARIANT", "huge"), ("RUNPOD_SERVERLESS", "maybe")]
+    "name,value",
+    [
+        ("CONFIDENCE_THRESHOLD", "2"),
+        ("CONFIDENCE_THRESHOLD", "nan"),
+        ("MM_PER_PIXEL", "inf"),
+        ("SAM2_VARIANT", "huge"),
+        ("RUNPOD_SERVERLESS", "maybe"),
+    ],
 )
 def test_bad_settings_name_the_variable(monkeypatch, name, value):
     monkeypatch.setenv(name, value)
@@ -84,6 +92,7 @@ def test_settings_defaults_taken_from_other_knobs(monkeypatch):
     monkeypatch.delenv("TRITON_URL", raising=False)
     s = load_settings()
     assert (s.port_health, s.triton_url) == (9123, "127.0.0.1:9001")  # a bind-all host is reached on loopback
+    assert pickle.loads(pickle.dumps(s)) == s  # settings can be handed to another process
     monkeypatch.setenv("PORT_HEALTH", "9124")
     monkeypatch.setenv("TRITON_URL", "triton:8001")
     s = load_settings()
