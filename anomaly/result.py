@@ -17,7 +17,7 @@ from anomaly.detector import Detections, DetectorMetadata
 from anomaly.masks import crop_to_rle
 from anomaly.options import RequestOptions
 from anomaly.scale import scale_record
-from anomaly.segmenter import crop_box
+from anomaly.segmenter import crop_boxes
 
 # A structure is the one an anomaly lies on when its box covers at least this share of the anomaly's box.
 MIN_STRUCTURE_COVERAGE = 0.5
@@ -31,14 +31,6 @@ def bbox_dict(box) -> dict:
     """Integer pixel edges: the box spans columns x_min..x_max-1 and rows y_min..y_max-1."""
     x0, y0, x1, y1 = (int(v) for v in box)
     return {"x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1}
-
-
-def coverage(inner: tuple, outer: tuple) -> float:
-    """Share of `inner`'s area inside `outer` (boxes as x0, y0, x1, y1)."""
-    w = min(inner[2], outer[2]) - max(inner[0], outer[0])
-    h = min(inner[3], outer[3]) - max(inner[1], outer[1])
-    area = (inner[2] - inner[0]) * (inner[3] - inner[1])
-    return max(w, 0) * max(h, 0) / area if area > 0 else 0.0
 
 
 def is_crack(defect_type: str) -> bool:
@@ -59,34 +51,45 @@ class Findings:
     geometries: list[dict]
 
 
-def _structures(found: Findings, metadata: DetectorMetadata, image_hw) -> tuple[list[dict], list[tuple]]:
-    """The detected structural elements as response records, and their integer boxes (same order)."""
-    records, boxes = [], []
+def _structures(found: Findings, metadata: DetectorMetadata, image_hw) -> tuple[list[dict], np.ndarray]:
+    """The detected structural elements as response records, and their integer boxes (N, 4), same order."""
     det = found.detections
-    for i in range(len(det)):
-        if metadata.role(int(det.class_ids[i])) == "structure":
-            box = crop_box(det.boxes[i], image_hw)
-            records.append({
-                "structure_id": new_id("struct"),
-                "structure_type": metadata.name(int(det.class_ids[i])),
-                "bbox": bbox_dict(box),
-                "confidence": round(float(det.scores[i]), 4),
-            })  # fmt: skip
-            boxes.append(box)
+    roles = {c: metadata.role(c) for c in set(det.class_ids.tolist())}
+    keep = np.asarray([i for i, c in enumerate(det.class_ids.tolist()) if roles[c] == "structure"], np.int64)
+    boxes = crop_boxes(det.boxes[keep], image_hw)
+    records = [
+        {
+            "structure_id": new_id("struct"),
+            "structure_type": metadata.name(int(det.class_ids[i])),
+            "bbox": bbox_dict(box),
+            "confidence": round(float(det.scores[i]), 4),
+        }
+        for i, box in zip(keep.tolist(), boxes.tolist())
+    ]
     return records, boxes
 
 
-def _host(box: tuple, structures: list[dict], boxes: list[tuple]) -> dict | None:
-    """The structure whose box covers the largest share of `box`, at least MIN_STRUCTURE_COVERAGE (ties: the
-    more confident)."""
-    host, best = None, 0.0
-    for record, other in zip(structures, boxes):
-        c = coverage(box, other)
-        if c >= MIN_STRUCTURE_COVERAGE and (
-            c > best or (c == best and host and record["confidence"] > host["confidence"])
-        ):
-            host, best = record, c
-    return host
+def _hosts(boxes: np.ndarray, structure_boxes: np.ndarray, confidences: list[float]) -> list[int | None]:
+    """For each box (N, 4), the index of the structure whose box covers the largest share of it, at least
+    MIN_STRUCTURE_COVERAGE (ties: the more confident, then the first), or None."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    if not len(structure_boxes):
+        return [None] * len(boxes)
+    a, b = boxes[:, None, :], np.asarray(structure_boxes, np.float64)[None, :, :]
+    w = np.minimum(a[..., 2], b[..., 2]) - np.maximum(a[..., 0], b[..., 0])
+    h = np.minimum(a[..., 3], b[..., 3]) - np.maximum(a[..., 1], b[..., 1])
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    share = np.maximum(w, 0) * np.maximum(h, 0) / np.where(area > 0, area, np.inf)[:, None]
+    confidences = np.asarray(confidences, np.float64)
+    hosts: list[int | None] = []
+    for row in share:
+        best = row.max()
+        if best < MIN_STRUCTURE_COVERAGE:
+            hosts.append(None)
+            continue
+        tied = np.flatnonzero(row == best)
+        hosts.append(int(tied[np.argmax(confidences[tied])]))  # argmax: the first of equal confidences
+    return hosts
 
 
 def _anomaly(found: Findings, k: int, host: dict | None, metadata: DetectorMetadata, options: RequestOptions,
@@ -134,10 +137,11 @@ def build_response(
 ) -> dict:
     height, width = image_hw
     structures, structure_boxes = _structures(findings, metadata, image_hw)
-    anomalies = []
-    for k in range(len(findings.seg_index)):
-        host = _host(tuple(int(v) for v in findings.mask_boxes[k]), structures, structure_boxes)
-        anomalies.append(_anomaly(findings, k, host, metadata, options, severity_thresholds_mm, image_hw))
+    hosts = _hosts(findings.mask_boxes, structure_boxes, [r["confidence"] for r in structures])
+    anomalies = [
+        _anomaly(findings, k, None if h is None else structures[h], metadata, options, severity_thresholds_mm, image_hw)
+        for k, h in enumerate(hosts)
+    ]
     response = {
         "frame_id": options.frame_id or new_id("frame"),
         "image_size": {"width": int(width), "height": int(height)},

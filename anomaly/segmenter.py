@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,12 +53,18 @@ class SamFrame:
 
 def crop_box(box: np.ndarray, image_hw: tuple[int, int]) -> tuple[int, int, int, int]:
     """Float box -> the integer pixel window that contains it, at least one pixel, inside the image."""
+    return tuple(crop_boxes(np.asarray(box).reshape(1, 4), image_hw)[0].tolist())
+
+
+def crop_boxes(boxes: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+    """crop_box of every box of (N, 4) at once -> (N, 4) int64."""
     height, width = image_hw
-    x0 = min(max(int(math.floor(box[0])), 0), width - 1)
-    y0 = min(max(int(math.floor(box[1])), 0), height - 1)
-    x1 = max(min(int(math.ceil(box[2])), width), x0 + 1)
-    y1 = max(min(int(math.ceil(box[3])), height), y0 + 1)
-    return x0, y0, x1, y1
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    x0 = np.clip(np.floor(boxes[:, 0]), 0, width - 1)
+    y0 = np.clip(np.floor(boxes[:, 1]), 0, height - 1)
+    x1 = np.maximum(np.minimum(np.ceil(boxes[:, 2]), width), x0 + 1)
+    y1 = np.maximum(np.minimum(np.ceil(boxes[:, 3]), height), y0 + 1)
+    return np.stack([x0, y0, x1, y1], axis=1).astype(np.int64)
 
 
 def resolve_device(device: str) -> str:

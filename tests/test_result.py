@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 from pycocotools import mask as coco_mask
@@ -9,7 +11,8 @@ from pycocotools import mask as coco_mask
 from anomaly.detector import Detections, DetectorMetadata
 from anomaly.masks import crop_to_rle, pack, rle_to_mask, unpack
 from anomaly.options import RequestOptions
-from anomaly.result import Findings, build_response, coverage
+from anomaly.result import Findings, _hosts, build_response
+from anomaly.segmenter import crop_boxes
 
 META = DetectorMetadata(
     "medium", 576, [0.5] * 3, [0.2] * 3, ["crack", "spalling", "beam", "column", ""],
@@ -58,7 +61,51 @@ def test_unknown_structure_when_no_box_covers_most_of_it():
     r = response(boxes=[[90, 90, 140, 140], [0, 0, 100, 100]], class_ids=[0, 2])
     # Only 10 x 10 of the 50 x 50 crack box is on the beam: 4%, not the majority.
     assert r["anomalies"][0]["structure_type"] == "unknown" and r["anomalies"][0]["structure_id"] is None
-    assert coverage((90, 90, 140, 140), (0, 0, 100, 100)) == pytest.approx(0.04)
+    assert _hosts(np.array([[90, 90, 140, 140]]), np.array([[0, 0, 100, 100]]), [0.9]) == [None]
+    assert _hosts(np.array([[90, 90, 140, 140]]), np.array([[0, 0, 130, 130]]), [0.9]) == [0]  # 64%
+
+
+def test_hosts_pick_the_largest_share_then_the_more_confident():
+    """Every box's host against a plain loop over the structures in order, on random boxes with many ties
+    (boxes on a coarse grid): largest covered share at least 50%, equal shares go to the more confident,
+    equal confidences to the first."""
+    rng = np.random.default_rng(7)
+
+    def reference(box, structures, confidences):
+        host, best = None, 0.0
+        area = (box[2] - box[0]) * (box[3] - box[1])
+        for j, other in enumerate(structures):
+            w = min(box[2], other[2]) - max(box[0], other[0])
+            h = min(box[3], other[3]) - max(box[1], other[1])
+            share = max(w, 0) * max(h, 0) / area if area > 0 else 0.0
+            if share >= 0.5 and (share > best or (share == best and confidences[j] > confidences[host])):
+                host, best = j, share
+        return host
+
+    def grid_boxes(n):
+        corner = rng.integers(0, 8, (n, 2)) * 10
+        return np.concatenate([corner, corner + rng.integers(0, 6, (n, 2)) * 10], axis=1)
+
+    checked = 0
+    for _ in range(200):
+        boxes, structures = grid_boxes(12), grid_boxes(int(rng.integers(0, 15)))
+        confidences = [float(c) for c in rng.choice([0.5, 0.7, 0.9], len(structures))]
+        expected = [reference(b.tolist(), structures.tolist(), confidences) for b in boxes]
+        assert _hosts(boxes, structures, confidences) == expected
+        checked += sum(e is not None for e in expected)
+    assert checked > 300  # a fifth of the boxes found a host: the comparison was not all None
+
+
+def test_crop_boxes_contain_each_box_inside_the_image():
+    rng = np.random.default_rng(3)
+    boxes = np.concatenate([rng.uniform(-50, 700, (500, 2)), rng.uniform(0, 80, (500, 2))], axis=1).astype(np.float32)
+    boxes[:, 2:] += boxes[:, :2]
+    boxes[:20, 2:] = boxes[:20, :2]  # empty boxes still get one pixel
+    windows = crop_boxes(boxes, (480, 640))
+    for box, (x0, y0, x1, y1) in zip(boxes.tolist(), windows.tolist()):
+        assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480
+        assert x0 == min(max(math.floor(box[0]), 0), 639) and y0 == min(max(math.floor(box[1]), 0), 479)
+        assert x1 == max(min(math.ceil(box[2]), 640), x0 + 1) and y1 == max(min(math.ceil(box[3]), 480), y0 + 1)
 
 
 def test_frame_id_generated_when_absent():
