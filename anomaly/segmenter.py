@@ -51,13 +51,9 @@ class SamFrame:
         return self.window[3] - self.window[1], self.window[2] - self.window[0]
 
 
-def crop_box(box: np.ndarray, image_hw: tuple[int, int]) -> tuple[int, int, int, int]:
-    """Float box -> the integer pixel window that contains it, at least one pixel, inside the image."""
-    return tuple(crop_boxes(np.asarray(box).reshape(1, 4), image_hw)[0].tolist())
-
-
 def crop_boxes(boxes: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
-    """crop_box of every box of (N, 4) at once -> (N, 4) int64."""
+    """Float boxes (N, 4) -> (N, 4) int64: for each, the integer pixel window that contains it, at least one
+    pixel, inside the image."""
     height, width = image_hw
     boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
     x0 = np.clip(np.floor(boxes[:, 0]), 0, width - 1)
@@ -261,10 +257,8 @@ class Sam2Segmenter:
                     logits, iou = self.decode(features, k, coords[start : start + step])
                     low_res.append(logits)
                     ious.append(iou)
-            windows = [
-                [crop_box(box, frames[i][1]) for box in np.asarray(frames[i][2], np.float32).reshape(-1, 4)]
-                for i in busy
-            ]
+            boxes32 = [np.asarray(frames[i][2], np.float32) for i in busy]  # the prompts SAM was given
+            windows = [[tuple(w) for w in crop_boxes(b, frames[i][1]).tolist()] for b, i in zip(boxes32, busy)]
             sizes = [frames[i][1] for i, frame_windows in zip(busy, windows) for _ in frame_windows]
             flat_windows = [w for frame_windows in windows for w in frame_windows]
             masks = self.upsample_crops(self.postprocess_logits(torch.cat(low_res)), flat_windows, sizes)
