@@ -17,7 +17,7 @@ from anomaly.detector import Detections, DetectorMetadata
 from anomaly.masks import crop_to_rle
 from anomaly.options import RequestOptions
 from anomaly.scale import scale_record
-from anomaly.segmenter import crop_boxes
+from anomaly.segmenter import pixel_windows
 
 # A structure is the one an anomaly lies on when its box covers at least this share of the anomaly's box.
 MIN_STRUCTURE_COVERAGE = 0.5
@@ -56,7 +56,7 @@ def _structures(found: Findings, metadata: DetectorMetadata, image_hw) -> tuple[
     det = found.detections
     roles = {c: metadata.role(c) for c in set(det.class_ids.tolist())}
     keep = np.asarray([i for i, c in enumerate(det.class_ids.tolist()) if roles[c] == "structure"], np.int64)
-    boxes = crop_boxes(det.boxes[keep], image_hw)
+    boxes = pixel_windows(det.boxes[keep], image_hw)
     records = [
         {
             "structure_id": new_id("struct"),

@@ -51,7 +51,7 @@ class SamFrame:
         return self.window[3] - self.window[1], self.window[2] - self.window[0]
 
 
-def crop_boxes(boxes: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
+def pixel_windows(boxes: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
     """Float boxes (N, 4) -> (N, 4) int64: for each, the integer pixel window that contains it, at least one
     pixel, inside the image."""
     height, width = image_hw
@@ -258,7 +258,7 @@ class Sam2Segmenter:
                     low_res.append(logits)
                     ious.append(iou)
             boxes32 = [np.asarray(frames[i][2], np.float32) for i in busy]  # the prompts SAM was given
-            windows = [[tuple(w) for w in crop_boxes(b, frames[i][1]).tolist()] for b, i in zip(boxes32, busy)]
+            windows = [[tuple(w) for w in pixel_windows(b, frames[i][1]).tolist()] for b, i in zip(boxes32, busy)]
             sizes = [frames[i][1] for i, frame_windows in zip(busy, windows) for _ in frame_windows]
             flat_windows = [w for frame_windows in windows for w in frame_windows]
             masks = self.upsample_crops(self.postprocess_logits(torch.cat(low_res)), flat_windows, sizes)

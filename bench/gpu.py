@@ -250,7 +250,7 @@ def pieces(local, data: bytes, threshold: float, repeats: int, gpu: bool) -> dic
     import torch
 
     from anomaly.pipeline import measure_all, select
-    from anomaly.segmenter import crop_boxes
+    from anomaly.segmenter import pixel_windows
     from anomaly.serving.plan import serving_plan
 
     def sync():
@@ -273,7 +273,7 @@ def pieces(local, data: bytes, threshold: float, repeats: int, gpu: bool) -> dic
     detections, seg_index, _ = select(boxes, logits, untiled(hw), threshold, local.meta, s.max_detections)
     seg_boxes = detections.boxes[seg_index]
     prepared, hw = seg.prepare(data, s.max_image_bytes, s.max_image_pixels)
-    windows = [tuple(w) for w in crop_boxes(np.asarray(seg_boxes, np.float32), hw).tolist()]
+    windows = [tuple(w) for w in pixel_windows(np.asarray(seg_boxes, np.float32), hw).tolist()]
     with torch.inference_mode(), seg._autocast():
         features = seg.embed(prepared[None])
         coords = seg.box_coords(seg_boxes, hw)

@@ -12,7 +12,7 @@ from anomaly.detector import Detections, DetectorMetadata
 from anomaly.masks import crop_to_rle, pack, rle_to_mask, unpack
 from anomaly.options import RequestOptions
 from anomaly.result import Findings, _hosts, build_response
-from anomaly.segmenter import crop_boxes
+from anomaly.segmenter import pixel_windows
 
 META = DetectorMetadata(
     "medium", 576, [0.5] * 3, [0.2] * 3, ["crack", "spalling", "beam", "column", ""],
@@ -96,12 +96,12 @@ def test_hosts_pick_the_largest_share_then_the_more_confident():
     assert checked > 300  # a fifth of the boxes found a host: the comparison was not all None
 
 
-def test_crop_boxes_contain_each_box_inside_the_image():
+def test_pixel_windows_contain_each_box_inside_the_image():
     rng = np.random.default_rng(3)
     boxes = np.concatenate([rng.uniform(-50, 700, (500, 2)), rng.uniform(0, 80, (500, 2))], axis=1).astype(np.float32)
     boxes[:, 2:] += boxes[:, :2]
     boxes[:20, 2:] = boxes[:20, :2]  # empty boxes still get one pixel
-    windows = crop_boxes(boxes, (480, 640))
+    windows = pixel_windows(boxes, (480, 640))
     for box, (x0, y0, x1, y1) in zip(boxes.tolist(), windows.tolist()):
         assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480
         assert x0 == min(max(math.floor(box[0]), 0), 639) and y0 == min(max(math.floor(box[1]), 0), 479)
