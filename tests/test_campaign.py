@@ -81,27 +81,36 @@ class Browser:
         env = os.environ | {"LD_LIBRARY_PATH": f"{libs}:{libs / 'pulseaudio'}"}
         args = [
             str(binary),
-            "--no-sandbox",
+            "--no-sandbox",  # Chromium's sandbox refuses to run as root, which CI is
             "--disable-dev-shm-usage",
             "--disable-gpu",
             "--remote-debugging-port=0",
             f"--user-data-dir={profile}",
             "about:blank",
         ]
-        self.process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        port_file = profile / "DevToolsActivePort"  # the browser writes its port there once it listens
-        deadline = time.monotonic() + 30
-        while not (port_file.is_file() and port_file.read_text().strip()):
-            assert time.monotonic() < deadline and self.process.poll() is None, "the browser did not start"
-            time.sleep(0.1)
-        port = int(port_file.read_text().split()[0])
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list") as answer:
-            page = next(t for t in json.load(answer) if t["type"] == "page")
-        from websockets.sync.client import connect
-
         self.stack = ExitStack()
-        self.socket = self.stack.enter_context(connect(page["webSocketDebuggerUrl"], max_size=None))
+        self.process = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.stack.callback(self._stop)  # also when it fails to start below: no browser left behind
+        try:
+            port_file = profile / "DevToolsActivePort"  # the browser writes its port there once it listens
+            deadline = time.monotonic() + 30
+            while not (port_file.is_file() and port_file.read_text().strip()):
+                assert time.monotonic() < deadline and self.process.poll() is None, "the browser did not start"
+                time.sleep(0.1)
+            port = int(port_file.read_text().split()[0])
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/json/list") as answer:
+                page = next(t for t in json.load(answer) if t["type"] == "page")
+            from websockets.sync.client import connect
+
+            self.socket = self.stack.enter_context(connect(page["webSocketDebuggerUrl"], max_size=None))
+        except BaseException:
+            self.stack.close()
+            raise
         self.calls, self.events = 0, []
+
+    def _stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
 
     def call(self, method: str, **params) -> dict:
         self.calls += 1
@@ -132,9 +141,7 @@ class Browser:
         return [e["params"] for e in self.events if e.get("method") == "Runtime.exceptionThrown"]
 
     def close(self) -> None:
-        self.stack.close()
-        self.process.terminate()
-        self.process.wait(timeout=10)
+        self.stack.close()  # the socket, then the browser
 
 
 def check_report_in_a_browser(report, anomalies: int, profile) -> None:
