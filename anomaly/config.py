@@ -316,9 +316,10 @@ KNOBS: tuple[Knob, ...] = (
         parse=_auto_int,
     ),
     Knob(
-        "GEOMETRY_THREADS",
+        "GEOMETRY_WORKERS",
         "auto",
-        "threads measuring one frame's masks (auto: 4 on a GPU machine, 1 on a CPU)",
+        "processes measuring one frame's masks, the geometry step's own included (auto: 4 on a GPU machine, 1 on "
+        "a CPU)",
         parse=_auto_int,
     ),
 )
@@ -344,8 +345,15 @@ Settings.__doc__ = "Every knob, parsed: `settings().tiling`, `settings().max_det
 Settings.__module__ = __name__  # make_dataclass would leave `types`, and pickling (e.g. to a worker process) fail
 
 
+# Settings that were renamed: a deployment still setting the old name is told, not silently ignored.
+RENAMED = {"GEOMETRY_THREADS": "GEOMETRY_WORKERS (processes: the thinning holds the GIL, threads did not help)"}
+
+
 def load_settings() -> Settings:
     """Read every knob from the environment, raising ConfigError naming the first bad one."""
+    for old, new in RENAMED.items():
+        if os.environ.get(old):
+            raise ConfigError(f"{old} was renamed {new}; set that instead")
     parsed: dict[str, Any] = {}
     for knob in KNOBS:
         raw = env(knob.name)

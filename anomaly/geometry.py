@@ -223,6 +223,12 @@ def measure(mask: np.ndarray) -> dict[str, float]:
     }
 
 
+def measure_row(mask: np.ndarray) -> list[float]:
+    """measure() as a row in GEOMETRY_FIELDS order (the table the geometry step sends on)."""
+    g = measure(mask)
+    return [g[f] for f in GEOMETRY_FIELDS]
+
+
 def to_millimetres(geometry: dict, mm_per_pixel: float) -> dict[str, float]:
     """The `*_mm` fields for a pixel size in millimetres."""
     return {

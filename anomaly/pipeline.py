@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import re
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from anomaly import geometry, masks
 from anomaly.config import Settings
 from anomaly.detector import Detections, DetectorMetadata, export_files
 from anomaly.geometry import GEOMETRY_FIELDS
+from anomaly.geometry_workers import GeometryWorkers
 from anomaly.images import read_header
 from anomaly.options import RequestOptions
 from anomaly.result import Findings, build_response
@@ -53,15 +53,12 @@ def tile_plan(image_hw, options: RequestOptions, settings: Settings, resolution:
     return plan_tiles(image_hw, resolution, options.tiling or settings.tiling, settings.tile_overlap)
 
 
-def _measure_row(mask: np.ndarray) -> list[float]:
-    g = geometry.measure(mask)
-    return [g[f] for f in GEOMETRY_FIELDS]
-
-
-def measure_all(crops: list[np.ndarray], pool: ThreadPoolExecutor | None = None) -> np.ndarray:
-    """Mask crops -> (N, 5) float64 in GEOMETRY_FIELDS order (float32 would round areas above 2**24).
-    With a pool, the masks are measured in parallel: the thinning and OpenCV release the GIL."""
-    rows = list(pool.map(_measure_row, crops)) if pool and len(crops) > 1 else [_measure_row(m) for m in crops]
+def measure_all(crops: list[np.ndarray], workers: GeometryWorkers | None = None) -> np.ndarray:
+    """Mask crops -> (N, 5) float64 in GEOMETRY_FIELDS order (float32 would round areas above 2**24), in this
+    process or shared with `workers` (anomaly.geometry_workers)."""
+    if workers is not None and len(crops) > 1:
+        return workers.measure_all(crops)
+    rows = [geometry.measure_row(m) for m in crops]
     return np.asarray(rows, np.float64).reshape(len(crops), len(GEOMETRY_FIELDS))
 
 

@@ -3,7 +3,8 @@
 1. geometry: 20 masks of a 1080p inspection frame (bench/scenes.py) measured on their box crops, against
    the same masks measured on full 1080p frames (what a pipeline that upsamples every mask would do), and
    against the geometry code of commit 98451c8 (loaded from git, same masks, same process).
-   Also one typical crack crop (~400 x 300 px, 5 px wide) alone.
+   Also one typical crack crop (~400 x 300 px, 5 px wide) alone, and 10 of them measured in this process
+   against shared with worker processes (GEOMETRY_WORKERS 2 and 4; alternated, medians).
 2. preprocessing of one 1080p JPEG per frame: what 98451c8's preprocess step did (decode, exact resize)
    against what the steps do now on a CPU (header check; decode + exact resize in the detector; decode +
    SAM's transform in the segmenter) and against the same torch functions the GPU path runs, here on the CPU.
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -100,6 +102,7 @@ def bench_geometry(repeats: int = 7) -> dict:
         "typical_crack_crop": list(crack.shape),
         "typical_crack_ms": round(best_of(lambda: measure(crack), repeats) * 1000, 2),
     }
+    out |= bench_geometry_workers([crack] * 10)
     old = _geometry_at(BASELINE_COMMIT)
     if old is not None:
         assert all(old.measure(m) == measure(m) for m in crops)  # same numbers, only faster
@@ -110,6 +113,30 @@ def bench_geometry(repeats: int = 7) -> dict:
             f"speedup_vs_{BASELINE_COMMIT}": round(old_s / crop_s, 2),
         }
     return out
+
+
+def bench_geometry_workers(crops: list[np.ndarray], rounds: int = 30) -> dict:
+    """One frame's masks measured in this process against shared with 1 and 3 worker processes, alternated
+    round by round so that the machine's noise falls on all three; medians. The gain needs idle cores."""
+    from anomaly.geometry_workers import GeometryWorkers
+    from anomaly.pipeline import measure_all
+
+    pools = {n: GeometryWorkers(n) for n in (2, 4)}
+    try:
+        times: dict[int, list[float]] = {1: [], 2: [], 4: []}
+        for _ in range(rounds):
+            for n in times:
+                t = time.perf_counter()
+                measure_all(crops, pools.get(n))
+                times[n].append(time.perf_counter() - t)
+    finally:
+        for pool in pools.values():
+            pool.close()
+    ms = {n: statistics.median(t) * 1000 for n, t in times.items()}
+    return {
+        f"{len(crops)}_cracks_ms_by_processes": {str(n): round(v, 2) for n, v in ms.items()},
+        "cores": os.cpu_count(),
+    }
 
 
 def bench_preprocess(image: str, repeats: int = 7) -> dict:

@@ -246,9 +246,10 @@ def pieces(local, data: bytes, threshold: float, repeats: int, gpu: bool) -> dic
     """Where one frame's time goes, piece by piece, in this process (p50 ms; the GPU synchronised after each):
     the detector's decode + resize and forward (batch 1 and per frame at batch 8), SAM's decode + resize,
     image encoder (batch 1 and per frame at the serving batch), mask decoder for the frame's boxes, masks
-    to the host, and geometry on one core."""
+    to the host, and geometry on one core and shared among the serving plan's processes (GEOMETRY_WORKERS)."""
     import torch
 
+    from anomaly.geometry_workers import GeometryWorkers
     from anomaly.pipeline import measure_all, select
     from anomaly.segmenter import pixel_windows
     from anomaly.serving.plan import serving_plan
@@ -293,6 +294,13 @@ def pieces(local, data: bytes, threshold: float, repeats: int, gpu: bool) -> dic
     out["sam_whole_frame"] = ms(lambda: seg.segment_batch([(prepared, hw, seg_boxes)]))
     masks = [c.mask for c in seg.segment_batch([(prepared, hw, seg_boxes)])[0]]
     out[f"geometry_{len(masks)}_masks_one_core"] = ms(lambda: measure_all(masks))
+    processes = serving_plan(s, gpu).geometry_workers
+    if processes > 1:  # what the geometry step does with the serving plan's workers
+        workers = GeometryWorkers(processes)
+        try:
+            out[f"geometry_{len(masks)}_masks_{processes}_processes"] = ms(lambda: measure_all(masks, workers))
+        finally:
+            workers.close()
     out["segmenter_runtime"] = seg.runtime
     return out
 

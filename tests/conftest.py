@@ -6,6 +6,7 @@ architectures with untrained, seeded weights (written once by `python -m export`
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
@@ -81,7 +82,9 @@ def triton(exported, tmp_path_factory):
     http, grpc, metrics = free_ports(3)
     os.environ.update(TRITON_HTTP_PORT=str(http), TRITON_GRPC_PORT=str(grpc), TRITON_METRICS_PORT=str(metrics))
     log = tmp_path_factory.mktemp("triton") / "triton.log"
-    server = TritonServer(load_settings(), log_path=log)
+    # Geometry shares each frame's masks with a worker process, as on a GPU machine (GEOMETRY_WORKERS), so the
+    # parity tests compare that path with the in-process pipeline, which measures in one process.
+    server = TritonServer(dataclasses.replace(load_settings(), geometry_workers=2), log_path=log)
     server.start(ready_timeout=600)
     yield server
     _record_memory(server)

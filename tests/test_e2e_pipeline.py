@@ -75,6 +75,24 @@ def test_png_with_masks_decodes_inside_bboxes(client, pier_png, exported):
         assert mask.sum() == a["geometry"]["area_pixels"]
 
 
+def test_served_geometry_is_the_geometry_of_the_served_masks(triton, grpc_client, pier_png):
+    """Each defect's numbers, measured again here from the mask the service returned, come out the same to the
+    last digit. The test server's geometry step shares a frame's masks with a worker process
+    (GEOMETRY_WORKERS=2, tests/conftest.py): that process is there, and the rows come back in order."""
+    import psutil
+
+    from anomaly.geometry import GEOMETRY_FIELDS, measure
+
+    (geometry,) = [p for p, name in triton.model_processes().items() if name == "geometry"]
+    workers = [c for c in geometry.children() if "anomaly.geometry_workers" in " ".join(c.cmdline())]
+    assert len(workers) == 1 and workers[0].status() != psutil.STATUS_ZOMBIE
+    response = grpc_client.detect(pier_png, include_masks=True, confidence_threshold=LOW)
+    assert len(response["anomalies"]) >= 2, "too few defects to share among processes"
+    for a in response["anomalies"]:
+        again = measure(rle_to_mask(a["mask"]))
+        assert {f: a["geometry"][f] for f in GEOMETRY_FIELDS} == again, a["anomaly_id"]
+
+
 def test_no_mask_bytes_unless_asked(grpc_client, pier_png):
     response = grpc_client.detect(pier_png, confidence_threshold=LOW)
     assert response["anomalies"]

@@ -176,3 +176,101 @@ def test_millimetres_and_severity():
         "wide",
         "wide",
     ]
+
+
+# --- a frame's masks shared among processes (GEOMETRY_WORKERS) -------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def workers():
+    from anomaly.geometry_workers import GeometryWorkers
+
+    pool = GeometryWorkers(3)
+    yield pool
+    pool.close()
+
+
+def test_workers_measure_exactly_what_one_process_measures(workers):
+    from anomaly.pipeline import measure_all
+    from bench.scenes import inspection_masks
+
+    crops = inspection_masks(seed=7) + [np.zeros((5, 9), bool), np.ones((1, 1), bool)]
+    alone = measure_all(crops)
+    shared = workers.measure_all(crops)
+    assert shared.shape == (len(crops), 5)
+    assert np.array_equal(shared, alone)  # row for row, in the order given
+    assert np.array_equal(workers.measure_all(crops[:2]), alone[:2])  # fewer masks than processes
+    assert workers.measure_all([]).shape == (0, 5)
+
+
+def test_shares_balance_the_area():
+    from anomaly.geometry_workers import shares
+
+    areas = [100, 90, 50, 40, 30, 10, 10, 5]
+    groups = shares(areas, 3)
+    assert sorted(i for g in groups for i in g) == list(range(len(areas)))
+    totals = [sum(areas[i] for i in g) for g in groups]
+    assert max(totals) - min(totals) <= max(areas[i] for g in groups for i in g if len(g) > 1)
+    assert shares([], 2) == [[], []]
+
+
+def test_a_dead_worker_is_replaced_and_its_masks_still_measured(workers, caplog):
+    import psutil
+
+    from anomaly.pipeline import measure_all
+    from bench.scenes import inspection_masks
+
+    crops = inspection_masks(seed=3)[:8]
+    victim = workers.pids[0]
+    psutil.Process(victim).kill()
+    psutil.Process(victim).wait(5)
+    with caplog.at_level("ERROR", logger="anomaly.geometry"):
+        table = workers.measure_all(crops)
+    assert np.array_equal(table, measure_all(crops))
+    assert f"geometry worker {victim} " in caplog.text and "measured here" in caplog.text
+    assert victim not in workers.pids and all(psutil.Process(p).is_running() for p in workers.pids)
+    assert np.array_equal(workers.measure_all(crops), table)  # the new worker takes its share again
+
+
+def test_closing_ends_the_workers():
+    import psutil
+
+    from anomaly.geometry_workers import GeometryWorkers
+
+    pool = GeometryWorkers(2)
+    (pid,) = pool.pids
+    assert psutil.Process(pid).is_running()
+    pool.close()
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+def test_workers_end_when_their_owner_is_killed():
+    """A Triton stub killed with -9 runs no clean-up: its workers must notice (end-of-file) and exit."""
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    owner = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import time\nfrom anomaly.geometry_workers import GeometryWorkers\n"
+            "w = GeometryWorkers(2)\nprint(w.pids[0], flush=True)\ntime.sleep(120)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        worker = psutil.Process(int(owner.stdout.readline()))
+        assert worker.is_running()
+        owner.kill()
+        owner.wait(10)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and worker.is_running() and worker.status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.1)
+        assert not worker.is_running() or worker.status() == psutil.STATUS_ZOMBIE
+    finally:
+        if owner.poll() is None:
+            owner.kill()

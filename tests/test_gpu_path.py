@@ -362,15 +362,15 @@ def test_mask_crops_are_the_full_frame_upsample_cut_to_the_box(exported):
 def test_serving_plan_defaults_for_gpu_and_cpu_machines(monkeypatch):
     settings = load_settings()
     gpu = serving_plan(settings, gpu=True, cores=16)
-    assert (gpu.detector_batch, gpu.segmenter_batch, gpu.step_instances, gpu.geometry_threads) == (8, 2, 4, 4)
+    assert (gpu.detector_batch, gpu.segmenter_batch, gpu.step_instances, gpu.geometry_workers) == (8, 2, 4, 4)
     cpu = serving_plan(settings, gpu=False, cores=2)
-    assert (cpu.detector_batch, cpu.segmenter_batch, cpu.step_instances, cpu.geometry_threads) == (8, 1, 1, 1)
+    assert (cpu.detector_batch, cpu.segmenter_batch, cpu.step_instances, cpu.geometry_workers) == (8, 1, 1, 1)
     monkeypatch.setenv("BATCH_FRAMES", "4")
     monkeypatch.setenv("STEP_INSTANCES", "3")
-    monkeypatch.setenv("GEOMETRY_THREADS", "2")
+    monkeypatch.setenv("GEOMETRY_WORKERS", "2")
     monkeypatch.setenv("BATCH_DELAY_US", "250")
     mine = serving_plan(load_settings(), gpu=True, cores=16)
-    assert (mine.detector_batch, mine.segmenter_batch, mine.step_instances, mine.geometry_threads) == (4, 4, 3, 2)
+    assert (mine.detector_batch, mine.segmenter_batch, mine.step_instances, mine.geometry_workers) == (4, 4, 3, 2)
     assert mine.batch_delay_us == 250
 
 

@@ -71,6 +71,12 @@ def test_bad_settings_name_the_variable(monkeypatch, name, value):
         load_settings()
 
 
+def test_a_renamed_setting_is_refused_with_its_new_name(monkeypatch):
+    monkeypatch.setenv("GEOMETRY_THREADS", "4")
+    with pytest.raises(ConfigError, match="GEOMETRY_THREADS was renamed GEOMETRY_WORKERS"):
+        load_settings()
+
+
 def test_every_checked_setting_refuses_nonsense_by_name(monkeypatch):
     """Settings and their checking come from the KNOBS table alone: every knob with a parser (paths and
     addresses take any text) refuses a value that is no number, choice or boolean, naming the knob."""

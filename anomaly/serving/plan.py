@@ -1,17 +1,17 @@
-"""How the pipeline's Triton models are laid out on this machine: instances, batching, threads.
+"""How the pipeline's Triton models are laid out on this machine: instances, batching, geometry workers.
 
 The committed `config.pbtxt` files hold the CPU layout (one instance of everything), which is what a bare
 `tritonserver --model-repository=model_repository` serves. Our launcher (anomaly.serving.triton_server) resolves
-the settings (BATCH_FRAMES, BATCH_DELAY_US, STEP_INSTANCES, GEOMETRY_THREADS, each `auto` by default) for
+the settings (BATCH_FRAMES, BATCH_DELAY_US, STEP_INSTANCES, GEOMETRY_WORKERS, each `auto` by default) for
 the machine it runs on and writes `<model>/configs/serving.pbtxt` beside each step, which Triton loads
 with `--model-config-name=serving`.
 
 GPU machine defaults: the detector batches up to 8 concurrent frames and the segmenter up to 2 (the SAM
 image encoder runs them as one batch; on an H100, batch 2 served as many frames/s at concurrency 8 as batch 4,
 39.3 vs 39.8, with the segmenter's GPU memory 3.5 GB instead of 5.4), one instance each (each
-holds its weights once on the card); every CPU step gets cores / 4 instances and geometry measures a frame's
-masks on 4 threads. CPU-only machine: one instance of everything and no segmenter batching, since SAM's
-encoder already uses every core.
+holds its weights once on the card); every CPU step gets cores / 4 instances and geometry shares a frame's
+masks among 4 processes (its own and 3 workers). CPU-only machine: one instance of everything and no
+segmenter batching, since SAM's encoder already uses every core.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ class ServingPlan:
     segmenter_batch: int
     batch_delay_us: int
     step_instances: int
-    geometry_threads: int
+    geometry_workers: int
 
 
 def serving_plan(settings: Settings, gpu: bool, cores: int | None = None) -> ServingPlan:
@@ -47,7 +47,7 @@ def serving_plan(settings: Settings, gpu: bool, cores: int | None = None) -> Ser
         segmenter_batch=settings.batch_frames or (2 if gpu else 1),
         batch_delay_us=settings.batch_delay_us,
         step_instances=settings.step_instances or (max(2, cores // 4) if gpu else 1),
-        geometry_threads=settings.geometry_threads or (4 if gpu else 1),
+        geometry_workers=settings.geometry_workers or (4 if gpu else 1),
     )
 
 
@@ -59,7 +59,7 @@ def _replace(text: str, pattern: str, replacement: str, model: str) -> str:
 
 
 def render_config(text: str, model: str, plan: ServingPlan) -> str:
-    """A step's committed config.pbtxt with this machine's instances, batching and threads."""
+    """A step's committed config.pbtxt with this machine's instances, batching and geometry workers."""
     if model in BATCHED_STEPS:
         batch = plan.detector_batch if model == "detector" else plan.segmenter_batch
         text = _replace(text, r"^max_batch_size: \d+$", f"max_batch_size: {batch}", model)
@@ -79,8 +79,8 @@ def render_config(text: str, model: str, plan: ServingPlan) -> str:
     if model == "geometry":
         text = _replace(
             text,
-            r'^parameters \{ key: "threads".*\}$',
-            f'parameters {{ key: "threads" value: {{ string_value: "{plan.geometry_threads}" }} }}',
+            r'^parameters \{ key: "workers".*\}$',
+            f'parameters {{ key: "workers" value: {{ string_value: "{plan.geometry_workers}" }} }}',
             model,
         )
     return text

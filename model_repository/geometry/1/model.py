@@ -1,12 +1,11 @@
 """Triton step 5: geometry of every mask crop of a frame (anomaly.geometry via anomaly.pipeline.measure_all),
-on the number of threads the launcher chose for this machine."""
-
-from concurrent.futures import ThreadPoolExecutor
+shared with the worker processes the launcher chose for this machine (anomaly.geometry_workers)."""
 
 import cv2
 
 from anomaly import pipeline
 from anomaly.config import settings
+from anomaly.geometry_workers import GeometryWorkers
 from anomaly.serving import step_inputs, triton_io
 from anomaly.serving.plan import config_parameter
 
@@ -14,8 +13,8 @@ from anomaly.serving.plan import config_parameter
 class TritonPythonModel(triton_io.StageModel):
     def setup(self, args):
         cv2.setNumThreads(1)  # parallel over masks instead; the SAM and detector processes own the rest
-        threads = int(config_parameter(args, "threads", "1"))
-        self.pool = ThreadPoolExecutor(threads) if threads > 1 else None
+        processes = int(config_parameter(args, "workers", "1"))
+        self.workers = GeometryWorkers(processes) if processes > 1 else None
 
     def handle(self, request):
         s = settings()
@@ -23,4 +22,8 @@ class TritonPythonModel(triton_io.StageModel):
         step_inputs.at_most("MASK_BOXES", len(boxes), s.max_detections)
         packed = triton_io.array(request, "MASKS")
         step_inputs.packed_masks("MASKS", packed, boxes)
-        return {"GEOMETRY": pipeline.measure_all(pipeline.unpack_crops(boxes, packed), self.pool)}
+        return {"GEOMETRY": pipeline.measure_all(pipeline.unpack_crops(boxes, packed), self.workers)}
+
+    def finalize(self):
+        if self.workers is not None:
+            self.workers.close()
