@@ -86,6 +86,7 @@ def test_served_geometry_is_the_geometry_of_the_served_masks(triton, grpc_client
     (geometry,) = [p for p, name in triton.model_processes().items() if name == "geometry"]
     workers = [c for c in geometry.children() if "anomaly.geometry_workers" in " ".join(c.cmdline())]
     assert len(workers) == 1 and workers[0].status() != psutil.STATUS_ZOMBIE
+    assert triton.memory_mib()["processes_mib"]["geometry workers"] > 0  # memory reports name them
     response = grpc_client.detect(pier_png, include_masks=True, confidence_threshold=LOW)
     assert len(response["anomalies"]) >= 2, "too few defects to share among processes"
     for a in response["anomalies"]:

@@ -298,7 +298,8 @@ def model_of(cmdline: list[str], model_repository: Path) -> str:
 
 
 def process_tree_mib(pid: int | None, model_repository: Path) -> dict | None:
-    """Resident memory of a tritonserver and of each model's stub process (named by model), in MiB."""
+    """Resident memory of a tritonserver, of each model's stub processes (named by model) and of the geometry
+    step's worker processes together, in MiB."""
     if pid is None:
         return None
     import psutil
@@ -306,7 +307,10 @@ def process_tree_mib(pid: int | None, model_repository: Path) -> dict | None:
     root = psutil.Process(pid)
     rows = {"tritonserver": root.memory_info().rss}
     for child in root.children(recursive=True):
-        name = model_of(child.cmdline(), model_repository) or f"pid {child.pid}"
+        cmdline = child.cmdline()
+        name = model_of(cmdline, model_repository) or (
+            "geometry workers" if "anomaly.geometry_workers" in cmdline else f"pid {child.pid}"
+        )
         rows[name] = rows.get(name, 0) + child.memory_info().rss
     mib = {k: round(v / 2**20, 1) for k, v in rows.items()}
     return {"total_mib": round(sum(mib.values()), 1), "processes_mib": mib}
