@@ -307,6 +307,36 @@ def test_batched_segmenter_equals_frame_by_frame(exported):
             assert batched.score == pytest.approx(alone.score, abs=1e-4)
 
 
+def test_encoder_weights_in_bf16_change_no_bit_under_autocast():
+    """On a GPU the SAM image encoder keeps its linear and convolution weights in bf16 (store_in_bf16): under
+    bf16 autocast they are cast to bf16 for every forward anyway. Run here under the CPU's bf16 autocast, which
+    casts the same layers: the outputs of the converted encoder equal the fp32 one's bit for bit."""
+    import copy
+
+    from sam2.build_sam import build_sam2
+
+    from anomaly.segmenter import SAM2_CONFIGS, store_in_bf16
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    encoder = build_sam2(SAM2_CONFIGS["tiny"], ckpt_path=None, device="cpu").image_encoder.eval()
+    for param in encoder.parameters():  # untrained layers hold many equal values; vary them all
+        param.data.normal_(0.0, 0.02)
+    converted = copy.deepcopy(encoder)
+    total = sum(p.numel() for p in encoder.parameters())
+    assert store_in_bf16(converted) > 0.99 * total
+    assert sum(p.numel() * p.element_size() for p in converted.parameters()) < 0.51 * 4 * total
+    image = torch.randn(1, 3, 512, 512)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        expected, got = encoder(image), converted(image)
+    pairs = [*zip(expected["backbone_fpn"], got["backbone_fpn"]), (expected["vision_features"], got["vision_features"])]
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in pairs)
+    # not a no-op: the stored weights lost their low bits; autocast drops the same bits from the fp32 ones
+    before, after = encoder.trunk.patch_embed.proj.weight, converted.trunk.patch_embed.proj.weight
+    assert after.dtype == torch.bfloat16 and not torch.equal(before, after.float())
+    assert torch.equal(before.bfloat16(), after)
+
+
 def test_one_decoder_call_for_the_boxes_of_a_frame(exported):
     """The GPU path decodes a frame's boxes in one mask-decoder call, padded up to the box count of a captured
     CUDA graph. Run here on the CPU against one call per box (the CPU path): the same logits whether decoded
