@@ -107,30 +107,51 @@ class GeometryWorkers:
         """Mask crops -> (N, 5) float64 in GEOMETRY_FIELDS order, as anomaly.pipeline.measure_all."""
         rows: list = [None] * len(crops)
         groups = shares([c.size for c in crops], len(self._workers) + 1)
-        sent = []
+        mine, sent = groups[0], []
         for slot, group in enumerate(groups[1:]):
-            if group:
-                jobs = [(c.shape[0], c.shape[1], masks.pack(c)) for c in (crops[i] for i in group)]
-                try:
-                    self._workers[slot][1].send(jobs)
-                except OSError:
-                    groups[0].extend(group)  # measured here below; the worker is replaced
-                    self._replace(slot, "could not be sent its masks")
-                    continue
+            if group and self._send(
+                slot, [(crops[i].shape[0], crops[i].shape[1], masks.pack(crops[i])) for i in group]
+            ):
                 sent.append((slot, group))
-        for i in groups[0]:
-            rows[i] = measure_row(crops[i])
-        for slot, group in sent:
-            try:
-                answer = self._workers[slot][1].recv()
-            except (EOFError, OSError):
-                self._replace(slot, "died while measuring")
-                answer = [measure_row(crops[i]) for i in group]
-            if isinstance(answer, Exception):
-                raise answer
-            for i, row in zip(group, answer):
-                rows[i] = row
+            else:
+                mine += group  # none, or a dead worker's (it has been replaced)
+        failure = None
+        try:
+            for i in mine:
+                rows[i] = measure_row(crops[i])
+        finally:  # every answer is read, whatever happened here: none may be left for the next frame to read
+            for slot, group in sent:
+                answer = self._receive(slot)
+                if answer is None:  # the worker died: its masks are measured here
+                    answer = [measure_row(crops[i]) for i in group]
+                if isinstance(answer, Exception):
+                    failure = failure or answer
+                    continue
+                for i, row in zip(group, answer):
+                    rows[i] = row
+        if failure is not None:
+            raise failure
         return np.asarray(rows, np.float64).reshape(len(crops), len(GEOMETRY_FIELDS))
+
+    def _send(self, slot: int, jobs: list) -> bool:
+        """False when the worker is dead (it is replaced, the caller measures its share)."""
+        process, conn = self._workers[slot]
+        if process.poll() is None:  # a dead one is found without writing to it
+            try:
+                conn.send(jobs)
+                return True
+            except OSError:
+                pass
+        self._replace(slot, "could not be sent its masks")
+        return False
+
+    def _receive(self, slot: int):
+        """The worker's rows or exception; None when it died meanwhile (it is replaced)."""
+        try:
+            return self._workers[slot][1].recv()
+        except (EOFError, OSError):
+            self._replace(slot, "died while measuring")
+            return None
 
     def _replace(self, slot: int, what: str) -> None:
         process, conn = self._workers[slot]

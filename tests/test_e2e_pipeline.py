@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import io
+import time
 
 import numpy as np
 import pytest
@@ -78,7 +79,8 @@ def test_png_with_masks_decodes_inside_bboxes(client, pier_png, exported):
 def test_served_geometry_is_the_geometry_of_the_served_masks(triton, grpc_client, pier_png):
     """Each defect's numbers, measured again here from the mask the service returned, come out the same to the
     last digit. The test server's geometry step shares a frame's masks with a worker process
-    (GEOMETRY_WORKERS=2, tests/conftest.py): that process is there, and the rows come back in order."""
+    (GEOMETRY_WORKERS=2, tests/conftest.py): that process is there, the rows come back in order, and a worker
+    that dies is replaced without the frame losing a number."""
     import psutil
 
     from anomaly.geometry import GEOMETRY_FIELDS, measure
@@ -92,6 +94,18 @@ def test_served_geometry_is_the_geometry_of_the_served_masks(triton, grpc_client
     for a in response["anomalies"]:
         again = measure(rle_to_mask(a["mask"]))
         assert {f: a["geometry"][f] for f in GEOMETRY_FIELDS} == again, a["anomaly_id"]
+    # A worker killed between frames: the step notices, measures that share itself and starts a new worker.
+    workers[0].kill()  # a zombie until the step, its parent, reaps it
+    deadline = time.monotonic() + 5
+    while workers[0].is_running() and workers[0].status() != psutil.STATUS_ZOMBIE and time.monotonic() < deadline:
+        time.sleep(0.05)
+    again = grpc_client.detect(pier_png, include_masks=True, confidence_threshold=LOW)
+    assert [(a["bbox"], a["geometry"]) for a in again["anomalies"]] == [
+        (a["bbox"], a["geometry"]) for a in response["anomalies"]
+    ]
+    assert geometry.is_running()  # the step itself went on
+    (new,) = [c for c in geometry.children() if "anomaly.geometry_workers" in " ".join(c.cmdline())]
+    assert new.pid != workers[0].pid
 
 
 def test_no_mask_bytes_unless_asked(grpc_client, pier_png):

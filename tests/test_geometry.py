@@ -232,6 +232,25 @@ def test_a_dead_worker_is_replaced_and_its_masks_still_measured(workers, caplog)
     assert np.array_equal(workers.measure_all(crops), table)  # the new worker takes its share again
 
 
+def test_a_failure_leaves_no_answer_behind_for_the_next_frame(workers, monkeypatch):
+    """When measuring the step's own share fails, the workers' answers for that frame are still read: the next
+    frame must get its own rows, not the last frame's."""
+    import anomaly.geometry_workers as gw
+    from anomaly.pipeline import measure_all
+    from bench.scenes import inspection_masks
+
+    first, second = inspection_masks(seed=11)[:6], inspection_masks(seed=12)[:6]
+
+    def broken(mask):
+        raise MemoryError("no room")
+
+    monkeypatch.setattr(gw, "measure_row", broken)
+    with pytest.raises(MemoryError):
+        workers.measure_all(first)
+    monkeypatch.undo()
+    assert np.array_equal(workers.measure_all(second), measure_all(second))
+
+
 def test_closing_ends_the_workers():
     import psutil
 
