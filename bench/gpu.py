@@ -67,6 +67,21 @@ def model_stats(client) -> dict[str, dict]:
     return {s["name"]: s for s in stats if s["name"] in STEPS}
 
 
+def stats_after(client, before: dict, requests: int, timeout_s: float = 5.0) -> dict[str, dict]:
+    """model_stats once Triton has counted the last `requests` frames: it answers a frame before it adds the
+    frame to the ensemble's statistics, so a snapshot taken as the last answer arrives may miss it."""
+
+    def done(stats: dict) -> int:
+        return int(stats.get("anomaly_pipeline", {}).get("inference_stats", {}).get("success", {}).get("count", 0))
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        after = model_stats(client)
+        if done(after) - done(before) >= requests or time.monotonic() > deadline:
+            return after
+        time.sleep(0.05)
+
+
 def step_table(before: dict, after: dict) -> dict[str, dict]:
     """Per step between two snapshots: requests, executions, mean batch, queue and compute ms per request."""
     rows = {}
@@ -469,7 +484,8 @@ def main(argv: list[str] | None = None) -> int:
             with GpuBusy() as busy:
                 row = load(server.grpc_url, data, threshold, level, args.requests)
             result["ensemble"].append(row | busy.summary())
-            result["steps_by_concurrency"][str(level)] = step_table(before, model_stats(stats_client))
+            after = stats_after(stats_client, before, row["requests"])  # the frames answered without error
+            result["steps_by_concurrency"][str(level)] = step_table(before, after)
             result["steps"] = result["steps_by_concurrency"][str(level)]  # the table shows the highest level
             print(json.dumps(result["ensemble"][-1]), flush=True)
         # a large photo, tiled: what a drone frame costs (README, "Large photos: tiling")
