@@ -7,7 +7,7 @@ segmentation, combined}), anomaly_count, structures[], processing_time_ms. Extra
 
 from __future__ import annotations
 
-import uuid
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +24,14 @@ MIN_STRUCTURE_COVERAGE = 0.5
 
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex[:12]}"
+    return new_ids(prefix, 1)[0]
+
+
+def new_ids(prefix: str, count: int) -> list[str]:
+    """`count` ids of 48 random bits each, from one read of the system's random source (a frame has hundreds of
+    structures: one uuid4 each took 0.75 ms of the result step's 1.9)."""
+    digits = os.urandom(6 * count).hex()
+    return [f"{prefix}_{digits[12 * i : 12 * i + 12]}" for i in range(count)]
 
 
 def bbox_dict(box) -> dict:
@@ -57,14 +64,18 @@ def _structures(found: Findings, metadata: DetectorMetadata, image_hw) -> tuple[
     roles = {c: metadata.role(c) for c in set(det.class_ids.tolist())}
     keep = np.asarray([i for i, c in enumerate(det.class_ids.tolist()) if roles[c] == "structure"], np.int64)
     boxes = pixel_windows(det.boxes[keep], image_hw)
+    names = {c: metadata.name(c) for c in roles}
+    class_ids, scores = det.class_ids[keep].tolist(), det.scores[keep].tolist()
     records = [
         {
-            "structure_id": new_id("struct"),
-            "structure_type": metadata.name(int(det.class_ids[i])),
-            "bbox": bbox_dict(box),
-            "confidence": round(float(det.scores[i]), 4),
+            "structure_id": structure_id,
+            "structure_type": names[c],
+            "bbox": {"x_min": x0, "y_min": y0, "x_max": x1, "y_max": y1},  # as bbox_dict, on ints already
+            "confidence": round(score, 4),
         }
-        for i, box in zip(keep.tolist(), boxes.tolist())
+        for structure_id, c, score, (x0, y0, x1, y1) in zip(
+            new_ids("struct", len(keep)), class_ids, scores, boxes.tolist()
+        )
     ]
     return records, boxes
 

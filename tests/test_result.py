@@ -108,6 +108,26 @@ def test_pixel_windows_contain_each_box_inside_the_image():
         assert x1 == max(min(math.ceil(box[2]), 640), x0 + 1) and y1 == max(min(math.ceil(box[3]), 480), y0 + 1)
 
 
+def test_many_structures_keep_their_order_values_and_distinct_ids():
+    """A frame with hundreds of structures (untrained RF-DETR reports ~200): every one listed, in the detector's
+    order, with its own class name, score and integer box, under an id no other record has."""
+    import re
+
+    rng = np.random.default_rng(5)
+    corners = rng.uniform(0, 600, (300, 2))
+    boxes = np.concatenate([corners, corners + rng.uniform(1, 40, (300, 2))], axis=1).round(1).tolist()
+    class_ids = rng.choice([2, 3], 300).tolist()
+    r = response(boxes=[[10, 10, 50, 30], *boxes], class_ids=[0, *class_ids])
+    assert len(r["structures"]) == 300
+    ids = [s["structure_id"] for s in r["structures"]] + [a["anomaly_id"] for a in r["anomalies"]]
+    assert len(set(ids)) == len(ids) and all(re.fullmatch(r"(struct|anom)_[0-9a-f]{12}", i) for i in ids)
+    scores = np.linspace(0.9, 0.5, 301).astype(np.float32)[1:]
+    for s, c, score, box in zip(r["structures"], class_ids, scores, boxes):
+        assert s["structure_type"] == META.name(c) and s["confidence"] == round(float(score), 4)
+        assert all(type(v) is int for v in s["bbox"].values())
+        assert s["bbox"]["x_min"] == math.floor(box[0]) and s["bbox"]["y_max"] == min(math.ceil(box[3]), 480)
+
+
 def test_frame_id_generated_when_absent():
     a, b = response()["frame_id"], response()["frame_id"]
     assert a.startswith("frame_") and a != b
