@@ -5,6 +5,7 @@
    against the geometry code of commit 98451c8 (loaded from git, same masks, same process).
    Also one typical crack crop (~400 x 300 px, 5 px wide) alone, and 10 of them measured in this process
    against shared with worker processes (GEOMETRY_WORKERS 2 and 4; alternated, medians).
+   The response of one frame (10 defects, 227 structures) against anomaly/result.py of commit fa3b44d.
 2. preprocessing of one 1080p JPEG per frame: what 98451c8's preprocess step did (decode, exact resize)
    against what the steps do now on a CPU (header check; decode + exact resize in the detector; decode +
    SAM's transform in the segmenter) and against the same torch functions the GPU path runs, here on the CPU.
@@ -36,6 +37,7 @@ from anomaly.options import RequestOptions
 from bench.scenes import inspection_masks, large_photo
 
 BASELINE_COMMIT = "98451c8"  # the commit measured on the H100 before the GPU path
+RESPONSE_BASELINE = "fa3b44d"  # before the response's ids and structure records were made in bulk
 
 
 def best_of(fn, repeats: int) -> float:
@@ -47,22 +49,23 @@ def best_of(fn, repeats: int) -> float:
     return min(times)
 
 
-def _geometry_at(commit: str):
-    """anomaly/geometry.py as it was at `commit`, as a module (None without git history)."""
+def _module_at(commit: str, path: str = "anomaly/geometry.py"):
+    """A module of the repository as it was at `commit` (None without git history); it imports today's others."""
     import importlib.util
     import subprocess
     import tempfile
 
     try:
         source = subprocess.run(
-            ["git", "show", f"{commit}:anomaly/geometry.py"], cwd=REPO_ROOT, capture_output=True, check=True
+            ["git", "show", f"{commit}:{path}"], cwd=REPO_ROOT, capture_output=True, check=True
         ).stdout
     except (OSError, subprocess.CalledProcessError):
         return None
-    path = Path(tempfile.mkdtemp()) / f"geometry_{commit}.py"
-    path.write_bytes(source)
-    spec = importlib.util.spec_from_file_location(path.stem, path)
+    copy = Path(tempfile.mkdtemp()) / f"{Path(path).stem}_{commit}.py"
+    copy.write_bytes(source)
+    spec = importlib.util.spec_from_file_location(copy.stem, copy)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -103,7 +106,7 @@ def bench_geometry(repeats: int = 7) -> dict:
         "typical_crack_ms": round(best_of(lambda: measure(crack), repeats) * 1000, 2),
     }
     out |= bench_geometry_workers([crack] * 10)
-    old = _geometry_at(BASELINE_COMMIT)
+    old = _module_at(BASELINE_COMMIT)
     if old is not None:
         assert all(old.measure(m) == measure(m) for m in crops)  # same numbers, only faster
         old_s = best_of(lambda: [old.measure(m) for m in crops], repeats)
@@ -137,6 +140,44 @@ def bench_geometry_workers(crops: list[np.ndarray], rounds: int = 30) -> dict:
         f"{len(crops)}_cracks_ms_by_processes": {str(n): round(v, 2) for n, v in ms.items()},
         "cores": os.cpu_count(),
     }
+
+
+def bench_response(rounds: int = 200) -> dict:
+    """The result step's response for one frame with 10 defects on 227 structures (what untrained RF-DETR reports
+    on the deck frame), no masks: today's anomaly.result against the one of RESPONSE_BASELINE, alternated."""
+    from anomaly.detector import Detections, DetectorMetadata, export_files
+    from anomaly.result import Findings, build_response
+
+    meta = DetectorMetadata.load(export_files(REPO_ROOT / "model_repository")[1])
+    defect, structure = meta.roles.index("defect"), meta.roles.index("structure")
+    rng = np.random.default_rng(0)
+    corners = rng.uniform(0, 1500, (237, 2))
+    boxes = np.concatenate([corners, corners + rng.uniform(10, 400, (237, 2))], axis=1).astype(np.float32)
+    class_ids = np.array([defect] * 10 + [structure] * 227, np.int32)
+    det = Detections(boxes, rng.uniform(0.2, 0.9, 237).astype(np.float32), class_ids)
+    mask_boxes = np.asarray(boxes[:10], np.int32)
+    geometry = {"area_pixels": 900, "length_pixels": 300.0, "width_pixels": 3.0, "orientation_degrees": 40.0,
+                "max_width_pixels": 5.0}  # fmt: skip
+    scores = np.full(10, 0.8, np.float32)
+    findings = Findings(det, np.arange(10, dtype=np.int32), mask_boxes, [], scores, [geometry] * 10)
+    kwargs = dict(image_hw=(1080, 1920), findings=findings, metadata=meta, options=RequestOptions(0.3),
+                  severity_thresholds_mm=(0.1, 0.3, 1.0), warnings=[], processing_time_ms=1.0)  # fmt: skip
+    builders = {"today": build_response}
+    old = _module_at(RESPONSE_BASELINE, "anomaly/result.py")
+    if old is not None:
+        builders[RESPONSE_BASELINE] = old.build_response
+    times: dict[str, list[float]] = {name: [] for name in builders}
+    for _ in range(rounds):
+        for name, build in builders.items():
+            t = time.perf_counter()
+            build(**kwargs)
+            times[name].append(time.perf_counter() - t)
+    ms = {name: round(statistics.median(t) * 1000, 3) for name, t in times.items()}
+    out = {"defects": 10, "structures": 227, "response_ms": ms["today"]}
+    if old is not None:
+        out |= {f"response_ms_at_{RESPONSE_BASELINE}": ms[RESPONSE_BASELINE],
+                f"speedup_vs_{RESPONSE_BASELINE}": round(ms[RESPONSE_BASELINE] / ms["today"], 2)}  # fmt: skip
+    return out
 
 
 def bench_preprocess(image: str, repeats: int = 7) -> dict:
@@ -254,6 +295,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     results = {"geometry": bench_geometry()}
     print(json.dumps(results["geometry"]), flush=True)
+    results["response"] = bench_response()
+    print(json.dumps(results["response"]), flush=True)
     results["preprocess"] = bench_preprocess(args.image)
     print(json.dumps(results["preprocess"]), flush=True)
     if not args.skip_latency:
