@@ -119,3 +119,17 @@ def test_bench_gpu_runs_on_a_cpu_with_small_settings(triton, tmp_path):
     pieces = result["pieces"]  # where a frame's time goes; on a CPU the encoder dwarfs the decoder's 1 box
     assert pieces["sam_encoder_b1"] > pieces["sam_decoder_1_boxes"] > 0 and pieces["sam_mask_crops_1_boxes"] > 0
     assert pieces["segmenter_runtime"] == "fp32 on cpu, image encoder eager, mask decoder eager"
+
+
+def test_make_bench_response_and_geometry_worker_parts(exported):
+    """Two parts of `make bench`, small: the response against an older anomaly/result.py loaded from git, and a
+    frame's cracks measured in one process against shared with workers."""
+    from bench.bench import RESPONSE_BASELINE, bench_geometry_workers, bench_response, typical_crack
+
+    response = bench_response(rounds=3)
+    assert response["structures"] == 227 and response["response_ms"] > 0
+    if f"response_ms_at_{RESPONSE_BASELINE}" in response:  # a clone with history
+        assert response[f"speedup_vs_{RESPONSE_BASELINE}"] > 0
+    workers = bench_geometry_workers([typical_crack()] * 4, rounds=2)
+    assert set(workers["4_cracks_ms_by_processes"]) == {"1", "2", "4"}
+    assert all(ms > 0 for ms in workers["4_cracks_ms_by_processes"].values())
