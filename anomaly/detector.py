@@ -93,11 +93,10 @@ def select_detections(
 ) -> Detections:
     """One image's raw outputs -> detections, as rfdetr's PostProcess and predict() do it: sigmoid over every
     query x class, top-`num_select` of the flattened scores (stable order), boxes scaled to the image and
-    clamped, then `score > threshold`."""
+    clamped, then `score > threshold` (top_above does the two cuts at once)."""
     height, width = image_hw
     prob = _sigmoid(logits).reshape(-1)
-    k = min(num_select, prob.size)
-    order = np.argsort(-prob, kind="stable")[:k]
+    order = top_above(prob, threshold, num_select)
     scores = prob[order]
     slots = logits.shape[-1]
     query, class_ids = order // slots, order % slots
@@ -105,12 +104,22 @@ def select_detections(
     xyxy = np.stack([cx - 0.5 * w, cy - 0.5 * h, cx + 0.5 * w, cy + 0.5 * h], axis=-1)
     scale = np.array([width, height, width, height], np.float32)
     xyxy = np.clip(xyxy * scale, 0.0, scale)
-    keep = scores > threshold
     return Detections(
-        boxes=xyxy[keep].astype(np.float32),
-        scores=scores[keep].astype(np.float32),
-        class_ids=class_ids[keep].astype(np.int32),
+        boxes=xyxy.astype(np.float32), scores=scores.astype(np.float32), class_ids=class_ids.astype(np.int32)
     )
+
+
+def top_above(prob: np.ndarray, threshold: float, k: int) -> np.ndarray:
+    """Indices of the scores that are among the `k` largest (ties: the lower index first) and above
+    `threshold`, in that order: what a stable sort of all of them, cut at k, then at the threshold, leaves.
+    Only the scores above the threshold are sorted (a stable argsort of a frame's 300 x slots scores took most
+    of the select step): they rank before every other score, so when k or fewer pass, all of them are in the
+    top k, and when more pass, the top k are among them."""
+    above = np.flatnonzero(prob > threshold)
+    if len(above) > k:
+        kth = np.partition(prob[above], len(above) - k)[len(above) - k]  # the k-th largest above the threshold
+        above = above[prob[above] >= kth]  # the k largest and any tied with the last of them, in index order
+    return above[np.argsort(-prob[above], kind="stable")][:k]
 
 
 def rfdetr_class(variant: str):

@@ -129,3 +129,19 @@ def test_native_onnxruntime_config_matches_the_exported_graph(exported):
     plan = serving_plan(load_settings(), has_gpu())  # the same batching as the Python-backend detector's
     assert 'backend: "onnxruntime"' in config and f"max_batch_size: {plan.detector_batch}\n" in config
     assert f"max_queue_delay_microseconds: {plan.batch_delay_us} }}" in config
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_top_above_is_the_stable_top_k_cut_at_the_threshold(seed):
+    """top_above against its definition: a stable sort of every score, the first k, then those above the
+    threshold. Scores come from few levels so that ties are everywhere, thresholds and k such that fewer and
+    more than k pass."""
+    from anomaly.detector import top_above
+
+    rng = np.random.default_rng(seed)
+    prob = rng.integers(0, 12, int(rng.integers(1, 3000))).astype(np.float32) / 11
+    for threshold in (-1.0, 0.0, 0.3, 0.5, 0.9, 1.0):
+        for k in (1, 5, 300, 5000):
+            order = np.argsort(-prob, kind="stable")[:k]
+            expected = order[prob[order] > threshold]
+            np.testing.assert_array_equal(top_above(prob, threshold, k), expected)
