@@ -82,8 +82,8 @@ def triton(exported, tmp_path_factory):
     http, grpc, metrics = free_ports(3)
     os.environ.update(TRITON_HTTP_PORT=str(http), TRITON_GRPC_PORT=str(grpc), TRITON_METRICS_PORT=str(metrics))
     log = tmp_path_factory.mktemp("triton") / "triton.log"
-    # Geometry shares each frame's masks with a worker process, as on a GPU machine (GEOMETRY_WORKERS), so the
-    # parity tests compare that path with the in-process pipeline, which measures in one process.
+    # Geometry shares each frame's masks with a worker process, as on a GPU machine (GEOMETRY_WORKERS), so every
+    # end-to-end test goes through that path (test_e2e_pipeline checks its numbers against the served masks).
     server = TritonServer(dataclasses.replace(load_settings(), geometry_workers=2), log_path=log)
     server.start(ready_timeout=600)
     yield server
