@@ -80,10 +80,18 @@ class GeometryWorkers:
         if processes < 2:
             raise ValueError(f"GeometryWorkers needs at least 2 processes, got {processes}")
         self._workers = [self._start() for _ in range(processes - 1)]
-        for _, conn in self._workers:  # wait until each has imported what it needs: failures show at load
-            conn.send([])
-            if conn.recv() != []:
-                raise RuntimeError("a geometry worker did not start")
+        for process, conn in self._workers:  # wait until each has imported what it needs: failures show at load
+            try:
+                conn.send([])
+                ready = conn.recv() == []
+            except (EOFError, OSError):
+                ready = False
+            if not ready:
+                self.close()  # waits for every worker: the exit code below is known
+                raise RuntimeError(
+                    f"geometry worker {process.args} did not start (exit code {process.returncode}); its error, if it "
+                    "printed one, is in the log above. Set GEOMETRY_WORKERS=1 to measure in the step's own process."
+                )
 
     def _start(self) -> tuple[subprocess.Popen, Connection]:
         mine, theirs = socket.socketpair()

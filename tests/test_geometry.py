@@ -293,3 +293,17 @@ def test_workers_end_when_their_owner_is_killed():
     finally:
         if owner.poll() is None:
             owner.kill()
+
+
+def test_workers_that_cannot_start_fail_the_load_clearly(monkeypatch):
+    """A worker that dies at start-up (here: an interpreter that exits at once) fails the geometry step's load
+    with a message that says which and what to do, and leaves no process behind."""
+    import psutil
+
+    import anomaly.geometry_workers as gw
+
+    monkeypatch.setattr(gw.sys, "executable", "/bin/false")
+    before = {p.pid for p in psutil.Process().children()}
+    with pytest.raises(RuntimeError, match=r"did not start \(exit code 1\).*GEOMETRY_WORKERS=1"):
+        gw.GeometryWorkers(3)
+    assert {p.pid for p in psutil.Process().children() if p.status() != psutil.STATUS_ZOMBIE} <= before
