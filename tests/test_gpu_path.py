@@ -337,6 +337,31 @@ def test_encoder_weights_in_bf16_change_no_bit_under_autocast():
     assert torch.equal(before.bfloat16(), after)
 
 
+def test_cached_gpu_memory_is_handed_back_after_load(monkeypatch):
+    """What the detector and segmenter steps call once loaded (anomaly.hardware.release_unused_gpu_memory). With
+    the real torch of this CPU-only machine CUDA never started: nothing to hand back. The CUDA side is a stand-in
+    (no GPU here): cache emptied once, the bytes it held reported."""
+    import sys
+    import types
+
+    from anomaly.hardware import release_unused_gpu_memory
+
+    assert "torch" in sys.modules and release_unused_gpu_memory() == 0
+    reserved, emptied = [3 << 30], []
+
+    def empty_cache():
+        emptied.append(True)
+        reserved[0] = 2 << 30
+
+    cuda = types.SimpleNamespace(
+        is_initialized=lambda: True, memory_reserved=lambda: reserved[0], empty_cache=empty_cache
+    )
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    assert release_unused_gpu_memory() == 1 << 30 and emptied == [True]
+    monkeypatch.delitem(sys.modules, "torch")  # a process that never imported torch (the CPU detector)
+    assert release_unused_gpu_memory() == 0
+
+
 def test_one_decoder_call_for_the_boxes_of_a_frame(exported):
     """The GPU path decodes a frame's boxes in one mask-decoder call, padded up to the box count of a captured
     CUDA graph. Run here on the CPU against one call per box (the CPU path): the same logits whether decoded
