@@ -318,8 +318,8 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "GEOMETRY_WORKERS",
         "auto",
-        "processes measuring one frame's masks, the geometry step's own included (auto: 4 on a GPU machine, 1 on "
-        "a CPU)",
+        "processes measuring one frame's masks, the geometry step's own included (auto: cores / 4, at most 4, on a "
+        "GPU machine; 1 on a CPU)",
         parse=_auto_int,
     ),
 )

@@ -420,6 +420,8 @@ def test_serving_plan_defaults_for_gpu_and_cpu_machines(monkeypatch):
     assert (gpu.detector_batch, gpu.segmenter_batch, gpu.step_instances, gpu.geometry_workers) == (8, 2, 4, 4)
     cpu = serving_plan(settings, gpu=False, cores=2)
     assert (cpu.detector_batch, cpu.segmenter_batch, cpu.step_instances, cpu.geometry_workers) == (8, 1, 1, 1)
+    # geometry processes follow the cores (each CPU step has cores / 4 instances): 8 cores 2, 4 cores 1, 64 cores 4
+    assert [serving_plan(settings, gpu=True, cores=n).geometry_workers for n in (8, 4, 64)] == [2, 1, 4]
     monkeypatch.setenv("BATCH_FRAMES", "4")
     monkeypatch.setenv("STEP_INSTANCES", "3")
     monkeypatch.setenv("GEOMETRY_WORKERS", "2")

@@ -10,8 +10,8 @@ GPU machine defaults: the detector batches up to 8 concurrent frames and the seg
 image encoder runs them as one batch; on an H100, batch 2 served as many frames/s at concurrency 8 as batch 4,
 39.3 vs 39.8, with the segmenter's GPU memory 3.5 GB instead of 5.4), one instance each (each
 holds its weights once on the card); every CPU step gets cores / 4 instances and geometry shares a frame's
-masks among 4 processes (its own and 3 workers). CPU-only machine: one instance of everything and no
-segmenter batching, since SAM's encoder already uses every core.
+masks among cores / 4 processes, at most 4 (its own and up to 3 workers). CPU-only machine: one instance of
+everything and no segmenter batching, since SAM's encoder already uses every core.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ def serving_plan(settings: Settings, gpu: bool, cores: int | None = None) -> Ser
         segmenter_batch=settings.batch_frames or (2 if gpu else 1),
         batch_delay_us=settings.batch_delay_us,
         step_instances=settings.step_instances or (max(2, cores // 4) if gpu else 1),
-        geometry_workers=settings.geometry_workers or (4 if gpu else 1),
+        geometry_workers=settings.geometry_workers or (min(4, max(1, cores // 4)) if gpu else 1),
     )
 
 
