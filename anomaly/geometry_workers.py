@@ -131,7 +131,10 @@ class GeometryWorkers:
             for slot, group in sent:
                 answer = self._receive(slot)
                 if answer is None:  # the worker died: its masks are measured here
-                    answer = [measure_row(crops[i]) for i in group]
+                    try:
+                        answer = [measure_row(crops[i]) for i in group]
+                    except Exception as exc:  # noqa: BLE001 - raised below, after the other workers are read
+                        answer = exc
                 if isinstance(answer, Exception):
                     failure = failure or answer
                     continue

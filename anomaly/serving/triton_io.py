@@ -88,7 +88,7 @@ def error_response(exc: BaseException):
     )
 
 
-def release_unused_gpu_memory(step: str) -> None:
+def release_gpu_cache_after_load(step: str) -> None:
     """After a GPU step has loaded: the cached GPU memory nothing uses goes back to the driver, said in the log."""
     freed = hardware.release_unused_gpu_memory()
     if freed:

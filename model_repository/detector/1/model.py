@@ -22,7 +22,7 @@ class TritonPythonModel(triton_io.StageModel):
         in_service.write_record(args, {"detector": self.runner.info, "metadata": asdict(self.meta)})
         if self.meta.untrained:
             triton_io.log.warning(UNTRAINED_BANNER.format(what=f"the detector (RF-DETR {self.meta.variant})"))
-        triton_io.release_unused_gpu_memory("detector")
+        triton_io.release_gpu_cache_after_load("detector")
 
     def execute(self, requests):
         def prepare(request):

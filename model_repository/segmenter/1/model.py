@@ -37,7 +37,7 @@ class TritonPythonModel(triton_io.StageModel):
         if spec.untrained:
             title = segmenter_title(spec.kind, spec.variant)
             triton_io.log.warning(UNTRAINED_BANNER.format(what=f"the segmenter ({title})"))
-        triton_io.release_unused_gpu_memory("segmenter")
+        triton_io.release_gpu_cache_after_load("segmenter")
 
     def execute(self, requests):
         s = settings()
