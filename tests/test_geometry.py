@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import math
 
+import cv2
 import numpy as np
 import pytest
+from skimage.morphology import skeletonize
 
-from anomaly.geometry import crack_severity, measure, orientation_degrees, skeleton_length, to_millimetres
+from anomaly.geometry import (
+    crack_severity,
+    measure,
+    orientation_degrees,
+    prune_spurs,
+    skeleton_length,
+    to_millimetres,
+)
 from bench.synthetic import branches, segment, thick_arc, thick_segments
 
 RNG_SEED = 12345
@@ -74,6 +83,51 @@ def test_orientation_sign_on_screen():
     for i in range(40):
         mask[45 - i, 5 + i] = True
     assert orientation_degrees(mask) == pytest.approx(45, abs=0.5)
+
+
+def _ragged_masks(n: int, seed: int = 3) -> list[np.ndarray]:
+    """Blobs, burrs and holes of every size: closed random noise (what SAM's masks look like up close)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for k in range(n):
+        h, w = (int(v) for v in rng.integers(2, 160, 2))
+        noise = (rng.random((h, w)) < rng.uniform(0.2, 0.97)).astype(np.uint8)
+        out.append(cv2.morphologyEx(noise, cv2.MORPH_CLOSE, np.ones((1 + 2 * (k % 3),) * 2, np.uint8)).astype(bool))
+    return out
+
+
+def test_orientation_equals_opencv_moments():
+    """The axis comes from pixel coordinates (a tenth of the work on a thin crack's box); the moments must be
+    the ones cv2.moments gives, to the last bit, so that every orientation stays what it was."""
+
+    def from_cv2_moments(mask):
+        m = cv2.moments(mask.astype(np.uint8), binaryImage=True)
+        if m["mu20"] == 0 and m["mu02"] == 0 and m["mu11"] == 0:
+            return 0.0
+        theta = (-0.5 * math.degrees(math.atan2(2.0 * m["mu11"], m["mu20"] - m["mu02"]))) % 180.0
+        return 0.0 if theta >= 180.0 - 1e-9 else theta
+
+    masks = _ragged_masks(150) + [c[0] for c in cases("straight", 15)] + [np.eye(40, dtype=bool)]
+    far = np.zeros((1080, 1920), bool)
+    crack = thick_segments([segment(300, 20)], 7)
+    far[1080 - crack.shape[0] :, 1920 - crack.shape[1] :] = crack  # large coordinates
+    masks.append(far)
+    for mask in masks:
+        assert orientation_degrees(mask) == from_cv2_moments(mask)
+
+
+def test_spur_walks_stop_early_without_changing_what_is_cut():
+    """Walks from end points stop just past the skeleton's widest point; walking on to every chain's end
+    must cut exactly the same spurs."""
+    masks = _ragged_masks(120, seed=5) + [c[0] for c in cases("branching", 8)]
+    for mask in masks:
+        padded = np.pad(mask, 1).astype(np.uint8)
+        distance = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_5)
+        skeleton = skeletonize(padded.view(bool))
+        default, codes, (ys, xs) = prune_spurs(skeleton.copy(), distance)
+        unlimited, codes_u, (ys_u, xs_u) = prune_spurs(skeleton.copy(), distance, limit=math.inf)
+        assert np.array_equal(default, unlimited)
+        assert np.array_equal(codes, codes_u) and np.array_equal(ys, ys_u) and np.array_equal(xs, xs_u)
 
 
 def test_branching_counts_every_branch():
