@@ -118,16 +118,26 @@ def skeleton_length(skeleton: np.ndarray) -> float:
     return _tangent_length(ys - 1, xs - 1, _LINK_COUNT[codes], skeleton.shape)
 
 
-def prune_spurs(skeleton: np.ndarray, distance: np.ndarray, passes: int = 3, limit: float | None = None):
+def prune_spurs(
+    skeleton: np.ndarray,
+    distance: np.ndarray,
+    passes: int = 3,
+    limit: float | None = None,
+    pixels: np.ndarray | None = None,
+):
     """Remove branches that run from an end point to a junction and are shorter than the local width there
     (twice the distance transform at the junction): the whiskers thinning grows on thick or ragged shapes.
     `skeleton` (bool) must have an empty one-pixel frame. `limit`: how far a walk from an end point goes (by
-    default just past the skeleton's widest point; any longer limit cuts the same spurs). Returns the pruned
-    skeleton, and the neighbourhood codes, ys and xs of its pixels, row by row."""
+    default just past the skeleton's widest point; any longer limit cuts the same spurs). `pixels`: the flat
+    indices of the skeleton's pixels, row by row, when the caller has them. Returns the pruned skeleton, and
+    the neighbourhood codes, ys and xs of its pixels, row by row."""
     width = skeleton.shape[1]
     flat = skeleton.view(np.uint8).reshape(-1)  # a view: cutting a spur below edits `skeleton`
     dist = distance.ravel()
-    idx, ys, xs = _skeleton_pixels(skeleton)
+    if pixels is None:
+        idx, ys, xs = _skeleton_pixels(skeleton)
+    else:
+        idx, (ys, xs) = pixels, np.divmod(pixels, width)
     codes = _pixel_codes(flat, idx, width)
     if limit is None:
         # Walks stop past the skeleton's widest point (found on its pixels: a tenth of the time of the whole
@@ -215,18 +225,23 @@ def _max_width(link_counts: np.ndarray, ys: np.ndarray, xs: np.ndarray, distance
 def measure(mask: np.ndarray) -> dict[str, float]:
     """Binary mask (any shape, nonzero = inside) -> the geometry fields in pixels."""
     mask = np.asarray(mask)
-    mask = (mask if mask.dtype == bool else mask != 0).view(np.uint8)
-    x, y, w, h = cv2.boundingRect(mask)
-    if w == 0 or h == 0:
+    mask = mask if mask.dtype == bool else mask != 0
+    # The mask's pixels, row by row: its bounds, area and moments, and where its skeleton can be, all from them
+    # (flatnonzero of a bool image is ten times faster than of uint8, and the box is mostly background).
+    ys, xs = np.divmod(np.flatnonzero(mask), max(mask.shape[1], 1))
+    if len(ys) == 0:
         return dict.fromkeys(GEOMETRY_FIELDS, 0.0) | {"area_pixels": 0}
+    y, x = int(ys[0]), int(xs.min())
     # Trim to the mask's own bounds plus a one-pixel frame so the edges of a crop read as background.
-    padded = cv2.copyMakeBorder(mask[y : y + h, x : x + w], 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
-    # The mask's pixels, row by row (flatnonzero of a bool image is ten times faster than of uint8).
-    inside_ys, inside_xs = np.divmod(np.flatnonzero(padded.view(bool)), padded.shape[1])
-    area = len(inside_xs)
+    crop = mask.view(np.uint8)[y : int(ys[-1]) + 1, x : int(xs.max()) + 1]
+    padded = cv2.copyMakeBorder(crop, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    inside_ys, inside_xs = ys - (y - 1), xs - (x - 1)
+    inside = inside_ys * padded.shape[1] + inside_xs
+    area = len(inside)
     distance = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_5)
     skeleton = np.ascontiguousarray(skeletonize(padded.view(bool)))
-    _, pixel_codes, (ys, xs) = prune_spurs(skeleton, distance)
+    on_skeleton = inside[skeleton.ravel()[inside]]  # thinning only removes pixels
+    _, pixel_codes, (ys, xs) = prune_spurs(skeleton, distance, pixels=on_skeleton)
     max_width = _max_width(_LINK_COUNT[pixel_codes], ys, xs, distance)
     angle = _principal_axis_degrees(inside_ys, inside_xs)
     length = _tangent_length(ys, xs, _LINK_COUNT[pixel_codes], padded.shape)

@@ -118,7 +118,7 @@ def test_orientation_equals_opencv_moments():
 
 def test_spur_walks_stop_early_without_changing_what_is_cut():
     """Walks from end points stop just past the skeleton's widest point; walking on to every chain's end
-    must cut exactly the same spurs."""
+    must cut exactly the same spurs (and so must a walk over skeleton pixels the caller already listed)."""
     masks = _ragged_masks(120, seed=5) + [c[0] for c in cases("branching", 8)]
     for mask in masks:
         padded = np.pad(mask, 1).astype(np.uint8)
@@ -128,6 +128,9 @@ def test_spur_walks_stop_early_without_changing_what_is_cut():
         unlimited, codes_u, (ys_u, xs_u) = prune_spurs(skeleton.copy(), distance, limit=math.inf)
         assert np.array_equal(default, unlimited)
         assert np.array_equal(codes, codes_u) and np.array_equal(ys, ys_u) and np.array_equal(xs, xs_u)
+        given, codes_g, (ys_g, xs_g) = prune_spurs(skeleton.copy(), distance, pixels=np.flatnonzero(skeleton))
+        assert np.array_equal(default, given)  # the caller's list of skeleton pixels changes nothing
+        assert np.array_equal(codes, codes_g) and np.array_equal(ys, ys_g) and np.array_equal(xs, xs_g)
 
 
 def test_branching_counts_every_branch():
