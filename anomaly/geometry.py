@@ -207,6 +207,35 @@ def _extent_along(ys: np.ndarray, xs: np.ndarray, angle_deg: float) -> float:
     return float(proj.max() - proj.min() + 1.0)
 
 
+_BAND_ROWS, _BAND_MARGIN = 128, 8  # the distance transform of a thin mask's box, band by band (below)
+
+
+def _distance_on_mask(padded: np.ndarray, inside_ys: np.ndarray, inside_xs: np.ndarray) -> np.ndarray:
+    """cv2.distanceTransform(padded, DIST_L2, DIST_MASK_5) on the mask's pixels (elsewhere undefined). On a thin
+    crack's box, mostly background, it runs band by band of rows, each band's box trimmed to the columns of the
+    mask's pixels (`inside_ys`, `inside_xs`, row by row) plus a margin. The same floats: OpenCV builds a
+    distance d from a chain of pixels within d of it, each step adding at least its own length, and a window
+    only lacks sources, so its distances are never smaller; where one is below the margin, its whole chain
+    lies inside the window and is summed the same way."""
+    h, w = padded.shape
+    if h < 2 * _BAND_ROWS or len(inside_xs) * 8 > h * w:  # small or filled boxes: one call is cheaper
+        return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_5)
+    out = np.empty((h, w), np.float32)
+    for r0 in range(0, h, _BAND_ROWS):
+        r1 = min(r0 + _BAND_ROWS, h)
+        a0, a1 = max(r0 - _BAND_MARGIN, 0), min(r1 + _BAND_MARGIN, h)
+        s, e = np.searchsorted(inside_ys, (a0, a1))
+        if s == e:
+            continue  # no mask pixel in or near these rows
+        c0 = max(int(inside_xs[s:e].min()) - _BAND_MARGIN, 0)
+        c1 = min(int(inside_xs[s:e].max()) + 1 + _BAND_MARGIN, w)
+        band = cv2.distanceTransform(padded[a0:a1, c0:c1], cv2.DIST_L2, cv2.DIST_MASK_5)[r0 - a0 : r1 - a0]
+        if band.max() > _BAND_MARGIN - 1:  # wide enough to reach past the margin: the whole box at once
+            return cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_5)
+        out[r0:r1, c0:c1] = band
+    return out
+
+
 def _max_width(link_counts: np.ndarray, ys: np.ndarray, xs: np.ndarray, distance: np.ndarray) -> float:
     """Twice the largest distance on the skeleton, minus one pixel, away from junctions: where branches
     meet, the inscribed circle is wider than either crack."""
@@ -238,7 +267,7 @@ def measure(mask: np.ndarray) -> dict[str, float]:
     inside_ys, inside_xs = ys - (y - 1), xs - (x - 1)
     inside = inside_ys * padded.shape[1] + inside_xs
     area = len(inside)
-    distance = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_5)
+    distance = _distance_on_mask(padded, inside_ys, inside_xs)
     skeleton = np.ascontiguousarray(skeletonize(padded.view(bool)))
     on_skeleton = inside[skeleton.ravel()[inside]]  # thinning only removes pixels
     _, pixel_codes, (ys, xs) = prune_spurs(skeleton, distance, pixels=on_skeleton)

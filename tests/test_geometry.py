@@ -133,6 +133,33 @@ def test_spur_walks_stop_early_without_changing_what_is_cut():
         assert np.array_equal(codes, codes_g) and np.array_equal(ys, ys_g) and np.array_equal(xs, xs_g)
 
 
+def test_distance_band_by_band_is_opencvs_on_the_mask(monkeypatch):
+    """A thin crack's box gets its distance transform band by band (exact by construction, see
+    _distance_on_mask); on the mask's pixels it must be cv2's to the last bit, whether the bands were used, a
+    wide crack sent it back to one call over the box, or the box was small or filled enough for one call."""
+    from anomaly import geometry
+
+    calls = []
+    whole_box = cv2.distanceTransform
+    monkeypatch.setattr(cv2, "distanceTransform", lambda img, *a: calls.append(img.shape) or whole_box(img, *a))
+    masks = [c[0] for kind, n in (("straight", 40), ("curved", 20), ("branching", 10)) for c in cases(kind, n)]
+    apart = np.zeros((700, 500), bool)  # two cracks with empty rows between them: bands with nothing to do
+    for corner, angle in (((0, 0), 45), ((500, 300), 135)):
+        crack = thick_segments([segment(250, angle)], 5)
+        apart[corner[0] : corner[0] + crack.shape[0], corner[1] : corner[1] + crack.shape[1]] = crack
+    masks.append(apart)
+    kinds = set()
+    for mask in masks:
+        padded = np.pad(mask, 1).astype(np.uint8)
+        ys, xs = np.nonzero(padded)
+        calls.clear()
+        got = geometry._distance_on_mask(padded, ys, xs)[ys, xs]
+        assert np.array_equal(got, whole_box(padded, cv2.DIST_L2, cv2.DIST_MASK_5)[ys, xs])
+        whole = padded.shape in calls
+        kinds.add("one call" if calls == [padded.shape] else "bands then one call" if whole else "bands")
+    assert kinds == {"one call", "bands then one call", "bands"}
+
+
 def test_branching_counts_every_branch():
     arms = branches([200, 150, 120], [0, 120, 240])
     g = measure(thick_segments(arms, 5))
