@@ -139,7 +139,7 @@ def test_make_bench_response_and_geometry_worker_parts(exported):
     if f"response_ms_at_{RESPONSE_BASELINE}" in response:  # a clone with history
         assert response[f"speedup_vs_{RESPONSE_BASELINE}"] > 0
     crack = bench_typical_crack(rounds=3)
-    assert crack["typical_crack_median_ms"] >= crack["typical_crack_ms"] > 0
+    assert crack["typical_crack_median_ms"] >= crack["typical_crack_ms"] > 0 and crack["typical_crack_alone_ms"] > 0
     if f"typical_crack_ms_at_{GEOMETRY_BEFORE}" in crack:  # a clone with history
         assert crack[f"typical_crack_median_ms_at_{GEOMETRY_BEFORE}"] > 0
     workers = bench_geometry_workers([typical_crack()] * 4, rounds=2)
