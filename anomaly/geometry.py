@@ -183,7 +183,7 @@ def orientation_degrees(mask: np.ndarray) -> float:
 
 def _principal_axis_degrees(ys: np.ndarray, xs: np.ndarray) -> float:
     """orientation_degrees of the pixels at (ys, xs). The second moments are the ones cv2.moments gives for the
-    mask (exact integer sums, centred the same way), from the coordinates: a tenth of the work on a crack's
+    mask (exact integer sums, centred the same way), from the coordinates: a fifth of the time on a crack's
     box, where nearly every pixel is background."""
     m00 = float(len(xs))
     if m00 == 0:
@@ -257,14 +257,14 @@ def measure(mask: np.ndarray) -> dict[str, float]:
     mask = mask if mask.dtype == bool else mask != 0
     # The mask's pixels, row by row: its bounds, area and moments, and where its skeleton can be, all from them
     # (flatnonzero of a bool image is ten times faster than of uint8, and the box is mostly background).
-    ys, xs = np.divmod(np.flatnonzero(mask), max(mask.shape[1], 1))
-    if len(ys) == 0:
+    rows, cols = np.divmod(np.flatnonzero(mask), max(mask.shape[1], 1))
+    if len(rows) == 0:
         return dict.fromkeys(GEOMETRY_FIELDS, 0.0) | {"area_pixels": 0}
-    y, x = int(ys[0]), int(xs.min())
+    y, x = int(rows[0]), int(cols.min())
     # Trim to the mask's own bounds plus a one-pixel frame so the edges of a crop read as background.
-    crop = mask.view(np.uint8)[y : int(ys[-1]) + 1, x : int(xs.max()) + 1]
+    crop = mask.view(np.uint8)[y : int(rows[-1]) + 1, x : int(cols.max()) + 1]
     padded = cv2.copyMakeBorder(crop, 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
-    inside_ys, inside_xs = ys - (y - 1), xs - (x - 1)
+    inside_ys, inside_xs = rows - (y - 1), cols - (x - 1)  # the same pixels in the padded box
     inside = inside_ys * padded.shape[1] + inside_xs
     area = len(inside)
     distance = _distance_on_mask(padded, inside_ys, inside_xs)
