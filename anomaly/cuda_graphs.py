@@ -5,6 +5,11 @@ every other step), and a replayed graph launches them all at once.
 Batches pad up to the next captured size. Capture needs warm-up outside the graph, no host-device copies of
 pageable memory and no synchronisation inside the forward; a forward that breaks those rules leaves the
 model eager, with the reason in `note` (and the log), never an error.
+
+Graphs share one memory pool (a capture reuses what earlier captures freed), so the pool holds the largest
+graph's activations, not their sum. That is safe while no two of them replay at once and every replay's
+outputs are copied out before the next one: each graph's outputs stay allocated for good, so other captures
+never take them, and what one replay overwrites is another graph's scratch, or outputs already copied.
 """
 
 from __future__ import annotations
@@ -38,13 +43,18 @@ class GraphedForward:
         self.graphs: dict[int, tuple] = {}
         self.note = "eager"
 
-    def capture(self, item_shape: tuple, dtype, device, max_batch: int, name: str, fixed: tuple = ()) -> None:
+    def capture(
+        self, item_shape: tuple, dtype, device, max_batch: int, name: str, fixed: tuple = (), pool=None
+    ) -> None:
         """Capture one graph per size of graph_batch_sizes(max_batch); `fixed` are example tensors of the
-        fixed inputs (their shapes and dtypes are what later calls must pass)."""
+        fixed inputs (their shapes and dtypes are what later calls must pass). `pool` (torch.cuda.
+        graph_pool_handle()) shares the memory pool with other GraphedForwards of this process, which must
+        replay one at a time (one model instance's thread); default: a pool of this forward's own."""
         import torch
 
         sizes = graph_batch_sizes(max_batch)
-        pool = torch.cuda.graph_pool_handle()
+        if pool is None:
+            pool = torch.cuda.graph_pool_handle()
         try:
             with torch.inference_mode():
                 for size in sizes:

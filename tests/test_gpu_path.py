@@ -134,6 +134,47 @@ def test_replayed_graph_pads_the_batch_and_returns_copies():
     assert graphed(torch.ones(5, 2), offset)["double"].shape == (5, 2)  # larger than any graph: eager
 
 
+def test_graphed_forwards_given_one_pool_capture_every_graph_into_it(monkeypatch):
+    """SAM's image encoder and mask decoder graphs share one memory pool (their activations are not held twice);
+    a GraphedForward given no pool gets one of its own. Stand-ins for torch.cuda's capture API (no GPU here)."""
+    import contextlib
+
+    import torch
+
+    from anomaly.cuda_graphs import GraphedForward
+
+    made, captured_into = [], []
+
+    def new_pool():
+        made.append(object())
+        return made[-1]
+
+    class StandInStream:
+        def wait_stream(self, other):
+            pass
+
+    @contextlib.contextmanager
+    def graph(cuda_graph, pool=None):
+        captured_into.append(pool)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "graph_pool_handle", new_pool)
+    monkeypatch.setattr(torch.cuda, "Stream", StandInStream)
+    monkeypatch.setattr(torch.cuda, "current_stream", StandInStream)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+
+    shared = torch.cuda.graph_pool_handle()
+    encoder, decoder, alone = (GraphedForward(lambda x, *fixed: x * 2) for _ in range(3))
+    encoder.capture((3,), torch.float32, "cpu", 2, "encoder", pool=shared)
+    decoder.capture((2,), torch.float32, "cpu", 4, "decoder", (torch.zeros(1, 2),), pool=shared)
+    assert sorted(encoder.graphs) == [1, 2] and sorted(decoder.graphs) == [1, 2, 4]
+    assert captured_into == [shared] * 5 and len(made) == 1
+    alone.capture((3,), torch.float32, "cpu", 1, "alone")
+    assert len(made) == 2 and captured_into[-1] is made[-1] is not shared
+
+
 @pytest.mark.parametrize(
     "requested,gpu,providers,message",
     [

@@ -145,3 +145,23 @@ def test_make_bench_response_and_geometry_worker_parts(exported):
     workers = bench_geometry_workers([typical_crack()] * 4, rounds=2)
     assert set(workers["4_cracks_ms_by_processes"]) == {"1", "2", "4"}
     assert all(ms > 0 for ms in workers["4_cracks_ms_by_processes"].values())
+
+
+def test_activation_peak_counts_the_tensors_alive_at_once():
+    """bench.activation_memory's count, on allocations of known sizes: 1 MiB and 2 MiB alive together, the first
+    freed, another 1 MiB: 3 MiB at the peak, not the 4 MiB allocated in all; a tensor made before does not count."""
+    import torch
+
+    from bench.activation_memory import peak_bytes
+
+    mib = 2**20
+    before = torch.empty(8 * mib, dtype=torch.uint8)
+
+    def forward():
+        a = torch.empty(mib, dtype=torch.uint8)
+        b = torch.empty(2 * mib, dtype=torch.uint8)
+        del a
+        return b, torch.empty(mib, dtype=torch.uint8)
+
+    assert 3 * mib <= peak_bytes(forward) < 3 * mib + 4096
+    assert before.numel() == 8 * mib
