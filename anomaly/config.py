@@ -147,7 +147,8 @@ def _threads(knob: Knob, raw: str, parsed: dict) -> int:
     return _int(knob, raw, parsed) if raw else (os.cpu_count() or 1)
 
 
-def _graphs(knob: Knob, raw: str, parsed: dict) -> bool:
+def _auto_is_on(knob: Knob, raw: str, parsed: dict) -> bool:
+    """`auto` or `off` -> on or off."""
     return _choice(knob, raw, parsed) == "auto"
 
 
@@ -305,7 +306,16 @@ KNOBS: tuple[Knob, ...] = (
         "`auto`: on a GPU the torch detector, the SAM image encoder and SAM's mask decoder replay CUDA graphs (one "
         "per batch size or box count); `off`: eager (less GPU memory, faster start)",
         ("auto", "off"),
-        parse=_graphs,
+        parse=_auto_is_on,
+    ),
+    Knob(
+        "HIDE_GPU_FROM_TRITON",
+        "auto",
+        "`auto`: on a GPU machine tritonserver itself starts with the GPU hidden (its steps pass only CPU tensors, "
+        "and a CUDA context of its own held 0.5 GB on an H100); the detector's and SAM's processes see it again; "
+        "`off`: tritonserver sees the GPU (then Triton's /metrics include GPU metrics)",
+        ("auto", "off"),
+        parse=_auto_is_on,
     ),
     Knob("BATCH_DELAY_US", "0", "how long Triton holds a frame for a fuller batch, in microseconds", parse=_count),
     Knob(

@@ -322,15 +322,18 @@ class DetectorRunner:
     def __init__(self, meta: DetectorMetadata, onnx_path: Path, settings, max_batch: int = 8, gpu: bool | None = None):
         import onnxruntime as ort
 
-        if gpu is None:  # torch is only imported where there is a GPU: on a CPU the detector runs without it
-            from anomaly.hardware import has_gpu
+        from anomaly.hardware import gpu_unseen_warning, has_gpu
 
-            gpu = has_gpu() and _torch_sees_gpu()
+        unseen = False
+        if gpu is None:  # torch is only imported where there is a GPU: on a CPU the detector runs without it
+            present = has_gpu()
+            gpu = present and _torch_sees_gpu()
+            unseen = present and not gpu and settings.device != "cpu"
         self.meta, self.settings, self.max_batch = meta, settings, max_batch
         self.choice = choose_backend(
             settings.detector_backend, settings.device, gpu, ort.get_available_providers(), settings.detector_precision
         )
-        warning = self.choice.warning
+        warning = self.choice.warning or (gpu_unseen_warning("RF-DETR") if unseen else "")
         if self.choice.backend == "torch":
             self.model = TorchDetector(
                 meta,

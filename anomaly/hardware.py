@@ -2,9 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
+
+# The launcher may start tritonserver with the GPU hidden (HIDE_GPU_FROM_TRITON): every step passes CPU tensors,
+# yet tritonserver would open a CUDA context of its own (about 0.5 GB on an H100) for its ensemble's stream.
+# The steps that run models on the GPU see it again (show_hidden_gpus) in their own process, before anything
+# there starts CUDA, which reads CUDA_VISIBLE_DEVICES once. This variable keeps what it was.
+HIDDEN_GPUS = "ANOMALY_HIDDEN_CUDA_VISIBLE_DEVICES"
+_UNSET = "<unset>"
 
 
 def has_gpu() -> bool:
@@ -30,3 +38,32 @@ def release_unused_gpu_memory() -> int:
     before = torch.cuda.memory_reserved()
     torch.cuda.empty_cache()
     return before - torch.cuda.memory_reserved()
+
+
+def hide_gpus(env: dict) -> dict:
+    """A copy of the environment `env` in which CUDA sees no GPU (an empty CUDA_VISIBLE_DEVICES), keeping what
+    show_hidden_gpus gives back to the GPU steps."""
+    return env | {HIDDEN_GPUS: env.get("CUDA_VISIBLE_DEVICES", _UNSET), "CUDA_VISIBLE_DEVICES": ""}
+
+
+def show_hidden_gpus(env=os.environ) -> bool:
+    """Undo hide_gpus in this process's environment: CUDA_VISIBLE_DEVICES as it was before (unset again if it
+    was). Must run before anything in the process starts CUDA. Returns whether anything was hidden."""
+    if HIDDEN_GPUS not in env:
+        return False
+    before = env.pop(HIDDEN_GPUS)
+    if before == _UNSET:
+        env.pop("CUDA_VISIBLE_DEVICES", None)
+    else:
+        env["CUDA_VISIBLE_DEVICES"] = before
+    return True
+
+
+def gpu_unseen_warning(what: str) -> str:
+    """What to say when nvidia-smi lists a GPU but torch in this process sees none, so `what` runs on the CPU."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    why = "CUDA_VISIBLE_DEVICES is unset" if visible is None else f"CUDA_VISIBLE_DEVICES={visible!r}"
+    return (
+        f"A GPU is present (nvidia-smi lists it) but torch sees none in this process ({why}; or torch was built "
+        f"without CUDA): {what} runs on the CPU"
+    )

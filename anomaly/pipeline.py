@@ -79,8 +79,9 @@ def warnings_for(meta: DetectorMetadata, segmenter_info: dict, notes: list[str],
     if segmenter_info.get("untrained"):
         title = segmenter_title(segmenter_info.get("kind", "sam2.1"), segmenter_info.get("variant", ""))
         found.append(UNTRAINED_BANNER.format(what=f"the segmenter ({title})"))
-    if detector_info.get("warning"):
-        found.append(detector_info["warning"])
+    for info in (detector_info, segmenter_info):  # a GPU machine whose model runs on the CPU, say
+        if info.get("warning"):
+            found.append(info["warning"])
     return found + list(notes)
 
 

@@ -63,16 +63,21 @@ def pixel_windows(boxes: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
     return np.stack([x0, y0, x1, y1], axis=1).astype(np.int64)
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str) -> tuple[str, str]:
+    """DEVICE -> (where SAM runs, a warning where that is the CPU on a machine with a GPU, else "")."""
     import torch
 
+    from anomaly.hardware import gpu_unseen_warning, has_gpu
+
     if device == "cpu":
-        return "cpu"
+        return "cpu", ""
     if torch.cuda.is_available():
-        return "cuda"
-    if device == "cuda":
-        log.warning("DEVICE=cuda but torch sees no GPU; SAM runs on the CPU")
-    return "cpu"
+        return "cuda", ""
+    if device == "cuda" or has_gpu():
+        warning = gpu_unseen_warning("SAM") if has_gpu() else "DEVICE=cuda but torch sees no GPU: SAM runs on the CPU"
+        log.warning(warning)
+        return "cpu", warning
+    return "cpu", ""
 
 
 def store_in_bf16(module) -> int:
@@ -119,7 +124,7 @@ class Sam2Segmenter:
 
         if threads:
             torch.set_num_threads(threads)
-        self.device = resolve_device(device)
+        self.device, self.warning = resolve_device(device)
         self._torch = torch
         self._encoder = GraphedForward(self._embed, self._autocast)
         self._decoder = GraphedForward(self._decode_boxes, self._autocast)

@@ -222,9 +222,10 @@ def load_segmenter(settings: Settings):
 
 def segmenter_info(segmenter, spec: SegmenterSpec) -> dict:
     """What runs, for responses and /info: the chosen weights and the device they landed on."""
-    return spec.describe() | {
+    info = spec.describe() | {
         "device": segmenter.device, "runtime": segmenter.runtime, "resolution": segmenter.resolution
     }  # fmt: skip
+    return info | ({"warning": segmenter.warning} if segmenter.warning else {})
 
 
 def prepare_segmenter_weights(settings: Settings) -> SegmenterSpec:

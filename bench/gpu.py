@@ -496,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         tiled |= {"photo": args.tiled_size, "ms_per_megapixel": round(tiled["p50_ms"] * 1e6 / (width * height), 1)}
         result["tiled"] = tiled
         print(json.dumps({"tiled": tiled}), flush=True)
-        result["memory"] = gpu_memory_mib(server)
+        result["memory"] = gpu_memory_mib(server) | {"tritonserver_sees_gpu": server.gpu and not server.hides_gpu}
         stats_client.close()
 
     if gpu:

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -521,7 +524,99 @@ def test_launcher_keeps_gpu_memory_down_and_the_operators_choice_wins(monkeypatc
     server._gpu = True
     command = server.command()
     assert "--pinned-memory-pool-byte-size=0" in command and "--cuda-memory-pool-byte-size=0:0" in command
-    assert "--allow-gpu-metrics=false" not in command
     assert server.environment()["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     assert server.environment()["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
+@pytest.mark.parametrize("gpu,hide,hidden", [(True, True, True), (True, False, False), (False, True, False)])
+def test_launcher_hides_the_gpu_from_tritonserver_on_a_gpu_machine(monkeypatch, gpu, hide, hidden):
+    """HIDE_GPU_FROM_TRITON (read here without a GPU): on a GPU machine tritonserver starts with an empty
+    CUDA_VISIBLE_DEVICES (so no CUDA context of its own) and without GPU metrics, which it could not collect,
+    and the GPU steps are given back the operator's CUDA_VISIBLE_DEVICES; `off` starts it as Triton would; a
+    CPU machine has nothing to hide."""
+    from anomaly.hardware import HIDDEN_GPUS
+    from anomaly.serving.triton_server import TritonServer
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    server = TritonServer(dataclasses.replace(load_settings(), hide_gpu_from_triton=hide))
+    server._gpu = gpu
+    env = server.environment()
+    assert env["CUDA_VISIBLE_DEVICES"] == ("" if hidden else "1")
+    assert env.get(HIDDEN_GPUS) == ("1" if hidden else None)
+    assert ("--allow-gpu-metrics=false" in server.command()) == (hidden or not gpu)
+
+
+@pytest.mark.parametrize("before", [None, "", "0", "1,0", "GPU-8932f937"])
+def test_hidden_gpus_come_back_as_they_were(before):
+    """hide_gpus then show_hidden_gpus leaves CUDA_VISIBLE_DEVICES as the operator set it, unset included; a
+    process where nothing was hidden is left alone."""
+    from anomaly.hardware import hide_gpus, show_hidden_gpus
+
+    env = {"PATH": "/usr/bin"} | ({} if before is None else {"CUDA_VISIBLE_DEVICES": before})
+    hidden = hide_gpus(env)
+    assert hidden["CUDA_VISIBLE_DEVICES"] == "" and env.get("CUDA_VISIBLE_DEVICES") == before  # a copy
+    assert show_hidden_gpus(hidden) and hidden == env
+    assert not show_hidden_gpus(hidden) and hidden == env
+
+
+@pytest.mark.parametrize("uses_gpu", [True, False])
+def test_only_the_gpu_steps_see_the_hidden_gpu_again(monkeypatch, uses_gpu):
+    """A Triton step's initialize gives the GPU back (before its setup loads a model) only where the step runs a
+    model on it: the CPU steps keep it hidden, so no CUDA context can open there."""
+    from anomaly.hardware import HIDDEN_GPUS, hide_gpus
+    from anomaly.serving import triton_io
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    for name, value in hide_gpus({"CUDA_VISIBLE_DEVICES": "0"}).items():
+        monkeypatch.setenv(name, value)
+    seen = []
+
+    class Step(triton_io.StageModel):
+        def setup(self, args):
+            seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
+
+    Step.uses_gpu = uses_gpu
+    Step().initialize({})
+    assert seen == ["0" if uses_gpu else ""]
+    assert (HIDDEN_GPUS in os.environ) != uses_gpu
+
+
+def test_gpu_steps_start_no_cuda_before_initialize():
+    """The detector's and segmenter's model files import nothing that could start CUDA (torch, onnxruntime,
+    rfdetr, sam2) when Triton loads them, so the GPU their initialize shows again is the one CUDA sees."""
+    script = (
+        "import importlib.util, sys\n"
+        "for step in ('detector', 'segmenter'):\n"
+        "    spec = importlib.util.spec_from_file_location(step, f'model_repository/{step}/1/model.py')\n"
+        "    spec.loader.exec_module(importlib.util.module_from_spec(spec))\n"
+        "print(sorted(m for m in ('torch', 'onnxruntime', 'rfdetr', 'sam2', 'sam3', 'tensorrt') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"
+
+
+def test_a_gpu_torch_cannot_see_is_a_warning_for_both_models(monkeypatch, exported):
+    """nvidia-smi lists a GPU but torch sees none in the step's process (a GPU hidden and not shown again, a
+    CPU-only torch): the detector and SAM run on the CPU and say so in their info, hence /info and responses."""
+    from anomaly import hardware
+    from anomaly.pipeline import warnings_for
+    from anomaly.segmenter import resolve_device
+
+    settings = load_settings()
+    meta = DetectorMetadata.load(REPO / "model_repository" / "detector" / "1" / "metadata.json")
+    onnx_path = REPO / "model_repository" / "detector" / "1" / "model.onnx"
+    monkeypatch.setattr(hardware, "has_gpu", lambda: True)
+    runner = DetectorRunner(meta, onnx_path, settings)
+    assert runner.choice.device == "cpu" and "torch sees none" in runner.info["warning"]
+    assert "RF-DETR runs on the CPU" in runner.info["warning"]
+    device, warning = resolve_device("auto")
+    assert device == "cpu" and "torch sees none" in warning and "SAM runs on the CPU" in warning
+    said = warnings_for(meta, {"warning": warning}, [], runner.info)
+    assert runner.info["warning"] in said and warning in said
+    assert resolve_device("cpu") == ("cpu", "")  # asked for the CPU: nothing to say
+    assert not DetectorRunner(meta, onnx_path, dataclasses.replace(settings, device="cpu")).info["warning"]
+    monkeypatch.setattr(hardware, "has_gpu", lambda: False)
+    assert resolve_device("auto") == ("cpu", "")  # no GPU here at all
+    assert "DEVICE=cuda" in resolve_device("cuda")[1]

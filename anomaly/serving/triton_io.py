@@ -109,12 +109,17 @@ def answer_each(requests, handle: Callable) -> list:
 class StageModel:
     """Base of the pipeline's Triton models: logging, one answer per request. A stage implements
     `handle(request) -> {output name: array}` and, if it needs more, `setup(args)`; one that reads the
-    detector's classes sets `needs_detector_metadata` (`self.meta`), so the others load without an export."""
+    detector's classes sets `needs_detector_metadata` (`self.meta`), so the others load without an export; one
+    that runs a model on the GPU sets `uses_gpu`."""
 
     needs_detector_metadata = False
+    uses_gpu = False  # runs a model on the GPU where there is one: sees the GPU the launcher hid from tritonserver
 
     def initialize(self, args: dict) -> None:
         setup_logging()
+        # first: nothing this process imported has started CUDA yet (tests/test_gpu_path.py checks the imports)
+        if self.uses_gpu and hardware.show_hidden_gpus():
+            log.info("tritonserver runs with the GPU hidden; this step sees CUDA_VISIBLE_DEVICES as it was set")
         if self.needs_detector_metadata:
             self.meta = DetectorMetadata.load(export_files_of(args)[1])
         self.setup(args)

@@ -2,7 +2,9 @@
 
 Where the binary comes from, first found wins: TRITON_HOME, the official container's /opt/tritonserver,
 or the `nvidia-pytriton` wheel unpacked in .triton/ (`make triton`), whose Python backend is linked
-into a backend folder next to it. On a machine without a GPU the CUDA memory pools are switched off.
+into a backend folder next to it. Triton's own pinned and CUDA memory pools are off (only CPU tensors pass
+between the steps), and on a GPU machine tritonserver itself starts with the GPU hidden (HIDE_GPU_FROM_TRITON):
+the steps that run models on it see it again in their own processes (anomaly.hardware.show_hidden_gpus).
 The Python backend's shared-memory regions get a per-server prefix so a stop can remove exactly its own.
 
 `python -m anomaly.serving.triton_server` runs it in the foreground until SIGINT/SIGTERM.
@@ -24,7 +26,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from anomaly.config import REPO_ROOT, Settings, load_settings
-from anomaly.hardware import has_gpu
+from anomaly.hardware import has_gpu, hide_gpus
 from anomaly.serving.plan import CONFIG_NAME, serving_plan, write_serving_configs
 
 PYTRITON_HOME = REPO_ROOT / ".triton" / "pkgs" / "pytriton" / "tritonserver"
@@ -134,9 +136,15 @@ class TritonServer:
         # The steps pass only CPU tensors between them (each model moves its own to the GPU), so Triton's own
         # pinned and CUDA pools would hold memory for nothing.
         cmd += ["--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"]
-        if not self.gpu:
+        if not self.gpu or self.hides_gpu:
             cmd.append("--allow-gpu-metrics=false")
         return cmd
+
+    @property
+    def hides_gpu(self) -> bool:
+        """Whether tritonserver starts with the GPU hidden: it would open a CUDA context of its own (0.5 GB on an
+        H100, even with its pools off) for streams that copy GPU tensors between steps, and ours pass none."""
+        return self.gpu and self.settings.hide_gpu_from_triton
 
     def environment(self) -> dict:
         env = dict(os.environ)
@@ -151,7 +159,7 @@ class TritonServer:
         # batch sizes and box counts, and fixed segments strand GPU memory between them.
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         env.update(self.extra_env)
-        return env
+        return hide_gpus(env) if self.hides_gpu else env
 
     @property
     def gpu(self) -> bool:

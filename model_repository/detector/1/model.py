@@ -13,6 +13,7 @@ from anomaly.weights import UNTRAINED_BANNER
 
 class TritonPythonModel(triton_io.StageModel):
     needs_detector_metadata = True  # its classes and their roles
+    uses_gpu = True
 
     def setup(self, args):
         onnx_path = triton_io.export_files_of(args)[0]

@@ -25,6 +25,8 @@ def pack_crops(crops: list) -> dict[str, np.ndarray]:
 
 
 class TritonPythonModel(triton_io.StageModel):
+    uses_gpu = True
+
     def setup(self, args):
         self.max_batch = int(json.loads(args["model_config"])["max_batch_size"])
         self.segmenter, spec = load_segmenter(settings())
