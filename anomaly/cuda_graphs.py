@@ -44,22 +44,23 @@ class GraphedForward:
         self.note = "eager"
 
     def capture(
-        self, item_shape: tuple, dtype, device, max_batch: int, name: str, fixed: tuple = (), pool=None
+        self, item_shape: tuple, dtype, device, sizes: list[int], name: str, fixed: tuple = (), pool=None
     ) -> None:
-        """Capture one graph per size of graph_batch_sizes(max_batch); `fixed` are example tensors of the
-        fixed inputs (their shapes and dtypes are what later calls must pass). `pool` (torch.cuda.
-        graph_pool_handle()) shares the memory pool with other GraphedForwards of this process, which must
-        replay one at a time (one model instance's thread); default: a pool of this forward's own."""
+        """Capture one graph per batch size in `sizes` (e.g. graph_batch_sizes(max_batch)); `fixed` are example
+        tensors of the fixed inputs (their shapes and dtypes are what later calls must pass), held once for all
+        sizes. `pool` (torch.cuda.graph_pool_handle()) shares the memory pool with other GraphedForwards of
+        this process, which must replay one at a time (one model instance's thread); default: a pool of this
+        forward's own."""
         import torch
 
-        sizes = graph_batch_sizes(max_batch)
+        sizes = sorted(sizes)
         if pool is None:
             pool = torch.cuda.graph_pool_handle()
         try:
             with torch.inference_mode():
+                static_fixed = tuple(f.detach().clone() for f in fixed)  # one copy: every size reads the same
                 for size in sizes:
                     static_in = torch.zeros((size, *item_shape), dtype=dtype, device=device)
-                    static_fixed = tuple(f.detach().clone() for f in fixed)
                     side = torch.cuda.Stream()
                     side.wait_stream(torch.cuda.current_stream())
                     with torch.cuda.stream(side), self.context():
@@ -70,7 +71,8 @@ class GraphedForward:
                     with torch.cuda.graph(graph, pool=pool), self.context():
                         static_out = self.forward(static_in, *static_fixed)
                     self.graphs[size] = (graph, (static_in, *static_fixed), static_out)
-            self.note = f"CUDA graphs for batch sizes {sizes}"
+            runs = sizes == list(range(sizes[0], sizes[-1] + 1)) and len(sizes) > 2
+            self.note = f"CUDA graphs for batch sizes {f'{sizes[0]}-{sizes[-1]}' if runs else sizes}"
         except Exception as exc:  # noqa: BLE001 - eager still works
             self.graphs.clear()
             self.note = f"eager (CUDA graph capture failed: {type(exc).__name__}: {exc})"

@@ -273,7 +273,7 @@ class TorchDetector:
     ):
         import torch
 
-        from anomaly.cuda_graphs import GraphedForward
+        from anomaly.cuda_graphs import GraphedForward, graph_batch_sizes
 
         if threads and device == "cpu":
             torch.set_num_threads(threads)
@@ -297,7 +297,8 @@ class TorchDetector:
             for module in self.net.modules():
                 if hasattr(module, "enable_cuda_graph_capture"):
                     module.enable_cuda_graph_capture()
-            self.forward.capture((3, meta.resolution, meta.resolution), self.dtype, self.device, max_batch, "RF-DETR")
+            shape = (3, meta.resolution, meta.resolution)
+            self.forward.capture(shape, self.dtype, self.device, graph_batch_sizes(max_batch), "RF-DETR")
         self.note = self.forward.note
 
     def __call__(self, batch) -> tuple[np.ndarray, np.ndarray]:

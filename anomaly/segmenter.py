@@ -25,8 +25,10 @@ SAM2_CONFIGS = {
 }
 SAM2_CHECKPOINTS = {v: f"sam2.1_hiera_{v}.pt" for v in SAM2_CONFIGS}
 SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/{name}"
-# Mask-decoder CUDA graphs are captured for 1, 2, 4, 8 and 16 boxes of a frame: a frame's boxes replay the
-# smallest that holds them, more than 16 go in chunks of 16. Each graph holds its boxes' activations.
+# Mask-decoder CUDA graphs are captured for every box count from 1 to 16: a frame's boxes replay the graph of
+# their count, more than 16 go in chunks of 16. The decoder's cost grows with its boxes (each box decodes from
+# its own copy of the frame's embedding: 3.6 GFLOP and 165 MiB of tensors a box, bench.activation_memory), so
+# padding 10 boxes to a 16-box graph cost 6/16 of it. The graphs share one pool, sized by the largest.
 DECODER_GRAPH_BOXES = 16
 
 
@@ -139,6 +141,8 @@ class Sam2Segmenter:
     def use_cuda_graphs(self, max_batch: int) -> None:
         """On a GPU, replay the image encoder from CUDA graphs for batches of up to `max_batch` frames, and the
         prompt encoder + mask decoder for up to DECODER_GRAPH_BOXES boxes of a frame (more go in chunks)."""
+        from anomaly.cuda_graphs import graph_batch_sizes
+
         if self.device != "cuda":
             return
         torch = self._torch
@@ -146,13 +150,13 @@ class Sam2Segmenter:
         # one pool for both: a frame's boxes are decoded after its embedding, never during (SAM2.1-L, counted on
         # the CPU: encoder 540 MiB of activations at batch 2, decoder 387 MiB for 16 boxes; the sum otherwise)
         pool = torch.cuda.graph_pool_handle()
-        self._encoder.capture(shape, torch.float32, self.device, max_batch, "SAM image encoder", pool=pool)
+        sizes = graph_batch_sizes(max_batch)
+        self._encoder.capture(shape, torch.float32, self.device, sizes, "SAM image encoder", pool=pool)
         with torch.inference_mode(), self._autocast():
             features = self.embed(torch.zeros((1, *shape), device=self.device))
         frame = (features["image_embed"], *features["high_res_feats"])
-        self._decoder.capture(
-            (2, 2), torch.float32, self.device, DECODER_GRAPH_BOXES, "SAM mask decoder", frame, pool=pool
-        )
+        boxes = list(range(1, DECODER_GRAPH_BOXES + 1))
+        self._decoder.capture((2, 2), torch.float32, self.device, boxes, "SAM mask decoder", frame, pool=pool)
 
     @property
     def runtime(self) -> str:

@@ -115,6 +115,7 @@ def load(url: str, data: bytes, threshold: float, concurrency: int, requests: in
     latencies: list[float] = []
     server_ms: list[float] = []
     errors: list[str] = []
+    warned: set[str] = set()  # e.g. a model on the CPU of a GPU machine: the numbers would mean something else
     counter = iter(range(requests))
     lock = threading.Lock()
 
@@ -134,6 +135,7 @@ def load(url: str, data: bytes, threshold: float, concurrency: int, requests: in
                 with lock:
                     latencies.append(time.perf_counter() - t)
                     server_ms.append(response["processing_time_ms"])
+                    warned.update(response.get("warnings", []))
 
     threads = [threading.Thread(target=worker) for _ in range(concurrency)]
     start = time.perf_counter()
@@ -150,6 +152,7 @@ def load(url: str, data: bytes, threshold: float, concurrency: int, requests: in
         "p90_ms": round(percentile(latencies, 90) * 1000, 1),
         "server_p50_ms": round(percentile(server_ms, 50), 1),
         "frames_per_s": round(len(latencies) / wall, 2) if wall else None,
+        "warnings": sorted(warned),
     }
 
 
@@ -260,8 +263,9 @@ def paired_min_iou(a: np.ndarray, b: np.ndarray) -> float:
 def pieces(local, data: bytes, threshold: float, repeats: int, gpu: bool) -> dict:
     """Where one frame's time goes, piece by piece, in this process (p50 ms; the GPU synchronised after each):
     the detector's decode + resize and forward (batch 1 and per frame at batch 8), SAM's decode + resize,
-    image encoder (batch 1 and per frame at the serving batch), mask decoder for the frame's boxes, masks
-    to the host, and geometry on one core and shared among the serving plan's processes (GEOMETRY_WORKERS)."""
+    image encoder (batch 1 and per frame at the serving batch), mask decoder for the frame's boxes (and for 1
+    to 16 boxes), masks to the host, and geometry on one core and shared among the serving plan's processes
+    (GEOMETRY_WORKERS)."""
     import torch
 
     from anomaly.geometry_workers import GeometryWorkers
@@ -294,6 +298,7 @@ def pieces(local, data: bytes, threshold: float, repeats: int, gpu: bool) -> dic
         features = seg.embed(prepared[None])
         coords = seg.box_coords(seg_boxes, hw)
         low_res, _ = seg.decode(features, 0, coords)
+        repeated = {n: coords[:1].expand(n, 2, 2).contiguous() for n in ((1, 2, 4, 8, 12, 16) if gpu else (1, 4))}
         out = {
             "detector_prepare": ms(lambda: det.prepare(data)),
             "detector_forward_b1": ms(lambda: det.run([x])),
@@ -302,6 +307,8 @@ def pieces(local, data: bytes, threshold: float, repeats: int, gpu: bool) -> dic
             "sam_encoder_b1": ms(lambda: seg.embed(prepared[None])),
             f"sam_encoder_b{batch}_per_frame": ms(lambda: seg.embed(torch.stack([prepared] * batch)), batch),
             f"sam_decoder_{len(seg_boxes)}_boxes": ms(lambda: seg.decode(features, 0, coords)),
+            # how the decoder's time grows with the boxes (each replays the graph of its count): padding's cost
+            "sam_decoder_ms_by_boxes": {n: ms(lambda c=c: seg.decode(features, 0, c)) for n, c in repeated.items()},
             f"sam_mask_crops_{len(seg_boxes)}_boxes": ms(
                 lambda: seg.upsample_crops(low_res, windows, [hw] * len(windows))
             ),
@@ -446,6 +453,9 @@ def print_table(result: dict) -> None:
     tiled = result["tiled"]
     print(f"\n{tiled['photo']} photo, tiled: p50 {tiled['p50_ms']} ms ({tiled['ms_per_megapixel']} ms per megapixel)")
     print(f"\nmemory: {result['memory']}")
+    warned = sorted({w for row in result["ensemble"] for w in row["warnings"] if "UNTRAINED" not in w})
+    for warning in warned:  # the untrained banners are expected here; anything else changes what was measured
+        print(f"responses warned: {warning}")
 
 
 def main(argv: list[str] | None = None) -> int:

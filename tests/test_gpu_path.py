@@ -138,8 +138,9 @@ def test_replayed_graph_pads_the_batch_and_returns_copies():
 
 
 def test_graphed_forwards_given_one_pool_capture_every_graph_into_it(monkeypatch):
-    """SAM's image encoder and mask decoder graphs share one memory pool (their activations are not held twice);
-    a GraphedForward given no pool gets one of its own. Stand-ins for torch.cuda's capture API (no GPU here)."""
+    """SAM's image encoder and mask decoder graphs share one memory pool (their activations are not held twice)
+    and the decoder's graphs one copy of the frame's features; a GraphedForward given no pool gets one of its
+    own. Stand-ins for torch.cuda's capture API (no GPU here)."""
     import contextlib
 
     import torch
@@ -170,11 +171,14 @@ def test_graphed_forwards_given_one_pool_capture_every_graph_into_it(monkeypatch
 
     shared = torch.cuda.graph_pool_handle()
     encoder, decoder, alone = (GraphedForward(lambda x, *fixed: x * 2) for _ in range(3))
-    encoder.capture((3,), torch.float32, "cpu", 2, "encoder", pool=shared)
-    decoder.capture((2,), torch.float32, "cpu", 4, "decoder", (torch.zeros(1, 2),), pool=shared)
-    assert sorted(encoder.graphs) == [1, 2] and sorted(decoder.graphs) == [1, 2, 4]
+    encoder.capture((3,), torch.float32, "cpu", [1, 2], "encoder", pool=shared)
+    decoder.capture((2,), torch.float32, "cpu", [3, 1, 2], "decoder", (torch.zeros(1, 2),), pool=shared)
+    assert sorted(encoder.graphs) == [1, 2] and sorted(decoder.graphs) == [1, 2, 3]
     assert captured_into == [shared] * 5 and len(made) == 1
-    alone.capture((3,), torch.float32, "cpu", 1, "alone")
+    assert decoder.note == "CUDA graphs for batch sizes 1-3" and encoder.note == "CUDA graphs for batch sizes [1, 2]"
+    fixed = [inputs[1] for _, inputs, _ in decoder.graphs.values()]  # the frame's features, held once for all
+    assert all(f is fixed[0] for f in fixed)
+    alone.capture((3,), torch.float32, "cpu", [1], "alone")
     assert len(made) == 2 and captured_into[-1] is made[-1] is not shared
 
 
