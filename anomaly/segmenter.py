@@ -75,11 +75,14 @@ def resolve_device(device: str) -> tuple[str, str]:
         return "cpu", ""
     if torch.cuda.is_available():
         return "cuda", ""
-    if device == "cuda" or has_gpu():
-        warning = gpu_unseen_warning("SAM") if has_gpu() else "DEVICE=cuda but torch sees no GPU: SAM runs on the CPU"
-        log.warning(warning)
-        return "cpu", warning
-    return "cpu", ""
+    if has_gpu():
+        warning = gpu_unseen_warning("SAM")
+    elif device == "cuda":
+        warning = "DEVICE=cuda but torch sees no GPU: SAM runs on the CPU"
+    else:
+        return "cpu", ""
+    log.warning(warning)
+    return "cpu", warning
 
 
 def store_in_bf16(module) -> int:
