@@ -8,6 +8,8 @@
 #          bench/offline_gpu.sh coldstart    the entrypoint twice (empty MODEL_REPOSITORY, then the same
 #                                            one again): its `cold start:` lines
 #          bench/offline_gpu.sh sam3 [ARGS]  SAM3 as served, memory and times, against Meta's path (bench.sam3_gpu)
+#          bench/offline_gpu.sh compile [ARGS]  SAM's encoder and decoder as served against torch.compile'd
+#                                               (bench.compile_check; needs a C compiler there)
 #
 # Triton's Python stub imports numpy from the python on PATH and garbles BYTES tensors under numpy 2, so
 # `run` makes a venv whose own site-packages (numpy 1.26.4, our dependencies, the repo) come first and the
@@ -84,6 +86,11 @@ sam3() {
     "$env/bin/python" -m bench.sam3_gpu "$@"
 }
 
+compile_check() {
+    machine_env
+    "$env/bin/python" -m bench.compile_check "$@"
+}
+
 coldstart() {
     machine_env
     local repo=/tmp/cold-model-repository log pid
@@ -108,5 +115,6 @@ pack) pack ;;
 run) shift; run "$@" ;;
 coldstart) coldstart ;;
 sam3) shift; sam3 "$@" ;;
-*) echo "usage: $0 pack | run [bench.gpu arguments] | coldstart | sam3 [bench.sam3_gpu arguments]" >&2; exit 2 ;;
+compile) shift; compile_check "$@" ;;
+*) echo "usage: $0 pack | run [bench.gpu arguments] | coldstart | sam3 [bench.sam3_gpu arguments] | compile [bench.compile_check arguments]" >&2; exit 2 ;;
 esac

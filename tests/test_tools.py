@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from anomaly.geometry import measure
@@ -170,3 +171,29 @@ def test_activation_peak_counts_the_tensors_alive_at_once():
     peak, total = allocations(forward)
     assert 3 * mib <= peak < 3 * mib + 4096 and 4 * mib <= total < 4 * mib + 4096
     assert before.numel() == 8 * mib
+
+
+@pytest.mark.slow
+def test_compile_check_compares_compiled_sam_with_eager(tmp_path):
+    """bench.compile_check on this CPU (SAM2.1 tiny, 2 boxes, inductor's C++ kernels): both SAM parts time eager and
+    compiled, and the compiled ones give the same features and masks (on a GPU, bf16 moves them more)."""
+    from bench import compile_check
+
+    out = tmp_path / "compile_check.json"
+    assert compile_check.main(["--boxes", "2", "--repeats", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["boxes"] == 2 and result["segmenter"].startswith("sam2.1")
+    for part in ("encoder", "decoder"):
+        assert result[f"{part}_ms"] > 0 and result[f"compiled_{part}_ms"] > 0
+        assert result[f"compiled_{part}_compile_s"] > 0 and result[f"compiled_{part}_cuda_graphs"] == "eager"
+    assert result["compiled_encoder_feature_diff"] < 1e-4
+    assert result["compiled_decoder_mask_pixels_flipped"] < 1e-3
+
+
+def test_compile_check_spreads_its_boxes_over_the_frame():
+    from bench.compile_check import grid_boxes
+
+    boxes = grid_boxes(10, (1080, 1920))
+    assert boxes.shape == (10, 4) and len({tuple(b) for b in boxes.tolist()}) == 10
+    assert np.allclose(boxes[:, 2] - boxes[:, 0], 384) and np.allclose(boxes[:, 3] - boxes[:, 1], 216)
+    assert boxes[:, :2].min() >= 0 and boxes[:, 2].max() <= 1920 and boxes[:, 3].max() <= 1080

@@ -1,0 +1,114 @@
+"""Would torch.compile make SAM faster here? SAM's image encoder (one frame) and its prompt encoder + mask decoder
+(`--boxes` boxes of that frame) timed as serving runs them (CUDA graphs on a GPU, bf16 autocast) and again
+compiled by torch.compile (inductor's default mode: no autotuning, which did not finish in 5 minutes for the
+SAM2.1-L encoder on an H100), with how long compiling took and how far the compiled outputs are from the eager
+ones (features: largest difference against their largest value; masks: share of pixels that flip).
+
+    python -m bench.compile_check [--boxes 10] [--repeats 20] [--out bench_output/compile_check.json]
+
+Serving does not use torch.compile: this run says whether it should (the SAM2.1-L encoder, 1620 GFLOP and 7 GB
+of tensors a frame by bench.activation_memory, took 13.9 ms on an H100, a few times what the card could do).
+On a GPU machine without network: `bench/offline_gpu.sh compile`. It needs a C compiler (inductor's and
+Triton's kernels are built at run time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from anomaly.config import REPO_ROOT, load_settings
+from bench.gpu import timed
+
+
+def grid_boxes(count: int, hw: tuple[int, int]) -> np.ndarray:
+    """`count` boxes of a fifth of the frame each, spread over it on a grid (the decoder's cost does not depend on
+    where they are)."""
+    height, width = hw
+    side = int(np.ceil(np.sqrt(count)))
+    cells = [(i % side, i // side) for i in range(count)]
+    w, h = width / 5, height / 5
+    corners = [(x * (width - w) / max(side - 1, 1), y * (height - h) / max(side - 1, 1)) for x, y in cells]
+    return np.tile(np.asarray(corners, np.float32), (1, 2)) + np.asarray([0, 0, w, h], np.float32)
+
+
+def compare(segmenter, prepared, coords, repeats: int) -> dict:
+    """Eager (as served) against compiled, for the encoder and the decoder of one frame's `coords`."""
+    import torch
+
+    from anomaly.cuda_graphs import GraphedForward
+
+    gpu = segmenter.device == "cuda"
+
+    def ms(fn) -> float:
+        def run():
+            fn()
+            if gpu:
+                torch.cuda.synchronize()
+
+        return timed(run, repeats)["p50_ms"]
+
+    out: dict = {}
+    with torch.inference_mode(), segmenter._autocast():
+        features = segmenter.embed(prepared[None])
+        frame = (features["image_embed"], *features["high_res_feats"])
+        logits, _ = segmenter.decode(features, 0, coords)
+        out["encoder_ms"] = ms(lambda: segmenter.embed(prepared[None]))
+        out["decoder_ms"] = ms(lambda: segmenter.decode(features, 0, coords))
+        for name, forward, x, fixed in (
+            ("encoder", segmenter._embed, prepared[None], ()),
+            ("decoder", segmenter._decode_boxes, coords, frame),
+        ):
+            compiled = GraphedForward(torch.compile(forward, dynamic=False), segmenter._autocast)
+            start = time.perf_counter()
+            if gpu:  # compiled during the capture's warm-up, then replayed from a graph like the served one
+                compiled.capture(tuple(x.shape[1:]), x.dtype, "cuda", [len(x)], f"compiled {name}", fixed)
+            else:
+                compiled(x, *fixed)
+            out[f"compiled_{name}_compile_s"] = round(time.perf_counter() - start, 1)
+            out[f"compiled_{name}_ms"] = ms(lambda compiled=compiled, x=x, fixed=fixed: compiled(x, *fixed))
+            out[f"compiled_{name}_cuda_graphs"] = compiled.note
+            if name == "encoder":
+                again = compiled(x)
+                pairs = [(again["image_embed"], features["image_embed"])]
+                pairs += list(zip(again["high_res_feats"], features["high_res_feats"]))
+                out["compiled_encoder_feature_diff"] = max(
+                    float((a.float() - b.float()).abs().max() / b.float().abs().max()) for a, b in pairs
+                )
+            else:
+                again, _ = compiled(x, *fixed)
+                out["compiled_decoder_mask_pixels_flipped"] = float(((again > 0) != (logits > 0)).float().mean())
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.compile_check", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--image", default="bridge_deck.jpg")
+    parser.add_argument("--boxes", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_output" / "compile_check.json")
+    args = parser.parse_args(argv)
+
+    from anomaly.weights import load_segmenter
+
+    settings = load_settings()
+    segmenter, spec = load_segmenter(settings)
+    if settings.cuda_graphs:
+        segmenter.use_cuda_graphs(1)
+    data = (REPO_ROOT / "samples" / args.image).read_bytes()
+    prepared, hw = segmenter.prepare(data, settings.max_image_bytes, settings.max_image_pixels)
+    coords = segmenter.box_coords(grid_boxes(args.boxes, hw), hw)
+    result = {"segmenter": f"{spec.kind} {spec.variant}", "runtime": segmenter.runtime, "boxes": args.boxes}
+    result |= compare(segmenter, prepared, coords, args.repeats)
+    print(json.dumps(result, indent=2))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
