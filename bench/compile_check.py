@@ -19,21 +19,9 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from anomaly.config import REPO_ROOT, load_settings
 from bench.gpu import timed
-
-
-def grid_boxes(count: int, hw: tuple[int, int]) -> np.ndarray:
-    """`count` boxes of a fifth of the frame each, spread over it on a grid (the decoder's cost does not depend on
-    where they are)."""
-    height, width = hw
-    side = int(np.ceil(np.sqrt(count)))
-    cells = [(i % side, i // side) for i in range(count)]
-    w, h = width / 5, height / 5
-    corners = [(x * (width - w) / max(side - 1, 1), y * (height - h) / max(side - 1, 1)) for x, y in cells]
-    return np.tile(np.asarray(corners, np.float32), (1, 2)) + np.asarray([0, 0, w, h], np.float32)
+from bench.sam3_gpu import grid_boxes
 
 
 def compare(segmenter, prepared, coords, repeats: int) -> dict:
@@ -101,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         segmenter.use_cuda_graphs(1)
     data = (REPO_ROOT / "samples" / args.image).read_bytes()
     prepared, hw = segmenter.prepare(data, settings.max_image_bytes, settings.max_image_pixels)
-    coords = segmenter.box_coords(grid_boxes(args.boxes, hw), hw)
+    coords = segmenter.box_coords(grid_boxes(hw, args.boxes), hw)
     result = {"segmenter": f"{spec.kind} {spec.variant}", "runtime": segmenter.runtime, "boxes": args.boxes}
     result |= compare(segmenter, prepared, coords, args.repeats)
     print(json.dumps(result, indent=2))

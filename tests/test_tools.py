@@ -188,12 +188,3 @@ def test_compile_check_compares_compiled_sam_with_eager(tmp_path):
         assert result[f"compiled_{part}_compile_s"] > 0 and result[f"compiled_{part}_cuda_graphs"] == "eager"
     assert result["compiled_encoder_feature_diff"] < 1e-4
     assert result["compiled_decoder_mask_pixels_flipped"] < 1e-3
-
-
-def test_compile_check_spreads_its_boxes_over_the_frame():
-    from bench.compile_check import grid_boxes
-
-    boxes = grid_boxes(10, (1080, 1920))
-    assert boxes.shape == (10, 4) and len({tuple(b) for b in boxes.tolist()}) == 10
-    assert np.allclose(boxes[:, 2] - boxes[:, 0], 384) and np.allclose(boxes[:, 3] - boxes[:, 1], 216)
-    assert boxes[:, :2].min() >= 0 and boxes[:, 2].max() <= 1920 and boxes[:, 3].max() <= 1080
