@@ -29,7 +29,7 @@ SAM2_URL = "https://dl.fbaipublicfiles.com/segment_anything_2/092824/{name}"
 # their count, more than 16 go in chunks of 16. The decoder's cost grows with its boxes (each box decodes from
 # its own copy of the frame's embedding: 3.6 GFLOP and 165 MiB of tensors a box, bench.activation_memory), so
 # padding 10 boxes to a 16-box graph cost 6/16 of it. The graphs share one pool, sized by the largest.
-DECODER_GRAPH_BOXES = 16
+DECODER_GRAPH_SIZES = tuple(range(1, 17))
 
 
 @dataclass
@@ -143,7 +143,7 @@ class Sam2Segmenter:
 
     def use_cuda_graphs(self, max_batch: int) -> None:
         """On a GPU, replay the image encoder from CUDA graphs for batches of up to `max_batch` frames, and the
-        prompt encoder + mask decoder for up to DECODER_GRAPH_BOXES boxes of a frame (more go in chunks)."""
+        prompt encoder + mask decoder for each box count of DECODER_GRAPH_SIZES (more go in chunks)."""
         from anomaly.cuda_graphs import graph_batch_sizes
 
         if self.device != "cuda":
@@ -158,8 +158,9 @@ class Sam2Segmenter:
         with torch.inference_mode(), self._autocast():
             features = self.embed(torch.zeros((1, *shape), device=self.device))
         frame = (features["image_embed"], *features["high_res_feats"])
-        boxes = list(range(1, DECODER_GRAPH_BOXES + 1))
-        self._decoder.capture((2, 2), torch.float32, self.device, boxes, "SAM mask decoder", frame, pool=pool)
+        self._decoder.capture(
+            (2, 2), torch.float32, self.device, list(DECODER_GRAPH_SIZES), "SAM mask decoder", frame, pool=pool
+        )
 
     @property
     def runtime(self) -> str:

@@ -101,6 +101,16 @@ def test_cuda_graph_batch_sizes_cover_every_batch():
     assert graph_for(sizes, 9) is None and graph_for([], 1) is None  # eager
 
 
+def test_mask_decoder_graphs_hold_each_box_count_unpadded():
+    """The decoder's work grows with its boxes, so a frame's boxes replay the graph of their own count (10 boxes
+    no longer run in the 16-box graph); 17 have no graph (segment_batch sends a frame's boxes in chunks of 16)."""
+    from anomaly.cuda_graphs import graph_for
+    from anomaly.segmenter import DECODER_GRAPH_SIZES
+
+    assert [graph_for(DECODER_GRAPH_SIZES, n) for n in range(1, 17)] == list(range(1, 17))
+    assert graph_for(DECODER_GRAPH_SIZES, 17) is None and max(DECODER_GRAPH_SIZES) == 16
+
+
 def test_replayed_graph_pads_the_batch_and_returns_copies():
     """GraphedForward's replay bookkeeping, with a stand-in for torch.cuda.CUDAGraph (capture itself needs a
     GPU): a batch of 3 runs in the size-4 graph, the answer holds 3 items, a fixed input (a frame's features)
