@@ -185,6 +185,8 @@ def main() -> int:
         if time.monotonic() - checked >= 1.0:
             checked = time.monotonic()
             dead = server.dead_models()
+            if dead and _exits_within(server.process, 0.5):  # the whole group was killed: tritonserver is the news
+                continue
             if dead:  # Triton keeps saying ready while every request fails: exit so the platform restarts us
                 print(
                     f"entrypoint: the process of model {', '.join(dead)} died and Triton does not restart it; "
@@ -206,6 +208,16 @@ def main() -> int:
     stop_fronts(fronts, deadline, mode)
     server.stop(timeout=max(0.5, deadline - time.monotonic()))
     return code
+
+
+def _exits_within(process: subprocess.Popen, seconds: float) -> bool:
+    """Whether `process` has exited or does within `seconds` (a kill of tritonserver's process group ends its model
+    processes at the same moment, and the model processes may be seen dead first)."""
+    try:
+        process.wait(seconds)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
 
 
 if __name__ == "__main__":
