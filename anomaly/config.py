@@ -317,6 +317,15 @@ KNOBS: tuple[Knob, ...] = (
         ("auto", "off"),
         parse=_auto_is_on,
     ),
+    Knob(
+        "OVERLAP_BATCHES",
+        "auto",
+        "`auto`: the detector and SAM, where they run on a GPU, take the next batch in (decode, resize) while the "
+        "card runs the last one, and answer from a thread of their own; `on`: on a CPU too; `off`: one batch at a "
+        "time inside Triton's execute",
+        ("auto", "on", "off"),
+        parse=_choice,
+    ),
     Knob("BATCH_DELAY_US", "0", "how long Triton holds a frame for a fuller batch, in microseconds", parse=_count),
     Knob(
         "STEP_INSTANCES",

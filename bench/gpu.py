@@ -108,6 +108,41 @@ def step_table(before: dict, after: dict) -> dict[str, dict]:
     return rows
 
 
+def thread_stats(metrics_url: str) -> dict[str, dict]:
+    """The GPU steps' batch-thread counters (anomaly.serving.overlap, OVERLAP_BATCHES) from Triton's metrics
+    port, by model; empty where the steps answer inside execute."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    out: dict[str, dict] = {}
+    for name, model, value in re.findall(r'^anomaly_gpu_step_(\w+)\{model="(\w+)"\} (\S+)$', text, re.M):
+        out.setdefault(model, {})[name] = float(value)
+    return out
+
+
+def thread_table(before: dict, after: dict) -> dict[str, dict]:
+    """step_table's rows for the batch threads: there Triton's own compute time is only the intake (decoding),
+    and these rows hold the wait for and the run of the batch on the card."""
+    rows = {}
+    for model, b in after.items():
+        a = before.get(model, {})
+
+        def delta(key: str, a=a, b=b) -> float:
+            return b.get(key, 0.0) - a.get(key, 0.0)
+
+        requests, executions = delta("request_count"), delta("execution_count")
+        if requests <= 0:
+            continue
+        rows[f"{model}, batch thread"] = {
+            "requests": int(requests),
+            "mean_batch": round(requests / executions, 2) if executions else None,
+            "queue_ms": round(delta("queue_duration_us") / requests / 1e3, 2),
+            "compute_ms": round(delta("compute_duration_us") / requests / 1e3, 2),
+        }
+    return rows
+
+
 def load(url: str, data: bytes, threshold: float, concurrency: int, requests: int, **options) -> dict:
     """`requests` frames sent by `concurrency` threads, each with its own gRPC client."""
     from client import AnomalyClient
@@ -448,7 +483,9 @@ def print_table(result: dict) -> None:
     print(f"{'same stages in one process':<34}{result['in_process']['p50_ms']:>10}")
     print(f"{'plain script (rfdetr + SAM2 pred.)':<34}{result['plain_script']['p50_ms']:>10}")
     print(f"\n{'step (at the highest concurrency)':<34}{'queue ms':>10}{'compute ms':>12}{'batch':>8}")
-    for name, row in result["steps"].items():
+    steps = result["steps"]  # a GPU step's batch thread right under it: Triton's row then times only its intake
+    for name in sorted(steps, key=lambda n: (STEPS.index(n.split(",")[0]), n)):
+        row = steps[name]
         print(f"{name:<34}{row['queue_ms']:>10}{row['compute_ms']:>12}{row['mean_batch'] or '':>8}")
     tiled = result["tiled"]
     print(f"\n{tiled['photo']} photo, tiled: p50 {tiled['p50_ms']} ms ({tiled['ms_per_megapixel']} ms per megapixel)")
@@ -489,13 +526,15 @@ def main(argv: list[str] | None = None) -> int:
         stats_client = grpcclient.InferenceServerClient(server.grpc_url)
         load(server.grpc_url, data, threshold, 1, 2)  # warm-up: first-call costs stay out of the numbers
         result["ensemble"], result["steps_by_concurrency"] = [], {}
+        metrics_url = f"http://{server.client_host}:{settings.triton_metrics_port}/metrics"
         for level in args.concurrency:
-            before = model_stats(stats_client)
+            before, threads_before = model_stats(stats_client), thread_stats(metrics_url)
             with GpuBusy() as busy:
                 row = load(server.grpc_url, data, threshold, level, args.requests)
             result["ensemble"].append(row | busy.summary())
             after = stats_after(stats_client, before, row["requests"])  # the frames answered without error
-            result["steps_by_concurrency"][str(level)] = step_table(before, after)
+            threads = thread_table(threads_before, thread_stats(metrics_url))
+            result["steps_by_concurrency"][str(level)] = step_table(before, after) | threads
             result["steps"] = result["steps_by_concurrency"][str(level)]  # the table shows the highest level
             print(json.dumps(result["ensemble"][-1]), flush=True)
         # a large photo, tiled: what a drone frame costs (README, "Large photos: tiling")

@@ -84,7 +84,11 @@ def triton(exported, tmp_path_factory):
     log = tmp_path_factory.mktemp("triton") / "triton.log"
     # Geometry shares each frame's masks with a worker process, as on a GPU machine (GEOMETRY_WORKERS), so every
     # end-to-end test goes through that path (test_e2e_pipeline checks its numbers against the served masks).
-    server = TritonServer(dataclasses.replace(load_settings(), geometry_workers=2), log_path=log)
+    # The detector and SAM take batches in while their thread runs the last one (OVERLAP_BATCHES), as on a GPU
+    # machine: every end-to-end test goes through the response senders of that path too.
+    server = TritonServer(
+        dataclasses.replace(load_settings(), geometry_workers=2), log_path=log, env={"OVERLAP_BATCHES": "on"}
+    )
     server.start(ready_timeout=600)
     yield server
     _record_memory(server)

@@ -134,6 +134,75 @@ class StageModel:
         raise NotImplementedError
 
 
+def send_answer(sender, outputs: dict | None = None, error: BaseException | None = None) -> None:
+    """A request's one response, sent through its response sender (anomaly.serving.overlap): its outputs, or
+    its error; outputs that cannot become a response become that error instead."""
+    try:
+        response = error_response(error) if error is not None else respond(outputs)
+    except Exception as exc:  # noqa: BLE001 - the request still gets its one answer
+        response = error_response(exc)
+    sender.send(response, flags=_pb().TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+
+
+class StepMetrics:
+    """Counters on Triton's metrics port for what a step's batch thread did (anomaly.serving.overlap), named
+    and counted as Triton's own per-model statistics are: requests, executions (batches), queue and compute
+    microseconds per request, labelled by model."""
+
+    NAMES = {
+        "requests": ("anomaly_gpu_step_request_count", "requests answered by the step's batch thread"),
+        "executions": ("anomaly_gpu_step_execution_count", "batches the step's batch thread ran"),
+        "wait_ns": ("anomaly_gpu_step_queue_duration_us", "cumulative wait from intake to the batch's start"),
+        "run_ns": ("anomaly_gpu_step_compute_duration_us", "cumulative batch run (model and answers) per request"),
+    }
+
+    def __init__(self, model: str):
+        pb_utils = _pb()
+        self._metrics = {}
+        for field, (name, description) in self.NAMES.items():
+            family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
+            self._metrics[field] = (family, family.Metric(labels={"model": model}))
+
+    def __call__(self, done) -> None:
+        for field, (_, metric) in self._metrics.items():
+            value = getattr(done, field)
+            metric.increment(value / 1000.0 if field.endswith("_ns") else value)
+
+
+class BatchedStage(StageModel):
+    """A dynamically batched GPU step: `prepare(request)` for each request (decoding, checks), then
+    `run([prepared, ...]) -> [outputs dict, ...]` once over the batch. With OVERLAP_BATCHES on for this machine
+    (`start_batches`), run goes to a thread of the step's own and the next batch is taken in meanwhile."""
+
+    batches = None
+
+    def start_batches(self, args: dict, on_gpu: bool) -> None:
+        """Call at the end of setup: the batch size from the model's config, the thread if overlapping."""
+        from anomaly.serving.overlap import OverlappedBatches
+
+        self.max_batch = int(json.loads(args["model_config"])["max_batch_size"])
+        mode = settings().overlap_batches
+        if mode == "on" or (mode == "auto" and on_gpu):
+            name = args["model_name"]
+            self.batches = OverlappedBatches(name, self.run, self.max_batch, send_answer, StepMetrics(name))
+            log.info("%s: batches are taken in while the last one runs (OVERLAP_BATCHES=%s)", name, mode)
+
+    def execute(self, requests):
+        if self.batches is not None:
+            return self.batches.execute(requests, self.prepare)
+        return answer_batch(requests, self.prepare, self.run)
+
+    def finalize(self) -> None:
+        if self.batches is not None:
+            self.batches.close()
+
+    def prepare(self, request):
+        raise NotImplementedError
+
+    def run(self, prepared: list) -> list:
+        raise NotImplementedError
+
+
 def answer_batch(requests, prepare: Callable, run: Callable) -> list:
     """For a dynamically batched step: prepare(request) each request (a failure answers that request alone),
     then run([prepared, ...]) -> [outputs dict, ...] once over the rest, in order."""

@@ -11,7 +11,7 @@ from anomaly.serving import in_service, step_inputs, triton_io
 from anomaly.weights import UNTRAINED_BANNER
 
 
-class TritonPythonModel(triton_io.StageModel):
+class TritonPythonModel(triton_io.BatchedStage):
     needs_detector_metadata = True  # its classes and their roles
     uses_gpu = True
 
@@ -24,19 +24,17 @@ class TritonPythonModel(triton_io.StageModel):
         if self.meta.untrained:
             triton_io.log.warning(UNTRAINED_BANNER.format(what=f"the detector (RF-DETR {self.meta.variant})"))
         triton_io.release_gpu_cache_after_load("detector")
+        self.start_batches(args, on_gpu=self.runner.choice.device == "cuda")
 
-    def execute(self, requests):
-        def prepare(request):
-            plan = step_inputs.tile_plan("TILING", triton_io.array(request, "TILING"), settings().max_image_pixels)
-            inputs, image_hw = self.runner.prepare_windows(triton_io.image_bytes(request, "ENCODED"), plan.windows)
-            if tuple(image_hw) != plan.image_hw:
-                raise InputError("TILING", f"is for a {plan.image_hw} image, but ENCODED is {tuple(image_hw)}")
-            return inputs
+    def prepare(self, request):
+        plan = step_inputs.tile_plan("TILING", triton_io.array(request, "TILING"), settings().max_image_pixels)
+        inputs, image_hw = self.runner.prepare_windows(triton_io.image_bytes(request, "ENCODED"), plan.windows)
+        if tuple(image_hw) != plan.image_hw:
+            raise InputError("TILING", f"is for a {plan.image_hw} image, but ENCODED is {tuple(image_hw)}")
+        return inputs
 
-        def run(per_request):  # every window of every frame in the batch goes through RF-DETR together
-            return [
-                {ONNX_BOXES: boxes[None], ONNX_LOGITS: logits[None], "DETECTOR": self.info}
-                for boxes, logits in self.runner.run_frames(per_request)
-            ]
-
-        return triton_io.answer_batch(requests, prepare, run)
+    def run(self, per_request):  # every window of every frame in the batch goes through RF-DETR together
+        return [
+            {ONNX_BOXES: boxes[None], ONNX_LOGITS: logits[None], "DETECTOR": self.info}
+            for boxes, logits in self.runner.run_frames(per_request)
+        ]

@@ -24,14 +24,14 @@ def pack_crops(crops: list) -> dict[str, np.ndarray]:
     }
 
 
-class TritonPythonModel(triton_io.StageModel):
+class TritonPythonModel(triton_io.BatchedStage):
     uses_gpu = True
 
     def setup(self, args):
-        self.max_batch = int(json.loads(args["model_config"])["max_batch_size"])
         self.segmenter, spec = load_segmenter(settings())
+        max_batch = int(json.loads(args["model_config"])["max_batch_size"])
         if settings().cuda_graphs:
-            self.segmenter.use_cuda_graphs(self.max_batch)
+            self.segmenter.use_cuda_graphs(max_batch)
         info = segmenter_info(self.segmenter, spec)
         in_service.write_record(args, {"segmenter": info})
         self.info = triton_io.bytes_tensor([json.dumps(info).encode()]).reshape(1, 1)
@@ -40,28 +40,26 @@ class TritonPythonModel(triton_io.StageModel):
             title = segmenter_title(spec.kind, spec.variant)
             triton_io.log.warning(UNTRAINED_BANNER.format(what=f"the segmenter ({title})"))
         triton_io.release_gpu_cache_after_load("segmenter")
+        self.start_batches(args, on_gpu=self.segmenter.device == "cuda")
 
-    def execute(self, requests):
+    def prepare(self, request):
         s = settings()
+        # a copy: the request's tensors are gone once execute returns, and with OVERLAP_BATCHES SAM runs later
+        boxes = step_inputs.finite("SEG_BOXES", triton_io.array(request, "SEG_BOXES")).reshape(-1, 4).copy()
+        step_inputs.at_most("SEG_BOXES", len(boxes), s.max_detections)
+        if not len(boxes):  # nothing to segment: no decoding, no SAM
+            return []
+        plan = step_inputs.tile_plan("TILING", triton_io.array(request, "TILING"), s.max_image_pixels)
+        data = triton_io.image_bytes(request, "ENCODED")
+        return self.segmenter.prepare_windows(data, boxes, plan.tiled, s.max_image_bytes, s.max_image_pixels)
 
-        def prepare(request):
-            boxes = step_inputs.finite("SEG_BOXES", triton_io.array(request, "SEG_BOXES")).reshape(-1, 4)
-            step_inputs.at_most("SEG_BOXES", len(boxes), s.max_detections)
-            if not len(boxes):  # nothing to segment: no decoding, no SAM
-                return []
-            plan = step_inputs.tile_plan("TILING", triton_io.array(request, "TILING"), s.max_image_pixels)
-            data = triton_io.image_bytes(request, "ENCODED")
-            return self.segmenter.prepare_windows(data, boxes, plan.tiled, s.max_image_bytes, s.max_image_pixels)
-
-        def run(frames):
-            # the windows of every frame in the batch are embedded together, max_batch at a time
-            crops_per_frame = self.segmenter.segment_windows(frames, self.max_batch)
-            return [
-                pack_crops(crops) | {"SEGMENTER": self.info, "SAM_WINDOWS": sam_windows(windows)}
-                for crops, windows in zip(crops_per_frame, frames)
-            ]
-
-        return triton_io.answer_batch(requests, prepare, run)
+    def run(self, frames):
+        # the windows of every frame in the batch are embedded together, max_batch at a time
+        crops_per_frame = self.segmenter.segment_windows(frames, self.max_batch)
+        return [
+            pack_crops(crops) | {"SEGMENTER": self.info, "SAM_WINDOWS": sam_windows(windows)}
+            for crops, windows in zip(crops_per_frame, frames)
+        ]
 
 
 def sam_windows(frames: list) -> np.ndarray:
