@@ -65,6 +65,15 @@ def pixel_windows(boxes: np.ndarray, image_hw: tuple[int, int]) -> np.ndarray:
     return np.stack([x0, y0, x1, y1], axis=1).astype(np.int64)
 
 
+def host_box_coords(boxes: np.ndarray, image_hw: tuple[int, int], resolution: int) -> np.ndarray:
+    """Boxes (N, 4) xyxy in pixels of a frame of `image_hw` -> (N, 2, 2) float32 corner points in SAM input
+    pixels: each corner divided by the frame's (width, height) and times the input size, in float32, as
+    SAM2Transforms.transform_boxes(normalize=True) computes them with torch."""
+    height, width = image_hw
+    coords = np.asarray(boxes, np.float32).reshape(-1, 2, 2)
+    return coords / np.asarray([width, height], np.float32) * np.float32(resolution)
+
+
 def resolve_device(device: str) -> tuple[str, str]:
     """DEVICE -> (where SAM runs, a warning where that is the CPU on a machine with a GPU, else "")."""
     import torch
@@ -245,10 +254,19 @@ class Sam2Segmenter:
 
     def box_coords(self, boxes: np.ndarray, image_hw):
         """Boxes (N, 4) xyxy in pixels of a frame of `image_hw` -> (N, 2, 2) corner points in SAM input
-        pixels, as SAM2Transforms.transform_boxes(normalize=True) makes them."""
-        height, width = image_hw
-        coords = self._torch.as_tensor(np.asarray(boxes, np.float32).reshape(-1, 2, 2), device=self.device)
-        return coords / self._torch.tensor([float(width), float(height)], device=self.device) * self.resolution
+        pixels, as SAM2Transforms.transform_boxes(normalize=True) makes them (the same float32 division and
+        product, done on the host), on this segmenter's device."""
+        return self.to_device(host_box_coords(boxes, image_hw, self.resolution))
+
+    def to_device(self, array: np.ndarray):
+        """A small host array on this segmenter's device without waiting for the GPU: copied from pinned memory
+        asynchronously. A copy from ordinary memory waits until everything queued on the GPU has run (torch
+        synchronises it), which after the image encoder's launch would leave the CPU idle for its whole run
+        and then the card idle while the CPU launches the next step."""
+        tensor = self._torch.from_numpy(np.ascontiguousarray(array))
+        if self.device != "cuda":
+            return tensor
+        return tensor.pin_memory().to(self.device, non_blocking=True)
 
     def _decode_boxes(self, coords, image_embed, high_res_0, high_res_1):
         """Prompt encoder + mask decoder for the boxes `coords` (N, 2, 2) of one frame, from that frame's
@@ -285,10 +303,12 @@ class Sam2Segmenter:
         if not busy:
             return out
         with torch.inference_mode(), self._autocast():
+            # the boxes go to the device before the encoder is launched: nothing after it waits for the GPU
+            # until the masks come back in one copy
+            all_coords = [self.box_coords(frames[i][2], frames[i][1]) for i in busy]
             features = self.embed(torch.stack([frames[i][0] for i in busy]).to(self.device))
             low_res, ious = [], []
-            for k, i in enumerate(busy):
-                coords = self.box_coords(frames[i][2], frames[i][1])
+            for k, coords in enumerate(all_coords):
                 step = 1 if self.device != "cuda" else (self._decoder.max_batch or len(coords))
                 for start in range(0, len(coords), step):
                     logits, iou = self.decode(features, k, coords[start : start + step])
@@ -345,8 +365,7 @@ class Sam2Segmenter:
             box = np.asarray([windows[j] for j in group], np.float32)
             # the per-pixel scale 2 / size as float32 of the float64 quotient, as a Python scalar would give
             scale = np.asarray([(2.0 / sizes[j][1], 2.0 / sizes[j][0]) for j in group], np.float32)
-            scale = torch.as_tensor(scale, device=device)
-            corner = torch.as_tensor(box[:, :2], device=device)
+            scale, corner = (self.to_device(a).to(device) for a in (scale, box[:, :2]))
             xs = (corner[:, :1] + torch.arange(wide, device=device, dtype=torch.float32) + 0.5) * scale[:, :1] - 1.0
             ys = (corner[:, 1:] + torch.arange(tall, device=device, dtype=torch.float32) + 0.5) * scale[:, 1:] - 1.0
             grid = torch.stack([xs[:, None, :].expand(-1, tall, -1), ys[:, :, None].expand(-1, -1, wide)], dim=-1)

@@ -349,6 +349,8 @@ def pieces(local, data: bytes, threshold: float, repeats: int, gpu: bool) -> dic
             ),
         }
     out["sam_whole_frame"] = ms(lambda: seg.segment_batch([(prepared, hw, seg_boxes)]))
+    if gpu:  # where the CPU waits for the card in a frame's SAM work: only the masks' copy back should
+        out["sam_whole_frame_gpu_waits"] = gpu_waits(lambda: seg.segment_batch([(prepared, hw, seg_boxes)]))
     masks = [c.mask for c in seg.segment_batch([(prepared, hw, seg_boxes)])[0]]
     out[f"geometry_{len(masks)}_masks_one_core"] = ms(lambda: measure_all(masks))
     processes = serving_plan(s, gpu).geometry_workers
@@ -360,6 +362,23 @@ def pieces(local, data: bytes, threshold: float, repeats: int, gpu: bool) -> dic
             workers.close()
     out["segmenter_runtime"] = seg.runtime
     return out
+
+
+def gpu_waits(fn) -> int:
+    """How many operations of fn made the CPU wait for the GPU (torch's sync debug mode, its warnings counted)."""
+    import warnings
+
+    import torch
+
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
 
 
 def timed(fn, repeats: int) -> dict:

@@ -448,6 +448,23 @@ def test_one_decoder_call_for_the_boxes_of_a_frame(exported):
     assert not torch.allclose(together[0], other[0], atol=1e-3)
 
 
+def test_box_prompts_made_on_the_host_are_sam2s_own_bit_for_bit():
+    """The segmenter makes the boxes' corner points on the host (copied to the GPU from pinned memory, without
+    waiting for the card): they must be what SAM2Transforms.transform_boxes computes with torch."""
+    from sam2.utils.transforms import SAM2Transforms
+
+    from anomaly.segmenter import host_box_coords
+
+    rng = np.random.default_rng(3)
+    reference = SAM2Transforms(1024, 0.0)
+    for hw in ((1080, 1920), (4000, 6000), (17, 23), (800, 600)):
+        boxes = (rng.random((500, 4)) * [hw[1], hw[0], hw[1], hw[0]]).astype(np.float32)
+        expected = reference.transform_boxes(torch.from_numpy(boxes), normalize=True, orig_hw=hw).numpy()
+        got = host_box_coords(boxes, hw, 1024)
+        assert got.dtype == np.float32 and got.shape == (500, 2, 2)
+        assert np.array_equal(got, expected), hw
+
+
 def test_mask_crops_are_the_full_frame_upsample_cut_to_the_box(exported):
     """All boxes' crops come from one grid_sample per group of similar size; each must equal the crop of
     F.interpolate of its logits to its own frame's size (what SAM2ImagePredictor returns), with groups split
