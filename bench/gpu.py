@@ -492,6 +492,62 @@ def gpu_memory_mib(server) -> dict:
     }
 
 
+def setting_change(spec: str) -> tuple[str, str]:
+    """`NAME=VALUE` of --also -> (NAME, VALUE), NAME a documented setting."""
+    from anomaly.config import KNOBS
+
+    name, sep, value = spec.partition("=")
+    names = {k.name for k in KNOBS}
+    if not sep or name not in names:
+        raise SystemExit(f"--also {spec!r}: expected NAME=VALUE with NAME one of the settings (README, 'Settings')")
+    return name, value
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def levels_with(change: tuple[str, str], data: bytes, threshold: float, levels: list[int], requests: int) -> dict:
+    """The ensemble levels again, on a tritonserver of its own (free ports) started with one setting changed:
+    the same run's baseline for that setting. Its memory is read before it stops."""
+    import dataclasses
+    import os
+
+    from anomaly.serving.triton_server import TritonServer
+
+    name, value = change
+    before = os.environ.get(name)
+    os.environ[name] = value  # the launcher's own choices (plan, GPU hiding) read it too
+    try:
+        changed = load_settings()
+    finally:
+        if before is None:
+            os.environ.pop(name)
+        else:
+            os.environ[name] = before
+    ports = {f"triton_{kind}_port": free_port() for kind in ("http", "grpc", "metrics")}
+    log_path = REPO_ROOT / "bench_output" / f"triton_{name.lower()}_{value}.log"
+    rows = []
+    server = TritonServer(dataclasses.replace(changed, **ports), log_path=log_path, env={name: value})
+    server.start(ready_timeout=900)
+    try:
+        load(server.grpc_url, data, threshold, 1, 2)  # warm-up, as for the default server
+        for level in levels:
+            with GpuBusy() as busy:
+                rows.append(load(server.grpc_url, data, threshold, level, requests) | busy.summary())
+            print(json.dumps({f"{name}={value}": rows[-1]}), flush=True)
+        memory = gpu_memory_mib(server)
+        threads = thread_stats(f"http://{server.client_host}:{ports['triton_metrics_port']}/metrics")
+    finally:
+        server.stop()
+    # the batch threads' counters show whether the GPU steps answered from their threads (OVERLAP_BATCHES)
+    return {"setting": f"{name}={value}", "ensemble": rows, "memory": memory, "batch_threads": sorted(threads)}
+
+
 def print_table(result: dict) -> None:
     print(f"\n{result['device']}  |  {result['workload']}")
     print(f"{'what':<34}{'p50 ms':>10}{'p90 ms':>10}{'frames/s':>10}{'GPU busy %':>12}")
@@ -499,6 +555,14 @@ def print_table(result: dict) -> None:
         label = f"ensemble, concurrency {row['concurrency']}"
         busy = row.get("gpu_busy_mean_pct", "")
         print(f"{label:<34}{row['p50_ms']:>10}{row['p90_ms']:>10}{row['frames_per_s']:>10}{busy:>12}")
+    default = {row["concurrency"]: row for row in result["ensemble"]}
+    for other in result.get("compared", []):  # the same levels with one setting changed, in this run
+        for row in other["ensemble"]:
+            label = f"  {other['setting']}, c={row['concurrency']}"
+            busy = row.get("gpu_busy_mean_pct", "")
+            base = default.get(row["concurrency"], {}).get("frames_per_s")
+            ratio = f"  ({row['frames_per_s'] / base:.2f}x frames/s)" if base and row["frames_per_s"] else ""
+            print(f"{label:<34}{row['p50_ms']:>10}{row['p90_ms']:>10}{row['frames_per_s']:>10}{busy:>12}{ratio}")
     print(f"{'same stages in one process':<34}{result['in_process']['p50_ms']:>10}")
     print(f"{'plain script (rfdetr + SAM2 pred.)':<34}{result['plain_script']['p50_ms']:>10}")
     print(f"\n{'step (at the highest concurrency)':<34}{'queue ms':>10}{'compute ms':>12}{'batch':>8}")
@@ -525,7 +589,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiled-size", default="6000x4000" if gpu else "1600x1200", help="the tiled photo, WxH")
     parser.add_argument("--tiled-requests", type=int, default=8 if gpu else 1, help="large photos sent tiled")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_output" / "gpu.json")
+    parser.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="run the ensemble levels again on a tritonserver started with this setting changed (repeatable): "
+        "a baseline from the same run, e.g. --also OVERLAP_BATCHES=off",
+    )
     args = parser.parse_args(argv)
+    changes = [setting_change(spec) for spec in args.also]
 
     import tritonclient.grpc as grpcclient
 
@@ -566,6 +639,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps({"tiled": tiled}), flush=True)
         result["memory"] = gpu_memory_mib(server) | {"tritonserver_sees_gpu": server.gpu and not server.hides_gpu}
         stats_client.close()
+    result["compared"] = [levels_with(c, data, threshold, args.concurrency, args.requests) for c in changes]
 
     if gpu:
         result["gpu_checks"] = gpu_checks(settings, local.meta, export_files(settings.model_repository)[0], data)
@@ -580,7 +654,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"\nwrote {args.out}")
-    return 0 if all(not row["errors"] for row in result["ensemble"]) else 1
+    rows = result["ensemble"] + [row for other in result["compared"] for row in other["ensemble"]]
+    return 0 if all(not row["errors"] for row in rows) else 1
 
 
 if __name__ == "__main__":

@@ -97,7 +97,8 @@ def test_bench_gpu_runs_on_a_cpu_with_small_settings(triton, tmp_path):
     from bench import gpu
 
     out = tmp_path / "gpu.json"
-    args = ["--concurrency", "1", "2", "--requests", "2", "--repeats", "1", "--defects", "1", "--out", str(out)]
+    args = ["--concurrency", "1", "2", "--requests", "2", "--repeats", "1", "--defects", "1", "--out", str(out),
+            "--also", "OVERLAP_BATCHES=off"]  # fmt: skip
     assert gpu.main(args) == 0
     result = json.loads(out.read_text())
     assert result["gpu"] is False and "1 defects segmented" in result["workload"]
@@ -128,6 +129,21 @@ def test_bench_gpu_runs_on_a_cpu_with_small_settings(triton, tmp_path):
     by_boxes = pieces["sam_decoder_ms_by_boxes"]  # each box decodes from its own copy of the frame's embedding
     assert set(by_boxes) == {"1", "4"} and by_boxes["4"] > by_boxes["1"] > 0
     assert result["memory"]["tritonserver_sees_gpu"] is False  # no GPU here to see
+    # --also: the same levels on a server of its own with the setting changed, which its steps did see
+    (other,) = result["compared"]
+    assert other["setting"] == "OVERLAP_BATCHES=off" and other["batch_threads"] == []
+    assert [row["concurrency"] for row in other["ensemble"]] == [1, 2]
+    assert all(row["requests"] == 2 and not row["errors"] and row["frames_per_s"] > 0 for row in other["ensemble"])
+    assert other["memory"]["resident"]["total_mib"] > 0
+
+
+def test_bench_gpu_refuses_a_comparison_with_an_unknown_setting():
+    from bench import gpu
+
+    with pytest.raises(SystemExit, match="NOT_A_SETTING=1.*NAME=VALUE"):
+        gpu.main(["--also", "NOT_A_SETTING=1"])
+    with pytest.raises(SystemExit, match="OVERLAP_BATCHES"):
+        gpu.main(["--also", "OVERLAP_BATCHES"])
 
 
 def test_make_bench_response_and_geometry_worker_parts(exported):
