@@ -309,6 +309,15 @@ KNOBS: tuple[Knob, ...] = (
         parse=_auto_is_on,
     ),
     Knob(
+        "SAM_COMPILE",
+        "off",
+        "`off` or `encoder`: SAM's image encoder compiled by inductor (torch.compile, default mode) when the "
+        "segmenter loads, before its CUDA graphs are captured; its kernels are kept in WEIGHTS_DIR/inductor_cache "
+        "for the next start (the first compile takes minutes)",
+        ("off", "encoder"),
+        parse=_choice,
+    ),
+    Knob(
         "HIDE_GPU_FROM_TRITON",
         "auto",
         "`auto`: on a GPU machine tritonserver itself starts with the GPU hidden (its steps pass only CPU tensors, "

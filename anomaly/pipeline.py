@@ -132,6 +132,7 @@ class InProcessPipeline:
 
     def __init__(self, settings: Settings, model_repository: Path | None = None):
         from anomaly.detector import DetectorRunner
+        from anomaly.segmenter import ready_for_serving
         from anomaly.weights import load_segmenter, segmenter_info
 
         repo = model_repository or settings.model_repository
@@ -141,8 +142,7 @@ class InProcessPipeline:
         self.detector = DetectorRunner(self.meta, onnx_path, settings)
         self.segmenter, spec = load_segmenter(settings)
         self.sam_batch = 1  # windows of a tiled frame embedded one at a time, as one frame is
-        if settings.cuda_graphs:
-            self.segmenter.use_cuda_graphs(self.sam_batch)
+        ready_for_serving(self.segmenter, settings, self.sam_batch)
         self.segmenter_info = segmenter_info(self.segmenter, spec)
 
     def __call__(self, data: bytes, options: RequestOptions) -> dict:

@@ -94,6 +94,16 @@ def resolve_device(device: str) -> tuple[str, str]:
     return "cpu", warning
 
 
+def ready_for_serving(segmenter, settings, max_batch: int) -> None:
+    """What a loaded SAM gets before it serves, as the settings ask: its image encoder compiled by inductor
+    (SAM_COMPILE), then its CUDA graphs (CUDA_GRAPHS) for batches of up to `max_batch` frames. The Triton step
+    and the in-process pipeline both call this."""
+    if settings.sam_compile == "encoder":
+        segmenter.compile_encoder(settings.weights_dir / "inductor_cache")
+    if settings.cuda_graphs:
+        segmenter.use_cuda_graphs(max_batch)
+
+
 def store_in_bf16(module) -> int:
     """Keep the weights and biases of `module`'s linear and convolution layers in bf16; returns how many values.
     Under bf16 autocast these layers cast them to bf16 in every forward anyway (the cast cache is off: it
@@ -150,6 +160,19 @@ class Sam2Segmenter:
             return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
         return torch.autocast("cpu", enabled=False)
 
+    def compile_encoder(self, cache_dir: Path) -> None:
+        """The image encoder through torch.compile (inductor, default mode: autotuning did not finish in 5
+        minutes for SAM2.1-L on an H100). It compiles on its first forward at each batch size, which the CUDA
+        graphs' warm-up makes before capturing the compiled kernels; inductor keeps what it built in
+        `cache_dir` (unless TORCHINDUCTOR_CACHE_DIR is set), so the next start on the same volume is quicker."""
+        import os
+
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+        self._encoder.forward = self._torch.compile(self._embed, dynamic=False)
+        self._encoder_compiled = True
+        log.info("SAM image encoder: compiled by inductor on its first forward (cache %s)",
+                 os.environ["TORCHINDUCTOR_CACHE_DIR"])  # fmt: skip
+
     def use_cuda_graphs(self, max_batch: int) -> None:
         """On a GPU, replay the image encoder from CUDA graphs for batches of up to `max_batch` frames, and the
         prompt encoder + mask decoder for each box count of DECODER_GRAPH_SIZES (more go in chunks)."""
@@ -174,7 +197,11 @@ class Sam2Segmenter:
     @property
     def runtime(self) -> str:
         precision = "bf16 autocast, encoder weights in bf16" if self.device == "cuda" else "fp32"
-        return f"{precision} on {self.device}, image encoder {self._encoder.note}, mask decoder {self._decoder.note}"
+        compiled = "compiled by inductor, " if getattr(self, "_encoder_compiled", False) else ""
+        return (
+            f"{precision} on {self.device}, image encoder {compiled}{self._encoder.note}, "
+            f"mask decoder {self._decoder.note}"
+        )
 
     # --- preparing frames ---
     def prepare(self, data: bytes, max_bytes: int, max_pixels: int, field: str = "image"):

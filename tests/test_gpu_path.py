@@ -448,6 +448,38 @@ def test_one_decoder_call_for_the_boxes_of_a_frame(exported):
     assert not torch.allclose(together[0], other[0], atol=1e-3)
 
 
+@pytest.mark.slow
+def test_sam_compile_serves_the_encoder_compiled_with_the_same_masks(exported, monkeypatch, tmp_path):
+    """SAM_COMPILE=encoder through ready_for_serving (what the segmenter step and the in-process pipeline call):
+    the image encoder compiled by inductor, its kernels kept under WEIGHTS_DIR, and the same features and masks
+    as the eager encoder's. On this CPU inductor builds C++ kernels (about a minute cold)."""
+    from anomaly.segmenter import ready_for_serving
+    from anomaly.weights import load_segmenter
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "recorded")  # so that teardown restores what it was
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    base = load_settings()
+    eager, _ = load_segmenter(base)
+    compiled, _ = load_segmenter(base)
+    ready_for_serving(compiled, dataclasses.replace(base, sam_compile="encoder", weights_dir=tmp_path), 1)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor_cache")
+    assert "compiled by inductor" in compiled.runtime and "compiled" not in eager.runtime
+    data = (SAMPLES / "bridge_deck.jpg").read_bytes()
+    boxes = np.array([[100, 80, 700, 400], [900, 500, 1500, 1000]], np.float32)
+    results = []
+    for segmenter in (eager, compiled):
+        prepared, hw = segmenter.prepare(data, BIG, BIG)
+        with torch.inference_mode():
+            features = segmenter.embed(prepared[None])
+        results.append((features, segmenter.segment_batch([(prepared, hw, boxes)])[0]))
+    (want, want_crops), (got, got_crops) = results
+    scale = float(want["image_embed"].abs().max())
+    assert float((got["image_embed"] - want["image_embed"]).abs().max()) < 1e-4 * scale
+    for a, b in zip(want_crops, got_crops):
+        assert a.box == b.box and (a.mask != b.mask).mean() < 1e-3 and b.score == pytest.approx(a.score, abs=1e-4)
+    assert any(p.is_file() for p in (tmp_path / "inductor_cache").rglob("*"))  # kept for the next start
+
+
 def test_box_prompts_made_on_the_host_are_sam2s_own_bit_for_bit():
     """The segmenter makes the boxes' corner points on the host (copied to the GPU from pinned memory, without
     waiting for the card): they must be what SAM2Transforms.transform_boxes computes with torch."""

@@ -8,6 +8,7 @@ import numpy as np
 
 from anomaly import masks
 from anomaly.config import settings
+from anomaly.segmenter import ready_for_serving
 from anomaly.serving import in_service, step_inputs, triton_io
 from anomaly.weights import UNTRAINED_BANNER, load_segmenter, segmenter_info, segmenter_title
 
@@ -30,8 +31,7 @@ class TritonPythonModel(triton_io.BatchedStage):
     def setup(self, args):
         self.segmenter, spec = load_segmenter(settings())
         max_batch = int(json.loads(args["model_config"])["max_batch_size"])
-        if settings().cuda_graphs:
-            self.segmenter.use_cuda_graphs(max_batch)
+        ready_for_serving(self.segmenter, settings(), max_batch)  # SAM_COMPILE, CUDA_GRAPHS
         info = segmenter_info(self.segmenter, spec)
         in_service.write_record(args, {"segmenter": info})
         self.info = triton_io.bytes_tensor([json.dumps(info).encode()]).reshape(1, 1)
