@@ -167,6 +167,37 @@ def test_a_run_that_answers_too_few_fails_its_batch_instead_of_leaving_a_request
         assert one[0][0] == "error" and "1 answers for 2 requests" in str(one[0][1])
 
 
+def test_a_triton_without_response_senders_takes_nothing_in_and_the_step_answers_the_old_way(monkeypatch):
+    """Triton before 24.06 gives models that are not decoupled no response senders: the batch is then answered
+    by execute's return value, and the step stays one batch at a time from then on."""
+    from anomaly.serving import overlap, triton_io
+
+    class OldRequest(Request):
+        def get_response_sender(self):
+            raise RuntimeError("non-decoupled model")
+
+    ran = []
+
+    class Step(triton_io.BatchedStage):
+        def prepare(self, request):
+            return request.value
+
+        def run(self, items):
+            ran.append(list(items))
+            return [{"v": v} for v in items]
+
+    step = Step()
+    step.batches = overlap.OverlappedBatches("test", step.run, 2, answer)
+    with pytest.raises(overlap.NoResponseSenders, match="non-decoupled"):
+        step.batches.execute([OldRequest(1)], step.prepare)
+    assert ran == []  # nothing was taken in
+    monkeypatch.setattr(triton_io, "respond", lambda outputs: ("response", outputs))
+    requests = [OldRequest(1), OldRequest(2)]
+    assert step.execute(requests) == [("response", {"v": 1}), ("response", {"v": 2})]
+    assert step.batches is None and ran == [[1, 2]]
+    assert step.execute([OldRequest(3)]) == [("response", {"v": 3})]
+
+
 def test_close_answers_what_was_taken_in_then_intake_is_refused():
     release = threading.Event()
 

@@ -27,6 +27,10 @@ log = logging.getLogger("anomaly.triton")
 _STOP = object()
 
 
+class NoResponseSenders(RuntimeError):
+    """This Triton gives models that are not decoupled no response senders (before 24.06): nothing was taken in."""
+
+
 @dataclass
 class Counts:
     """What the thread did, cumulative, in the units of Triton's own statistics: each request's wait from its
@@ -63,9 +67,13 @@ class OverlappedBatches:
 
     def execute(self, requests, prepare: Callable) -> None:
         """Take each request in: prepare(request) must copy what it keeps, the request's tensors go when this
-        returns. A request that fails to prepare is answered with its error at once."""
-        for request in requests:
-            sender = request.get_response_sender()
+        returns. A request that fails to prepare is answered with its error at once. Raises NoResponseSenders,
+        with nothing taken in, where Triton has no response senders for this model."""
+        try:
+            senders = [request.get_response_sender() for request in requests]
+        except Exception as exc:  # noqa: BLE001 - the caller answers these requests the old way
+            raise NoResponseSenders(f"{type(exc).__name__}: {exc}") from exc
+        for request, sender in zip(requests, senders):
             try:
                 item = prepare(request)
                 self._wait_for_room()

@@ -31,6 +31,11 @@ def _pb():
     return triton_python_backend_utils
 
 
+def max_batch_size(args: dict) -> int:
+    """The model's max_batch_size, from the config Triton loaded (the launcher's serving.pbtxt for this machine)."""
+    return int(json.loads(args["model_config"])["max_batch_size"])
+
+
 def export_files_of(args: dict) -> tuple[Path, Path]:
     """(model.onnx, metadata.json) of the detector export, found from this model's own folder."""
     return export_files(Path(args["model_repository"]).parent)
@@ -180,7 +185,7 @@ class BatchedStage(StageModel):
         """Call at the end of setup: the batch size from the model's config, the thread if overlapping."""
         from anomaly.serving.overlap import OverlappedBatches
 
-        self.max_batch = int(json.loads(args["model_config"])["max_batch_size"])
+        self.max_batch = max_batch_size(args)
         mode = settings().overlap_batches
         if mode == "on" or (mode == "auto" and on_gpu):
             name = args["model_name"]
@@ -188,8 +193,15 @@ class BatchedStage(StageModel):
             log.info("%s: batches are taken in while the last one runs (OVERLAP_BATCHES=%s)", name, mode)
 
     def execute(self, requests):
+        from anomaly.serving.overlap import NoResponseSenders
+
         if self.batches is not None:
-            return self.batches.execute(requests, self.prepare)
+            try:
+                return self.batches.execute(requests, self.prepare)
+            except NoResponseSenders as exc:  # a Triton before 24.06 (the image's is 25.01)
+                log.warning("no response senders for this model (%s): one batch at a time from now on", exc)
+                self.batches.close()
+                self.batches = None
         return answer_batch(requests, self.prepare, self.run)
 
     def finalize(self) -> None:

@@ -17,7 +17,7 @@ class TritonPythonModel(triton_io.BatchedStage):
 
     def setup(self, args):
         onnx_path = triton_io.export_files_of(args)[0]
-        max_batch = int(json.loads(args["model_config"])["max_batch_size"])
+        max_batch = triton_io.max_batch_size(args)
         self.runner = DetectorRunner(self.meta, onnx_path, settings(), max_batch)
         self.info = triton_io.bytes_tensor([json.dumps(self.runner.info).encode()]).reshape(1, 1)
         in_service.write_record(args, {"detector": self.runner.info, "metadata": asdict(self.meta)})

@@ -30,7 +30,7 @@ class TritonPythonModel(triton_io.BatchedStage):
 
     def setup(self, args):
         self.segmenter, spec = load_segmenter(settings())
-        max_batch = int(json.loads(args["model_config"])["max_batch_size"])
+        max_batch = triton_io.max_batch_size(args)
         ready_for_serving(self.segmenter, settings(), max_batch)  # SAM_COMPILE, CUDA_GRAPHS
         info = segmenter_info(self.segmenter, spec)
         in_service.write_record(args, {"segmenter": info})
