@@ -329,7 +329,7 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "OVERLAP_BATCHES",
         "auto",
-        "`auto`: the detector and SAM, where they run on a GPU, take the next batch in (decode, resize) while the "
+        "`auto`: the detector and SAM, where they run on a GPU, take the next batch in (checks, decoding) while the "
         "card runs the last one, and answer from a thread of their own; `on`: on a CPU too; `off`: one batch at a "
         "time inside Triton's execute",
         ("auto", "on", "off"),
