@@ -107,6 +107,7 @@ def models_info(meta: DetectorMetadata, segmenter: dict, detector: dict) -> dict
             "precision": detector.get("precision", ""),
             "runtime": detector.get("runtime", ""),
             "reason": detector.get("reason", ""),
+            "batches": detector.get("batches", ""),
         },
         "segmenter": {
             "name": "-".join(filter(None, [segmenter.get("kind", "sam2.1"), segmenter.get("variant")])),
@@ -115,6 +116,7 @@ def models_info(meta: DetectorMetadata, segmenter: dict, detector: dict) -> dict
             "device": segmenter.get("device", ""),
             "runtime": segmenter.get("runtime", ""),
             "note": file_names_only(segmenter.get("note", "")),
+            "batches": segmenter.get("batches", ""),
         },
     }
 

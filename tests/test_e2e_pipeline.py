@@ -256,6 +256,8 @@ def test_response_says_what_ran_the_detector(grpc_client, pier_png):
     assert detector["backend"] == "onnxruntime" and detector["device"] == "cpu"  # this machine has no GPU
     assert "no GPU" in detector["reason"] and "CPUExecutionProvider" in detector["runtime"]
     assert models["segmenter"]["device"] == "cpu"
+    # the session's server overlaps the GPU steps' batches (OVERLAP_BATCHES=on, tests/conftest.py)
+    assert models["detector"]["batches"] == models["segmenter"]["batches"] == "overlapped"
 
 
 def _call_step(triton, model: str, inputs: dict[str, np.ndarray], protocol: str = "grpc"):

@@ -167,10 +167,11 @@ def test_a_run_that_answers_too_few_fails_its_batch_instead_of_leaving_a_request
         assert one[0][0] == "error" and "1 answers for 2 requests" in str(one[0][1])
 
 
-def test_a_triton_without_response_senders_takes_nothing_in_and_the_step_answers_the_old_way(monkeypatch):
+def test_a_triton_without_response_senders_takes_nothing_in_and_the_step_answers_the_old_way(monkeypatch, tmp_path):
     """Triton before 24.06 gives models that are not decoupled no response senders: the batch is then answered
-    by execute's return value, and the step stays one batch at a time from then on."""
+    by execute's return value, the step stays one batch at a time from then on, and its record (/info) says so."""
     from anomaly.serving import overlap, triton_io
+    from anomaly.serving.in_service import read_record
 
     class OldRequest(Request):
         def get_response_sender(self):
@@ -186,7 +187,12 @@ def test_a_triton_without_response_senders_takes_nothing_in_and_the_step_answers
             ran.append(list(items))
             return [{"v": v} for v in items]
 
+        def record(self):
+            return {"step": {"batches": self.batching}}
+
     step = Step()
+    (tmp_path / "step").mkdir()  # the step's folder in the model repository
+    step.args = {"model_repository": str(tmp_path / "step")}
     step.batches = overlap.OverlappedBatches("test", step.run, 2, answer)
     with pytest.raises(overlap.NoResponseSenders, match="non-decoupled"):
         step.batches.execute([OldRequest(1)], step.prepare)
@@ -195,6 +201,7 @@ def test_a_triton_without_response_senders_takes_nothing_in_and_the_step_answers
     requests = [OldRequest(1), OldRequest(2)]
     assert step.execute(requests) == [("response", {"v": 1}), ("response", {"v": 2})]
     assert step.batches is None and ran == [[1, 2]]
+    assert read_record(tmp_path, "step")["step"] == {"batches": "one at a time"}
     assert step.execute([OldRequest(3)]) == [("response", {"v": 3})]
 
 

@@ -21,6 +21,7 @@ from anomaly.detector import DetectorMetadata, export_files
 from anomaly.errors import InputError
 from anomaly.logs import setup_logging
 from anomaly.options import RequestOptions, parse_options
+from anomaly.serving import in_service
 
 log = logging.getLogger("anomaly.triton")
 
@@ -177,20 +178,36 @@ class StepMetrics:
 class BatchedStage(StageModel):
     """A dynamically batched GPU step: `prepare(request)` for each request (decoding, checks), then
     `run([prepared, ...]) -> [outputs dict, ...]` once over the batch. With OVERLAP_BATCHES on for this machine
-    (`start_batches`), run goes to a thread of the step's own and the next batch is taken in meanwhile."""
+    (`start_batches`), run goes to a thread of the step's own and the next batch is taken in meanwhile. What the
+    step loaded (`record()`, with `batching`) goes to /info (anomaly.serving.in_service) and to responses."""
 
     batches = None
 
     def start_batches(self, args: dict, on_gpu: bool) -> None:
-        """Call at the end of setup: the batch size from the model's config, the thread if overlapping."""
+        """Call at the end of setup: the batch size from the model's config, the thread if overlapping, then the
+        step's start-up record."""
         from anomaly.serving.overlap import OverlappedBatches
 
+        self.args = args
         self.max_batch = max_batch_size(args)
         mode = settings().overlap_batches
         if mode == "on" or (mode == "auto" and on_gpu):
             name = args["model_name"]
             self.batches = OverlappedBatches(name, self.run, self.max_batch, send_answer, StepMetrics(name))
             log.info("%s: batches are taken in while the last one runs (OVERLAP_BATCHES=%s)", name, mode)
+        self.write_record()
+
+    @property
+    def batching(self) -> str:
+        """How this step runs its batches, for /info and responses."""
+        return "overlapped" if self.batches is not None else "one at a time"
+
+    def record(self) -> dict:
+        """This step's start-up record (anomaly.serving.in_service)."""
+        raise NotImplementedError
+
+    def write_record(self) -> None:
+        in_service.write_record(self.args, self.record())
 
     def execute(self, requests):
         from anomaly.serving.overlap import NoResponseSenders
@@ -202,6 +219,7 @@ class BatchedStage(StageModel):
                 log.warning("no response senders for this model (%s): one batch at a time from now on", exc)
                 self.batches.close()
                 self.batches = None
+                self.write_record()
         return answer_batch(requests, self.prepare, self.run)
 
     def finalize(self) -> None:

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from anomaly.config import settings
 from anomaly.detector import ONNX_BOXES, ONNX_LOGITS, DetectorRunner
 from anomaly.errors import InputError
-from anomaly.serving import in_service, step_inputs, triton_io
+from anomaly.serving import step_inputs, triton_io
 from anomaly.weights import UNTRAINED_BANNER
 
 
@@ -19,12 +19,17 @@ class TritonPythonModel(triton_io.BatchedStage):
         onnx_path = triton_io.export_files_of(args)[0]
         max_batch = triton_io.max_batch_size(args)
         self.runner = DetectorRunner(self.meta, onnx_path, settings(), max_batch)
-        self.info = triton_io.bytes_tensor([json.dumps(self.runner.info).encode()]).reshape(1, 1)
-        in_service.write_record(args, {"detector": self.runner.info, "metadata": asdict(self.meta)})
         if self.meta.untrained:
             triton_io.log.warning(UNTRAINED_BANNER.format(what=f"the detector (RF-DETR {self.meta.variant})"))
         triton_io.release_gpu_cache_after_load("detector")
         self.start_batches(args, on_gpu=self.runner.choice.device == "cuda")
+
+    def record(self):
+        return {"detector": self.described(), "metadata": asdict(self.meta)}
+
+    def described(self) -> dict:
+        """What runs RF-DETR and why (anomaly.detector.DetectorRunner), and how its batches run."""
+        return self.runner.info | {"batches": self.batching}
 
     def prepare(self, request):
         plan = step_inputs.tile_plan("TILING", triton_io.array(request, "TILING"), settings().max_image_pixels)
@@ -34,7 +39,8 @@ class TritonPythonModel(triton_io.BatchedStage):
         return inputs
 
     def run(self, per_request):  # every window of every frame in the batch goes through RF-DETR together
+        info = triton_io.bytes_tensor([json.dumps(self.described()).encode()]).reshape(1, 1)
         return [
-            {ONNX_BOXES: boxes[None], ONNX_LOGITS: logits[None], "DETECTOR": self.info}
+            {ONNX_BOXES: boxes[None], ONNX_LOGITS: logits[None], "DETECTOR": info}
             for boxes, logits in self.runner.run_frames(per_request)
         ]

@@ -9,7 +9,7 @@ import numpy as np
 from anomaly import masks
 from anomaly.config import settings
 from anomaly.segmenter import ready_for_serving
-from anomaly.serving import in_service, step_inputs, triton_io
+from anomaly.serving import step_inputs, triton_io
 from anomaly.weights import UNTRAINED_BANNER, load_segmenter, segmenter_info, segmenter_title
 
 
@@ -32,15 +32,20 @@ class TritonPythonModel(triton_io.BatchedStage):
         self.segmenter, spec = load_segmenter(settings())
         max_batch = triton_io.max_batch_size(args)
         ready_for_serving(self.segmenter, settings(), max_batch)  # SAM_COMPILE, CUDA_GRAPHS
-        info = segmenter_info(self.segmenter, spec)
-        in_service.write_record(args, {"segmenter": info})
-        self.info = triton_io.bytes_tensor([json.dumps(info).encode()]).reshape(1, 1)
-        triton_io.log.info("segmenter: %s", info)
+        self.loaded = segmenter_info(self.segmenter, spec)
+        triton_io.log.info("segmenter: %s", self.loaded)
         if spec.untrained:
             title = segmenter_title(spec.kind, spec.variant)
             triton_io.log.warning(UNTRAINED_BANNER.format(what=f"the segmenter ({title})"))
         triton_io.release_gpu_cache_after_load("segmenter")
         self.start_batches(args, on_gpu=self.segmenter.device == "cuda")
+
+    def record(self):
+        return {"segmenter": self.described()}
+
+    def described(self) -> dict:
+        """Which SAM, weights and device (anomaly.weights.segmenter_info), and how its batches run."""
+        return self.loaded | {"batches": self.batching}
 
     def prepare(self, request):
         s = settings()
@@ -56,8 +61,9 @@ class TritonPythonModel(triton_io.BatchedStage):
     def run(self, frames):
         # the windows of every frame in the batch are embedded together, max_batch at a time
         crops_per_frame = self.segmenter.segment_windows(frames, self.max_batch)
+        info = triton_io.bytes_tensor([json.dumps(self.described()).encode()]).reshape(1, 1)
         return [
-            pack_crops(crops) | {"SEGMENTER": self.info, "SAM_WINDOWS": sam_windows(windows)}
+            pack_crops(crops) | {"SEGMENTER": info, "SAM_WINDOWS": sam_windows(windows)}
             for crops, windows in zip(crops_per_frame, frames)
         ]
 
