@@ -151,6 +151,7 @@ class Sam2Segmenter:
         self.device, self.warning = resolve_device(device)
         self._torch = torch
         self._encoder = GraphedForward(self._embed, self._autocast)
+        self._encoder_compiled = False  # SAM_COMPILE (compile_encoder)
         self._decoder = GraphedForward(self._decode_boxes, self._autocast)
         self._box_labels = torch.tensor([[2, 3]], dtype=torch.int, device=self.device)
 
@@ -197,7 +198,7 @@ class Sam2Segmenter:
     @property
     def runtime(self) -> str:
         precision = "bf16 autocast, encoder weights in bf16" if self.device == "cuda" else "fp32"
-        compiled = "compiled by inductor, " if getattr(self, "_encoder_compiled", False) else ""
+        compiled = "compiled by inductor, " if self._encoder_compiled else ""
         return (
             f"{precision} on {self.device}, image encoder {compiled}{self._encoder.note}, "
             f"mask decoder {self._decoder.note}"

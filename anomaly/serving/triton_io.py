@@ -22,6 +22,7 @@ from anomaly.errors import InputError
 from anomaly.logs import setup_logging
 from anomaly.options import RequestOptions, parse_options
 from anomaly.serving import in_service
+from anomaly.serving.overlap import NoResponseSenders, OverlappedBatches
 
 log = logging.getLogger("anomaly.triton")
 
@@ -186,8 +187,6 @@ class BatchedStage(StageModel):
     def start_batches(self, args: dict, on_gpu: bool) -> None:
         """Call at the end of setup: the batch size from the model's config, the thread if overlapping, then the
         step's start-up record."""
-        from anomaly.serving.overlap import OverlappedBatches
-
         self.args = args
         self.max_batch = max_batch_size(args)
         mode = settings().overlap_batches
@@ -210,8 +209,6 @@ class BatchedStage(StageModel):
         in_service.write_record(self.args, self.record())
 
     def execute(self, requests):
-        from anomaly.serving.overlap import NoResponseSenders
-
         if self.batches is not None:
             try:
                 return self.batches.execute(requests, self.prepare)
