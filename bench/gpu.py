@@ -511,11 +511,25 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def mirror_repository(source: Path, target: Path) -> Path:
+    """A model repository at `target` whose steps link to `source`'s files but have configs/ folders of their own:
+    a second tritonserver writes its serving configs and start-up records (what `/info` reads) there, and the
+    records of a server already running on `source` stay true."""
+    for step in sorted(p for p in source.iterdir() if p.is_dir()):
+        (target / step.name).mkdir(parents=True)
+        for child in step.iterdir():
+            if child.name not in ("configs", "__pycache__"):
+                (target / step.name / child.name).symlink_to(child.resolve())
+    return target
+
+
 def levels_with(change: tuple[str, str], data: bytes, threshold: float, levels: list[int], requests: int) -> dict:
-    """The ensemble levels again, on a tritonserver of its own (free ports) started with one setting changed:
-    the same run's baseline for that setting. Its memory is read before it stops."""
+    """The ensemble levels again, on a tritonserver of its own (free ports, a mirror of the model repository)
+    started with one setting changed: the same run's baseline for that setting. Its memory is read before it
+    stops."""
     import dataclasses
     import os
+    import tempfile
 
     from anomaly.serving.triton_server import TritonServer
 
@@ -532,9 +546,12 @@ def levels_with(change: tuple[str, str], data: bytes, threshold: float, levels: 
     ports = {f"triton_{kind}_port": free_port() for kind in ("http", "grpc", "metrics")}
     log_path = REPO_ROOT / "bench_output" / f"triton_{name.lower()}_{value}.log"
     rows = []
-    server = TritonServer(dataclasses.replace(changed, **ports), log_path=log_path, env={name: value})
-    server.start(ready_timeout=900)
+    mirror = tempfile.TemporaryDirectory(prefix="anomaly_repo_")
+    repository = mirror_repository(changed.model_repository, Path(mirror.name) / "model_repository")
+    settings = dataclasses.replace(changed, model_repository=repository, **ports)
+    server = TritonServer(settings, log_path=log_path, env={name: value, "MODEL_REPOSITORY": str(repository)})
     try:
+        server.start(ready_timeout=900)
         load(server.grpc_url, data, threshold, 1, 2)  # warm-up, as for the default server
         for level in levels:
             with GpuBusy() as busy:
@@ -544,6 +561,7 @@ def levels_with(change: tuple[str, str], data: bytes, threshold: float, levels: 
         threads = thread_stats(f"http://{server.client_host}:{ports['triton_metrics_port']}/metrics")
     finally:
         server.stop()
+        mirror.cleanup()
     # the batch threads' counters show whether the GPU steps answered from their threads (OVERLAP_BATCHES)
     return {"setting": f"{name}={value}", "ensemble": rows, "memory": memory, "batch_threads": sorted(threads)}
 

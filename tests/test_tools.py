@@ -94,12 +94,16 @@ def test_cli_detect_reports_bad_files_and_goes_on(triton, tmp_path):
 
 def test_bench_gpu_runs_on_a_cpu_with_small_settings(triton, tmp_path):
     """`make bench-gpu` on this CPU-only machine: one table from one run, every part of it filled."""
+    from anomaly.serving.in_service import read_record
     from bench import gpu
 
     out = tmp_path / "gpu.json"
     args = ["--concurrency", "1", "2", "--requests", "2", "--repeats", "1", "--defects", "1", "--out", str(out),
             "--also", "OVERLAP_BATCHES=off"]  # fmt: skip
+    records = {step: read_record(triton.model_repository, step) for step in ("detector", "segmenter")}
     assert gpu.main(args) == 0
+    # the --also server ran on a mirror of the repository: the session server's records (/info) are untouched
+    assert {step: read_record(triton.model_repository, step) for step in records} == records
     result = json.loads(out.read_text())
     assert result["gpu"] is False and "1 defects segmented" in result["workload"]
     assert [row["concurrency"] for row in result["ensemble"]] == [1, 2]
