@@ -585,7 +585,12 @@ def print_table(result: dict) -> None:
     print(f"{'plain script (rfdetr + SAM2 pred.)':<34}{result['plain_script']['p50_ms']:>10}")
     print(f"\n{'step (at the highest concurrency)':<34}{'queue ms':>10}{'compute ms':>12}{'batch':>8}")
     steps = result["steps"]  # a GPU step's batch thread right under it: Triton's row then times only its intake
-    for name in sorted(steps, key=lambda n: (STEPS.index(n.split(",")[0]), n)):
+
+    def order(name: str) -> tuple:
+        step = name.split(",")[0]
+        return (STEPS.index(step) if step in STEPS else len(STEPS), name)
+
+    for name in sorted(steps, key=order):
         row = steps[name]
         print(f"{name:<34}{row['queue_ms']:>10}{row['compute_ms']:>12}{row['mean_batch'] or '':>8}")
     tiled = result["tiled"]

@@ -141,6 +141,22 @@ def test_bench_gpu_runs_on_a_cpu_with_small_settings(triton, tmp_path):
     assert other["memory"]["resident"]["total_mib"] > 0
 
 
+def test_bench_gpu_table_puts_each_batch_thread_under_its_step(capsys):
+    """The step table's order: the pipeline's steps in order, a GPU step's batch-thread row right under it, and a
+    row of a model the table does not know last instead of an error at the end of a long run."""
+    from bench import gpu
+
+    row = {"queue_ms": 0.0, "compute_ms": 1.0, "mean_batch": 1.0}
+    steps = {name: row for name in ("result", "segmenter, batch thread", "other", "detector", "segmenter")}
+    result = {"device": "d", "workload": "w", "ensemble": [], "in_process": {"p50_ms": 1.0},
+              "plain_script": {"p50_ms": 1.0}, "steps": steps, "memory": {},
+              "tiled": {"photo": "1x1", "p50_ms": 1.0, "ms_per_megapixel": 1.0}}  # fmt: skip
+    gpu.print_table(result)
+    lines = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines()]
+    shown = [line for line in lines if line in steps]
+    assert shown == ["detector", "segmenter", "segmenter, batch thread", "result", "other"]
+
+
 def test_bench_gpu_refuses_a_comparison_with_an_unknown_setting():
     from bench import gpu
 
