@@ -335,6 +335,15 @@ KNOBS: tuple[Knob, ...] = (
         ("auto", "on", "off"),
         parse=_choice,
     ),
+    Knob(
+        "EARLY_EMBEDDING",
+        "auto",
+        "`auto`: on a GPU machine the ensemble asks SAM to embed each frame from its image alone, in parallel with "
+        "the detector, while SAM has nothing else to do, and its boxes are decoded from that embedding; `on`: on a "
+        "CPU too; `off`: SAM embeds each frame once its boxes are known",
+        ("auto", "on", "off"),
+        parse=_choice,
+    ),
     Knob("BATCH_DELAY_US", "0", "how long Triton holds a frame for a fuller batch, in microseconds", parse=_count),
     Knob(
         "STEP_INSTANCES",

@@ -117,6 +117,7 @@ def models_info(meta: DetectorMetadata, segmenter: dict, detector: dict) -> dict
             "runtime": segmenter.get("runtime", ""),
             "note": file_names_only(segmenter.get("note", "")),
             "batches": segmenter.get("batches", ""),
+            "early_embedding": segmenter.get("early_embedding", "off"),
         },
     }
 

@@ -40,6 +40,20 @@ class MaskCrop:
 
 
 @dataclass
+class Embedding:
+    """One image's features from SAM's image encoder, made before its boxes were known (early embedding,
+    anomaly.serving.embeddings): the image embedding and the high-resolution features, each with a batch axis
+    of 1, on the segmenter's device, and the size of the image they were made from."""
+
+    tensors: tuple
+    hw: tuple[int, int]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors)
+
+
+@dataclass
 class SamFrame:
     """One image SAM embeds for a frame: the whole frame, or a window of a tiled frame."""
 
@@ -47,6 +61,7 @@ class SamFrame:
     held: list[int]  # which of the frame's boxes are decoded from it
     make_input: Callable[[], object]  # makes the (3, S, S) tensor when its batch is embedded (12 MB each)
     boxes: np.ndarray  # those boxes (len(held), 4) in the window's pixels
+    embedded: Embedding | None = None  # its features, where they were made beforehand (then no encoder pass)
 
     @property
     def hw(self) -> tuple[int, int]:
@@ -72,6 +87,16 @@ def host_box_coords(boxes: np.ndarray, image_hw: tuple[int, int], resolution: in
     height, width = image_hw
     coords = np.asarray(boxes, np.float32).reshape(-1, 2, 2)
     return coords / np.asarray([width, height], np.float32) * np.float32(resolution)
+
+
+def _no_input():
+    raise RuntimeError("this frame was embedded beforehand: it has no input to make")
+
+
+def frame_features(features: dict, frame: int) -> tuple:
+    """Frame `frame` of a batch's features (from embed) as the mask decoder takes them: (image embedding,
+    high-resolution features 0 and 1), each with a batch axis of 1 (views, nothing copied)."""
+    return (features["image_embed"][frame : frame + 1], *(f[frame : frame + 1] for f in features["high_res_feats"]))
 
 
 def resolve_device(device: str) -> tuple[str, str]:
@@ -232,6 +257,22 @@ class Sam2Segmenter:
             out.append(SamFrame((x0, y0, x1, y1), held, make, local))
         return out
 
+    def image_to_embed(self, data: bytes, max_bytes: int, max_pixels: int, field: str = "image") -> tuple:
+        """Encoded image -> (make_input, (height, width)) for embed_images: decoded now (on the GPU when there is
+        one), its SAM input made when its batch is embedded."""
+        from anomaly.images import decode_to_tensor
+
+        chw = decode_to_tensor(data, self.device, max_bytes, max_pixels, field)
+        return functools.partial(self.model_input, chw), (int(chw.shape[1]), int(chw.shape[2]))
+
+    @staticmethod
+    def embedded_windows(embedding: Embedding, boxes: np.ndarray) -> list[SamFrame]:
+        """The whole image SAM embedded beforehand (embed_images) and its boxes, as prepare_windows gives an
+        untiled image: nothing to decode, nothing to embed."""
+        height, width = embedding.hw
+        boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
+        return [SamFrame((0, 0, width, height), list(range(len(boxes))), _no_input, boxes, embedding)]
+
     def segment_windows(self, frames: list[list[SamFrame]], max_batch: int) -> list[list[MaskCrop]]:
         """Each image's SamFrames (prepare_windows) -> one MaskCrop per box of the image, in its box order and
         its pixels. The frames of all images are embedded `max_batch` at a time, their inputs made per batch."""
@@ -239,7 +280,7 @@ class Sam2Segmenter:
         crops: list[list[MaskCrop]] = []
         for start in range(0, len(flat), max(1, max_batch)):
             chunk = flat[start : start + max(1, max_batch)]
-            crops += self.segment_batch([(f.make_input(), f.hw, f.boxes) for f in chunk])
+            crops += self.segment_batch([(f.embedded or f.make_input(), f.hw, f.boxes) for f in chunk])
         found = iter(crops)
         out = []
         for image in frames:
@@ -316,15 +357,14 @@ class Sam2Segmenter:
 
     def decode(self, features: dict, frame: int, coords):
         """The boxes `coords` (from box_coords) of frame `frame` of `features` (from embed)."""
-        own = (features["image_embed"][frame : frame + 1], *(f[frame : frame + 1] for f in features["high_res_feats"]))
-        return self._decoder(coords, *own)
+        return self._decoder(coords, *frame_features(features, frame))
 
     # --- what the pipeline calls ---
     def segment_batch(self, frames: list[tuple]) -> list[list[MaskCrop]]:
-        """[(prepared input, (height, width), boxes (N, 4) xyxy)] -> one MaskCrop list per frame. Frames without
-        boxes cost nothing; the others are embedded as one batch, then each frame's boxes are decoded from its
-        own embedding: on a GPU as many at once as the largest mask-decoder graph holds (all when eager), on a
-        CPU one at a time (faster there)."""
+        """[(prepared input or its Embedding, (height, width), boxes (N, 4) xyxy)] -> one MaskCrop list per frame.
+        Frames without boxes cost nothing; the others that are not embedded yet are embedded as one batch, then
+        each frame's boxes are decoded from its own embedding: on a GPU as many at once as the largest
+        mask-decoder graph holds (all when eager), on a CPU one at a time (faster there)."""
         torch = self._torch
         out: list[list[MaskCrop]] = [[] for _ in frames]
         busy = [i for i, (_, _, boxes) in enumerate(frames) if len(boxes)]
@@ -334,12 +374,16 @@ class Sam2Segmenter:
             # the boxes go to the device before the encoder is launched: nothing after it waits for the GPU
             # until the masks come back in one copy
             all_coords = [self.box_coords(frames[i][2], frames[i][1]) for i in busy]
-            features = self.embed(torch.stack([frames[i][0] for i in busy]).to(self.device))
+            own = {i: frames[i][0].tensors for i in busy if isinstance(frames[i][0], Embedding)}
+            to_embed = [i for i in busy if i not in own]
+            if to_embed:
+                features = self.embed(torch.stack([frames[i][0] for i in to_embed]).to(self.device))
+                own.update((i, frame_features(features, k)) for k, i in enumerate(to_embed))
             low_res, ious = [], []
-            for k, coords in enumerate(all_coords):
+            for i, coords in zip(busy, all_coords):
                 step = 1 if self.device != "cuda" else (self._decoder.max_batch or len(coords))
                 for start in range(0, len(coords), step):
-                    logits, iou = self.decode(features, k, coords[start : start + step])
+                    logits, iou = self._decoder(coords[start : start + step], *own[i])
                     low_res.append(logits)
                     ious.append(iou)
             boxes32 = [np.asarray(frames[i][2], np.float32) for i in busy]  # the prompts SAM was given
@@ -351,6 +395,20 @@ class Sam2Segmenter:
         crops = iter(MaskCrop(w, m, float(s)) for w, m, s in zip(flat_windows, masks, scores))
         for i, frame_windows in zip(busy, windows):
             out[i] = [next(crops) for _ in frame_windows]
+        return out
+
+    def embed_images(self, images: list[tuple], max_batch: int) -> list[Embedding]:
+        """[(make_input, (height, width))] -> each image's Embedding, kept for its boxes to come (early
+        embedding): embedded `max_batch` at a time, each copied out of its batch so it holds only its own."""
+        torch = self._torch
+        out = []
+        step = max(1, max_batch)
+        with torch.inference_mode(), self._autocast():
+            for start in range(0, len(images), step):
+                chunk = images[start : start + step]
+                features = self.embed(torch.stack([make() for make, _ in chunk]).to(self.device))
+                for k, (_, hw) in enumerate(chunk):
+                    out.append(Embedding(tuple(t.clone() for t in frame_features(features, k)), hw))
         return out
 
     def segment(self, rgb: np.ndarray, boxes: np.ndarray) -> list[MaskCrop]:

@@ -85,10 +85,10 @@ def triton(exported, tmp_path_factory):
     # Geometry shares each frame's masks with a worker process, as on a GPU machine (GEOMETRY_WORKERS), so every
     # end-to-end test goes through that path (test_e2e_pipeline checks its numbers against the served masks).
     # The detector and SAM take batches in while their thread runs the last one (OVERLAP_BATCHES), as on a GPU
-    # machine: every end-to-end test goes through the response senders of that path too.
-    server = TritonServer(
-        dataclasses.replace(load_settings(), geometry_workers=2), log_path=log, env={"OVERLAP_BATCHES": "on"}
-    )
+    # machine: every end-to-end test goes through the response senders of that path too. SAM embeds each frame
+    # early, in parallel with the detector (EARLY_EMBEDDING), as on a GPU machine: every served mask comes from it.
+    settings = dataclasses.replace(load_settings(), geometry_workers=2, early_embedding="on")
+    server = TritonServer(settings, log_path=log, env={"OVERLAP_BATCHES": "on"})
     server.start(ready_timeout=600)
     yield server
     _record_memory(server)

@@ -276,15 +276,17 @@ def test_the_batch_thread_answers_inside_triton(triton, grpc_client, deck_jpeg):
     def grew(model, name):
         return after[model][name] - before.get(model, {}).get(name, 0.0)
 
-    for model in ("detector", "segmenter"):
-        assert grew(model, "request_count") == 2
-        assert 1 <= grew(model, "execution_count") <= 2
+    # the session's server also embeds each frame early (EARLY_EMBEDDING=on, conftest), and SAM is idle between
+    # these frames: each frame is two segmenter requests, its image alone and then its boxes
+    for model, requests in (("detector", 2), ("segmenter", 4)):
+        assert grew(model, "request_count") == requests
+        assert 1 <= grew(model, "execution_count") <= requests
         assert grew(model, "compute_duration_us") > 0
 
     def triton_grew(key, field="ns"):  # Triton's JSON leaves zero counts out
         return int(triton_after[key].get(field, 0)) - int(triton_before[key].get(field, 0))
 
-    thread_us = grew("segmenter", "compute_duration_us") / 2
-    intake_ns = (triton_grew("compute_input") + triton_grew("compute_infer")) / 2
-    assert triton_grew("success", "count") == 2
+    thread_us = grew("segmenter", "compute_duration_us") / 4
+    intake_ns = (triton_grew("compute_input") + triton_grew("compute_infer")) / 4
+    assert triton_grew("success", "count") == 4
     assert intake_ns / 1000 < thread_us  # SAM ran after execute returned, on the step's thread

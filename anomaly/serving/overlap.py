@@ -27,6 +27,14 @@ log = logging.getLogger("anomaly.triton")
 _STOP = object()
 
 
+@dataclass
+class Answered:
+    """What `prepare` returns for a request it answers itself, without the model: its outputs are sent at
+    once and nothing is taken in (e.g. the segmenter declining an early embedding while it is busy)."""
+
+    outputs: dict
+
+
 class NoResponseSenders(RuntimeError):
     """This Triton gives models that are not decoupled no response senders (before 24.06): nothing was taken in."""
 
@@ -62,6 +70,8 @@ class OverlappedBatches:
         self._max_batch = max(1, int(max_batch))
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._room = threading.Semaphore(self._max_batch)  # taken in and not yet running: one batch at most
+        self._unanswered = 0  # taken in and not yet run (`idle`)
+        self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name=f"{name} batches", daemon=True)
         self._thread.start()
 
@@ -76,12 +86,23 @@ class OverlappedBatches:
         for request, sender in zip(requests, senders):
             try:
                 item = prepare(request)
+                if isinstance(item, Answered):
+                    self._send(sender, outputs=item.outputs)
+                    continue
                 self._wait_for_room()
             except Exception as exc:  # noqa: BLE001 - this request's error, the others go on
                 self._send(sender, error=exc)
                 continue
+            with self._lock:
+                self._unanswered += 1
             self._queue.put((sender, item, time.monotonic_ns()))
         return None
+
+    @property
+    def idle(self) -> bool:
+        """Everything taken in has run: nothing waits, nothing runs."""
+        with self._lock:
+            return self._unanswered == 0
 
     def _wait_for_room(self) -> None:
         while not (self._thread.is_alive() and self._room.acquire(timeout=1.0)):
@@ -119,6 +140,8 @@ class OverlappedBatches:
                 raise RuntimeError(f"the {self.name} step gave {len(outputs)} answers for {len(batch)} requests")
         except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
             outputs = [exc] * len(batch)
+        with self._lock:  # before the answers go: a next step's request may follow them at once
+            self._unanswered -= len(batch)
         for (sender, _, _), out in zip(batch, outputs):
             if isinstance(out, BaseException):
                 self._send(sender, error=out)

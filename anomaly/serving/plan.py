@@ -25,7 +25,19 @@ from anomaly.config import Settings
 
 BATCHED_STEPS = ("detector", "segmenter")
 CPU_STEPS = ("preprocess", "select_detections", "geometry", "result")
+ENSEMBLE = "anomaly_pipeline"
 CONFIG_NAME = "serving"
+
+# EARLY_EMBEDDING: the segmenter called on the image alone as soon as preprocess has passed it, in parallel with
+# the detector; its key joins the boxes' call (anomaly.serving.embeddings).
+EARLY_STEP = """    {
+      model_name: "segmenter"
+      model_version: -1
+      input_map { key: "ENCODED" value: "encoded" }
+      input_map { key: "TILING" value: "tiling" }
+      output_map { key: "EMBEDDING_KEY" value: "sam_embedding_key" }
+    },
+"""
 
 
 @dataclass(frozen=True)
@@ -36,6 +48,7 @@ class ServingPlan:
     batch_delay_us: int
     step_instances: int
     geometry_workers: int
+    early_embedding: bool = False
 
 
 def serving_plan(settings: Settings, gpu: bool, cores: int | None = None) -> ServingPlan:
@@ -48,10 +61,11 @@ def serving_plan(settings: Settings, gpu: bool, cores: int | None = None) -> Ser
         batch_delay_us=settings.batch_delay_us,
         step_instances=settings.step_instances or (max(2, cores // 4) if gpu else 1),
         geometry_workers=settings.geometry_workers or (min(4, max(1, cores // 4)) if gpu else 1),
+        early_embedding=settings.early_embedding == "on" or (settings.early_embedding == "auto" and gpu),
     )
 
 
-def _replace(text: str, pattern: str, replacement: str, model: str) -> str:
+def _replace(text: str, pattern: str, replacement, model: str) -> str:
     new, count = re.subn(pattern, replacement, text, flags=re.M)
     if count != 1:
         raise ValueError(f"{model}/config.pbtxt: expected one line matching {pattern!r}, found {count}")
@@ -59,7 +73,10 @@ def _replace(text: str, pattern: str, replacement: str, model: str) -> str:
 
 
 def render_config(text: str, model: str, plan: ServingPlan) -> str:
-    """A step's committed config.pbtxt with this machine's instances, batching and geometry workers."""
+    """A step's committed config.pbtxt with this machine's instances, batching and geometry workers; the
+    ensemble's with the early embedding step where the plan has it."""
+    if model == ENSEMBLE:
+        return render_ensemble(text, plan)
     if model in BATCHED_STEPS:
         batch = plan.detector_batch if model == "detector" else plan.segmenter_batch
         text = _replace(text, r"^max_batch_size: \d+$", f"max_batch_size: {batch}", model)
@@ -76,6 +93,14 @@ def render_config(text: str, model: str, plan: ServingPlan) -> str:
             f"instance_group [{{ kind: KIND_CPU, count: {plan.step_instances} }}]",
             model,
         )
+    if model == "segmenter":
+        early = "on" if plan.early_embedding else "off"
+        text = _replace(
+            text,
+            r'^parameters \{ key: "early_embedding".*\}$',
+            f'parameters {{ key: "early_embedding" value: {{ string_value: "{early}" }} }}',
+            model,
+        )
     if model == "geometry":
         text = _replace(
             text,
@@ -86,10 +111,24 @@ def render_config(text: str, model: str, plan: ServingPlan) -> str:
     return text
 
 
+def render_ensemble(text: str, plan: ServingPlan) -> str:
+    """The ensemble's committed config.pbtxt, with EARLY_STEP before the detector's step and its key passed to
+    the segmenter's boxes step where the plan embeds early."""
+    if not plan.early_embedding:
+        return text
+    text = _replace(text, r'^(    \{\n      model_name: "detector"\n)', lambda m: EARLY_STEP + m[1], ENSEMBLE)
+    return _replace(
+        text,
+        r'^(      input_map \{ key: "SEG_BOXES" value: "seg_boxes" \})$',
+        r'\1\n      input_map { key: "KEPT_EMBEDDING" value: "sam_embedding_key" }',
+        ENSEMBLE,
+    )
+
+
 def write_serving_configs(repository: Path, plan: ServingPlan) -> list[Path]:
-    """configs/serving.pbtxt beside each step's config.pbtxt (generated, not committed)."""
+    """configs/serving.pbtxt beside each model's config.pbtxt (generated, not committed)."""
     written = []
-    for model in (*BATCHED_STEPS, *CPU_STEPS):
+    for model in (*BATCHED_STEPS, *CPU_STEPS, ENSEMBLE):
         source = repository / model / "config.pbtxt"
         if not source.exists():  # a repository that serves some of the steps
             continue

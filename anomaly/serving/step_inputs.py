@@ -18,6 +18,21 @@ def finite(name: str, values: np.ndarray) -> np.ndarray:
     return values
 
 
+def text(name: str, values: np.ndarray, max_chars: int = 64) -> str:
+    """One short string: a key or a name passed between steps."""
+    flat = values.reshape(-1)
+    if flat.size != 1:
+        raise InputError(name, f"must hold one string, got {flat.size} elements")
+    value = flat[0]
+    raw = value if isinstance(value, bytes) else str(value).encode()
+    if len(raw) > max_chars:
+        raise InputError(name, f"must be at most {max_chars} characters, got {len(raw)}")
+    try:
+        return raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise InputError(name, "must be ASCII text") from None
+
+
 def shaped(name: str, values: np.ndarray, shape: tuple) -> np.ndarray:
     """`shape` with None for any length: (1, None, 4) accepts (1, N, 4)."""
     if values.ndim != len(shape) or any(want is not None and got != want for got, want in zip(values.shape, shape)):

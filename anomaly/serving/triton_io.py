@@ -22,7 +22,7 @@ from anomaly.errors import InputError
 from anomaly.logs import setup_logging
 from anomaly.options import RequestOptions, parse_options
 from anomaly.serving import in_service
-from anomaly.serving.overlap import NoResponseSenders, OverlappedBatches
+from anomaly.serving.overlap import Answered, NoResponseSenders, OverlappedBatches
 
 log = logging.getLogger("anomaly.triton")
 
@@ -58,6 +58,12 @@ def array(request, name: str) -> np.ndarray:
     if tensor is None:
         raise InputError(name, "is missing from the request")
     return tensor.as_numpy()
+
+
+def optional_array(request, name: str) -> np.ndarray | None:
+    """An input the model declares optional: its array, or None where the request does not carry it."""
+    tensor = _pb().get_input_tensor_by_name(request, name)
+    return None if tensor is None else tensor.as_numpy()
 
 
 def image_bytes(request, name: str = "IMAGE") -> bytes:
@@ -176,6 +182,21 @@ class StepMetrics:
             metric.increment(value / 1000.0 if field.endswith("_ns") else value)
 
 
+class OutcomeCounter:
+    """A counter on Triton's metrics port labelled by model and outcome: `counter("used")` adds one."""
+
+    def __init__(self, name: str, description: str, model: str):
+        pb_utils = _pb()
+        self._family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
+        self._model = model
+        self._metrics: dict = {}
+
+    def __call__(self, outcome: str) -> None:
+        if outcome not in self._metrics:
+            self._metrics[outcome] = self._family.Metric(labels={"model": self._model, "outcome": outcome})
+        self._metrics[outcome].increment(1)
+
+
 class BatchedStage(StageModel):
     """A dynamically batched GPU step: `prepare(request)` for each request (decoding, checks), then
     `run([prepared, ...]) -> [outputs dict, ...]` once over the batch. With OVERLAP_BATCHES on for this machine
@@ -231,13 +252,18 @@ class BatchedStage(StageModel):
 
 
 def answer_batch(requests, prepare: Callable, run: Callable) -> list:
-    """For a dynamically batched step: prepare(request) each request (a failure answers that request alone),
-    then run([prepared, ...]) -> [outputs dict, ...] once over the rest, in order."""
+    """For a dynamically batched step: prepare(request) each request (a failure answers that request alone, as
+    does an `Answered` it returns), then run([prepared, ...]) -> [outputs dict, ...] once over the rest, in
+    order."""
     responses: list = [None] * len(requests)
     ready: list[tuple[int, object]] = []
     for i, request in enumerate(requests):
         try:
-            ready.append((i, prepare(request)))
+            item = prepare(request)
+            if isinstance(item, Answered):
+                responses[i] = respond(item.outputs)
+            else:
+                ready.append((i, item))
         except Exception as exc:  # noqa: BLE001 - this request's error, the others go on
             responses[i] = error_response(exc)
     if ready:

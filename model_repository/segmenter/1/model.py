@@ -1,8 +1,12 @@
 """Triton step 4: box-prompted SAM3 or SAM2.1 masks as bit-packed box crops, the frames of a dynamic batch
 embedded together (anomaly.segmenter, anomaly.sam3; which one: anomaly.weights); a tiled frame is embedded as
-full-resolution windows around its boxes (anomaly.tiling)."""
+full-resolution windows around its boxes (anomaly.tiling). With EARLY_EMBEDDING the ensemble first calls it with
+the image alone, in parallel with the detector: the embedding is made then and kept for the boxes' call
+(anomaly.serving.embeddings)."""
 
 import json
+import logging
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -10,7 +14,12 @@ from anomaly import masks
 from anomaly.config import settings
 from anomaly.segmenter import ready_for_serving
 from anomaly.serving import step_inputs, triton_io
+from anomaly.serving.embeddings import EmbeddingStore
+from anomaly.serving.overlap import Answered
+from anomaly.serving.plan import config_parameter
 from anomaly.weights import UNTRAINED_BANNER, load_segmenter, segmenter_info, segmenter_title
+
+log = logging.getLogger("anomaly.triton")
 
 
 def pack_crops(crops: list) -> dict[str, np.ndarray]:
@@ -23,6 +32,18 @@ def pack_crops(crops: list) -> dict[str, np.ndarray]:
         "MASKS": packed,
         "MASK_SCORES": np.asarray([c.score for c in crops], np.float32).reshape(1, len(crops)),
     }
+
+
+@dataclass
+class EarlyImage:
+    """An image taken in to be embedded before its boxes come (a request without SEG_BOXES)."""
+
+    make_input: object  # makes SAM's input when its batch is embedded
+    hw: tuple[int, int]
+
+
+def key_tensor(key: str) -> np.ndarray:
+    return triton_io.bytes_tensor([key.encode()]).reshape(1, 1)
 
 
 class TritonPythonModel(triton_io.BatchedStage):
@@ -38,34 +59,97 @@ class TritonPythonModel(triton_io.BatchedStage):
             title = segmenter_title(spec.kind, spec.variant)
             triton_io.log.warning(UNTRAINED_BANNER.format(what=f"the segmenter ({title})"))
         triton_io.release_gpu_cache_after_load("segmenter")
+        self.early = config_parameter(args, "early_embedding", "off") == "on"  # whether the ensemble asks
+        # a few frames' worth: early embeddings are made only while the step is idle, so few wait at once
+        outcomes = triton_io.OutcomeCounter(
+            "anomaly_sam_early_embedding_count", "early embeddings by outcome (anomaly.serving.embeddings)", "segmenter"
+        )
+        self.embeddings = EmbeddingStore(capacity=4 * triton_io.max_batch_size(args), observe=outcomes)
+        self.was_idle = True
         self.start_batches(args, on_gpu=self.segmenter.device == "cuda")
 
     def record(self):
         return {"segmenter": self.described()}
 
     def described(self) -> dict:
-        """Which SAM, weights and device (anomaly.weights.segmenter_info), and how its batches run."""
-        return self.loaded | {"batches": self.batching}
+        """Which SAM, weights and device (anomaly.weights.segmenter_info), how its batches run, and whether the
+        ensemble has it embed each frame early."""
+        return self.loaded | {"batches": self.batching, "early_embedding": "on" if self.early else "off"}
+
+    def execute(self, requests):
+        # early embeddings only where SAM has nothing else to do: under load they would only reorder its work
+        self.was_idle = self.batches.idle if self.batches is not None else True
+        return super().execute(requests)
 
     def prepare(self, request):
         s = settings()
+        seg_boxes = triton_io.optional_array(request, "SEG_BOXES")
+        if seg_boxes is None:
+            return self.prepare_early(request)
+        kept = triton_io.optional_array(request, "KEPT_EMBEDDING")
+        key = step_inputs.text("KEPT_EMBEDDING", kept) if kept is not None else ""
+        embedding = self.embeddings.take(key) if key else None  # taken first: a frame without boxes frees it too
         # a copy: the request's tensors are gone once execute returns, and with OVERLAP_BATCHES SAM runs later
-        boxes = step_inputs.finite("SEG_BOXES", triton_io.array(request, "SEG_BOXES")).reshape(-1, 4).copy()
+        boxes = step_inputs.finite("SEG_BOXES", seg_boxes).reshape(-1, 4).copy()
         step_inputs.at_most("SEG_BOXES", len(boxes), s.max_detections)
         if not len(boxes):  # nothing to segment: no decoding, no SAM
             return []
         plan = step_inputs.tile_plan("TILING", triton_io.array(request, "TILING"), s.max_image_pixels)
+        if embedding is not None and not plan.tiled:
+            return self.segmenter.embedded_windows(embedding, boxes)
+        if key and embedding is None:
+            log.info("segmenter: the early embedding %s was not kept (dropped or never made): embedding now", key)
         data = triton_io.image_bytes(request, "ENCODED")
         return self.segmenter.prepare_windows(data, boxes, plan.tiled, s.max_image_bytes, s.max_image_pixels)
 
-    def run(self, frames):
-        # the windows of every frame in the batch are embedded together, max_batch at a time
-        crops_per_frame = self.segmenter.segment_windows(frames, self.max_batch)
-        info = triton_io.bytes_tensor([json.dumps(self.described()).encode()]).reshape(1, 1)
-        return [
-            pack_crops(crops) | {"SEGMENTER": info, "SAM_WINDOWS": sam_windows(windows)}
-            for crops, windows in zip(crops_per_frame, frames)
-        ]
+    def prepare_early(self, request):
+        """A request without boxes: its image is taken in to be embedded and kept, or declined (EMBEDDING_KEY
+        empty) where SAM is busy, the store is full or the frame is tiled (SAM then embeds windows around the
+        boxes). Never an error: declining costs the frame only what it cost without early embedding."""
+        s = settings()
+        plan = step_inputs.tile_plan("TILING", triton_io.array(request, "TILING"), s.max_image_pixels)
+        if plan.tiled or not self.was_idle or not self.embeddings.reserve():
+            self.embeddings.decline()
+            return Answered({"EMBEDDING_KEY": key_tensor("")})
+        try:
+            data = triton_io.image_bytes(request, "ENCODED")
+            make_input, hw = self.segmenter.image_to_embed(data, s.max_image_bytes, s.max_image_pixels)
+        except Exception as exc:  # noqa: BLE001 - the boxes' call meets the same image and says what is wrong
+            self.embeddings.cancel()
+            self.embeddings.decline()
+            log.info("segmenter: no early embedding (%s)", exc)
+            return Answered({"EMBEDDING_KEY": key_tensor("")})
+        return EarlyImage(make_input, hw)
+
+    def run(self, items):
+        outputs: list = [None] * len(items)
+        early = [i for i, item in enumerate(items) if isinstance(item, EarlyImage)]
+        if early:
+            for i, key in zip(early, self.embed_early([items[i] for i in early])):
+                outputs[i] = {"EMBEDDING_KEY": key_tensor(key)}
+        frames = [item for item in items if not isinstance(item, EarlyImage)]
+        if frames:
+            # the windows of every frame in the batch are embedded together, max_batch at a time
+            crops_per_frame = iter(self.segmenter.segment_windows(frames, self.max_batch))
+            info = triton_io.bytes_tensor([json.dumps(self.described()).encode()]).reshape(1, 1)
+            for i, item in enumerate(items):
+                if outputs[i] is None:
+                    crops = next(crops_per_frame)
+                    outputs[i] = pack_crops(crops) | {"SEGMENTER": info, "SAM_WINDOWS": sam_windows(item)}
+        return outputs
+
+    def embed_early(self, images: list[EarlyImage]) -> list[str]:
+        """Embed the images and keep each embedding: their keys, or "" for each where embedding failed (the
+        boxes' call then embeds the image itself and meets the failure there, if it lasts)."""
+        try:
+            embeddings = self.segmenter.embed_images([(e.make_input, e.hw) for e in images], self.max_batch)
+        except Exception:  # noqa: BLE001
+            log.exception("segmenter: early embedding failed; the frames are embedded with their boxes")
+            for _ in images:
+                self.embeddings.cancel()
+                self.embeddings.decline()
+            return [""] * len(images)
+        return [self.embeddings.put(e) for e in embeddings]
 
 
 def sam_windows(frames: list) -> np.ndarray:

@@ -1,0 +1,98 @@
+"""SAM image embeddings made before the frame's boxes are known (EARLY_EMBEDDING), kept until they are.
+
+SAM's image encoder needs only the image. With early embedding the ensemble calls the segmenter twice a frame:
+once with the encoded image alone, in parallel with the detector, and once with the boxes. The first call
+embeds the image and keeps the embedding here under a key it answers; the second brings the key back and
+decodes its boxes from the kept embedding, so the encoder's run overlaps the detector's path instead of
+following it. Both calls reach the same process (one segmenter instance), so the embedding never leaves the
+card.
+
+The store is small and forgets: it holds at most `capacity` embeddings (8 MB each for SAM2.1-L in bf16), a
+key is taken once, and an embedding whose boxes never came (the frame failed in the detector) is dropped after
+`max_age_s`. A key that is not found is no error: the boxes' call then embeds the image itself, as without
+early embedding.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class StoreCounts:
+    kept: int = 0  # embeddings made early and kept
+    used: int = 0  # taken by their frame's boxes
+    missed: int = 0  # keys asked for and not found (dropped, or never kept here)
+    dropped: int = 0  # dropped unused after max_age_s
+    declined: int = 0  # early calls answered without embedding (busy, full, tiled)
+
+
+class EmbeddingStore:
+    """Embeddings under one-time keys. `reserve()` before the embedding is made (False: no room), then `put()`
+    (consumes the reservation, returns the key) or `cancel()`; `take(key)` returns it once, or None."""
+
+    def __init__(
+        self,
+        capacity: int,
+        max_age_s: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+        observe: Callable[[str], None] | None = None,
+    ):
+        self.capacity = max(1, int(capacity))
+        self.max_age_s = max_age_s
+        self.counts = StoreCounts()
+        self._clock = clock
+        self._observe = observe  # told each outcome counted (a StoreCounts field name): metrics
+        self._items: dict[str, tuple[float, object]] = {}
+        self._reserved = 0
+        self._lock = threading.Lock()
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+    def reserve(self) -> bool:
+        with self._lock:
+            self._drop_old()
+            if len(self._items) + self._reserved >= self.capacity:
+                return False
+            self._reserved += 1
+            return True
+
+    def cancel(self) -> None:
+        with self._lock:
+            self._reserved = max(0, self._reserved - 1)
+
+    def put(self, embedding) -> str:
+        key = uuid.uuid4().hex
+        with self._lock:
+            self._reserved = max(0, self._reserved - 1)
+            self._items[key] = (self._clock(), embedding)
+            self._count("kept")
+        return key
+
+    def take(self, key: str):
+        with self._lock:
+            self._drop_old()
+            found = self._items.pop(key, None)
+            self._count("used" if found else "missed")
+            return found[1] if found else None
+
+    def decline(self) -> None:
+        with self._lock:
+            self._count("declined")
+
+    def _count(self, outcome: str) -> None:
+        setattr(self.counts, outcome, getattr(self.counts, outcome) + 1)
+        if self._observe is not None:
+            self._observe(outcome)
+
+    def _drop_old(self) -> None:
+        oldest = self._clock() - self.max_age_s
+        for key in [k for k, (made, _) in self._items.items() if made < oldest]:
+            del self._items[key]
+            self._count("dropped")

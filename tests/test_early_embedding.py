@@ -1,0 +1,231 @@
+"""EARLY_EMBEDDING: SAM embeds a frame from its image alone, in parallel with the detector, and its boxes are
+decoded from that embedding (anomaly.serving.embeddings, the segmenter step, the ensemble's serving config).
+
+The session's tritonserver runs with it on (tests/conftest.py), so every end-to-end and parity test goes through
+it; here: the store, the plan's ensemble, SAM's core on the CPU, and the segmenter model called as an outsider
+would call it, with plain tritonclient."""
+
+from __future__ import annotations
+
+import re
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from anomaly.config import load_settings
+from anomaly.serving.embeddings import EmbeddingStore
+from anomaly.serving.overlap import Answered, OverlappedBatches
+from anomaly.serving.plan import render_config, serving_plan
+
+REPO = Path(__file__).resolve().parent.parent
+SAMPLES = REPO / "samples"
+BIG = 1 << 30
+
+
+# --- the store ---------------------------------------------------------------------------------------------------
+
+
+def test_store_keeps_each_embedding_for_one_taker_within_its_room_and_age():
+    now = [0.0]
+    seen = []
+    store = EmbeddingStore(capacity=2, max_age_s=10.0, clock=lambda: now[0], observe=seen.append)
+    assert store.reserve() and store.reserve()
+    assert not store.reserve()  # two reserved fill it, before either is made
+    first = store.put("embedding 1")
+    store.cancel()  # the second failed to embed: its room is back
+    assert store.reserve()
+    second = store.put("embedding 2")
+    assert first != second and re.fullmatch(r"[0-9a-f]{32}", first)
+    assert store.take(first) == "embedding 1"
+    assert store.take(first) is None  # a key is taken once
+    now[0] = 11.0  # the second's boxes never came (its frame failed in the detector)
+    assert store.reserve()  # the old one was dropped to make room
+    assert store.take(second) is None and len(store) == 0
+    assert (store.counts.kept, store.counts.used, store.counts.missed, store.counts.dropped) == (2, 1, 2, 1)
+    store.decline()
+    assert seen == ["kept", "kept", "used", "missed", "dropped", "missed", "declined"]
+
+
+# --- what prepare may answer itself, and when the batch thread is idle ---------------------------------------------
+
+
+class _Sender:
+    def __init__(self):
+        self.answers = []
+
+    def send(self, *answer):
+        self.answers.append(answer)
+
+
+class _Request:
+    def __init__(self, value):
+        self.value = value
+        self.sender = _Sender()
+
+    def get_response_sender(self):
+        return self.sender
+
+
+def test_an_answer_prepare_gives_is_sent_at_once_and_nothing_is_run():
+    import threading
+
+    release = threading.Event()
+    ran = []
+
+    def run(items):
+        release.wait(10)
+        ran.append(list(items))
+        return [{"ran": v} for v in items]
+
+    sent = []
+    batches = OverlappedBatches("test", run, 2, lambda sender, **a: sent.append((sender, a)))
+    try:
+        assert batches.idle
+        requests = [_Request(1), _Request("declined"), _Request(2)]
+        batches.execute(requests, lambda r: Answered({"declined": r.value}) if r.value == "declined" else r.value)
+        assert [a for s, a in sent] == [{"outputs": {"declined": "declined"}}]  # before the batch has run
+        assert sent[0][0] is requests[1].sender and not batches.idle  # 1 and 2 are taken in, unanswered
+        release.set()
+        batches.close(timeout_s=10)
+        assert ran == [[1, 2]] and batches.idle and len(sent) == 3
+    finally:
+        release.set()
+        batches.close(timeout_s=5)
+
+
+# --- the ensemble the launcher writes ----------------------------------------------------------------------------
+
+
+def early_parameter(config: str) -> str:
+    (value,) = re.findall(r'^parameters \{ key: "early_embedding" value: \{ string_value: "(\w+)" \} \}$', config, re.M)
+    return value
+
+
+def test_the_plan_adds_the_early_step_to_the_ensemble_where_it_embeds_early(monkeypatch):
+    text = (REPO / "model_repository/anomaly_pipeline/config.pbtxt").read_text()
+    segmenter = (REPO / "model_repository/segmenter/config.pbtxt").read_text()
+    settings = load_settings()
+    assert serving_plan(settings, gpu=True, cores=16).early_embedding  # auto: on a GPU machine
+    assert not serving_plan(settings, gpu=False, cores=2).early_embedding  # auto: not on a CPU (README)
+    off = serving_plan(settings, gpu=False, cores=2)
+    assert render_config(text, "anomaly_pipeline", off) == text
+    assert early_parameter(render_config(segmenter, "segmenter", off)) == "off"
+
+    monkeypatch.setenv("EARLY_EMBEDDING", "on")
+    on = serving_plan(load_settings(), gpu=False, cores=2)
+    rendered = render_config(text, "anomaly_pipeline", on)
+    steps = re.findall(r"model_name: \"(\w+)\"", rendered)
+    assert steps == ["preprocess", "segmenter", "detector", "select_detections", "segmenter", "geometry", "result"]
+    early, boxes = [s for s in rendered.split("    {\n") if 'model_name: "segmenter"' in s]
+    assert "SEG_BOXES" not in early and 'output_map { key: "EMBEDDING_KEY" value: "sam_embedding_key" }' in early
+    assert 'input_map { key: "KEPT_EMBEDDING" value: "sam_embedding_key" }' in boxes
+    assert early_parameter(render_config(segmenter, "segmenter", on)) == "on"
+    monkeypatch.setenv("EARLY_EMBEDDING", "sometimes")
+    with pytest.raises(Exception, match="EARLY_EMBEDDING"):
+        load_settings()
+
+
+# --- SAM's core: boxes decoded from an embedding made before them --------------------------------------------------
+
+
+def test_boxes_decoded_from_an_early_embedding_are_the_same_masks(exported):
+    import torch
+
+    from anomaly.weights import load_segmenter
+
+    torch.set_num_threads(2)
+    segmenter, _ = load_segmenter(load_settings())
+    data = (SAMPLES / "pier_spalling.png").read_bytes()
+    boxes = np.array([[100, 50, 300, 200], [10, 10, 60, 90]], np.float32)
+    usual = segmenter.segment_windows([segmenter.prepare_windows(data, boxes, False, BIG, BIG)], 1)[0]
+
+    make_input, hw = segmenter.image_to_embed(data, BIG, BIG)
+    (embedding,) = segmenter.embed_images([(make_input, hw)], 1)
+    assert embedding.hw == hw and embedding.nbytes > 0
+    assert all(t.shape[0] == 1 for t in embedding.tensors)
+    early = segmenter.segment_windows([segmenter.embedded_windows(embedding, boxes)], 1)[0]
+    assert len(early) == len(usual) == 2
+    for a, b in zip(early, usual):
+        assert a.box == b.box and np.array_equal(a.mask, b.mask) and a.score == b.score
+    # an embedded frame is not embedded again: its input is never made
+    with pytest.raises(RuntimeError, match="embedded beforehand"):
+        segmenter.embedded_windows(embedding, boxes)[0].make_input()
+
+
+# --- the segmenter step, called as an outsider would ---------------------------------------------------------------
+
+
+def early_metrics(triton) -> dict:
+    url = f"http://{triton.client_host}:{triton.settings.triton_metrics_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    found = re.findall(r'^anomaly_sam_early_embedding_count\{model="segmenter",outcome="(\w+)"\} (\S+)$', text, re.M)
+    return {outcome: float(value) for outcome, value in found}
+
+
+def _segment(client, data: bytes, tiling: bytes, boxes=None, key=None, outputs=("MASKS",)):
+    import tritonclient.grpc as grpcclient
+
+    def tensor(name, array, dtype):
+        t = grpcclient.InferInput(name, list(array.shape), dtype)
+        t.set_data_from_numpy(array)
+        return t
+
+    inputs = [
+        tensor("ENCODED", np.array([[data]], dtype=object), "BYTES"),
+        tensor("TILING", np.array([[tiling]], dtype=object), "BYTES"),
+    ]
+    if boxes is not None:
+        inputs.append(tensor("SEG_BOXES", boxes[None].astype(np.float32), "FP32"))
+    if key is not None:
+        inputs.append(tensor("KEPT_EMBEDDING", np.array([[key]], dtype=object), "BYTES"))
+    result = client.infer("segmenter", inputs, outputs=[grpcclient.InferRequestedOutput(n) for n in outputs])
+    return {n: result.as_numpy(n) for n in outputs}
+
+
+def test_the_served_pipeline_decodes_from_the_early_embedding(triton, grpc_client, deck_jpeg):
+    """The session's server embeds early (conftest): a frame with defects takes its kept embedding, and every
+    response says the ensemble does it."""
+    before = early_metrics(triton)
+    response = grpc_client.detect(deck_jpeg, confidence_threshold=0.21)
+    after = early_metrics(triton)
+    assert response["anomaly_count"] > 0  # SAM ran for this frame
+    assert response["models"]["segmenter"]["early_embedding"] == "on"
+    assert after.get("kept", 0) - before.get("kept", 0) == 1
+    assert after.get("used", 0) - before.get("used", 0) == 1
+    assert after.get("missed", 0) == before.get("missed", 0)
+
+
+def test_the_segmenter_step_keeps_an_embedding_for_a_plain_client(triton, deck_jpeg):
+    """Plain tritonclient calls of the segmenter model: the image alone gives a key; the boxes with that key
+    give the masks the boxes alone give; a key is good once (then SAM embeds again, same masks); a tiled frame
+    is declined with an empty key (its windows depend on the boxes)."""
+    import tritonclient.grpc as grpcclient
+
+    from anomaly.tiling import plan_tiles, untiled
+
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+    whole = untiled((1080, 1920)).to_json()
+    boxes = np.array([[700, 400, 1100, 700], [100, 100, 300, 260]], np.float32)
+    before = early_metrics(triton)
+
+    key = _segment(client, deck_jpeg, whole, outputs=("EMBEDDING_KEY",))["EMBEDDING_KEY"].reshape(-1)[0]
+    assert re.fullmatch(rb"[0-9a-f]{32}", key), key
+    names = ("MASK_BOXES", "MASKS", "MASK_SCORES")
+    usual = _segment(client, deck_jpeg, whole, boxes, outputs=names)
+    early = _segment(client, deck_jpeg, whole, boxes, key=key, outputs=names)
+    again = _segment(client, deck_jpeg, whole, boxes, key=key, outputs=names)  # taken already: embedded again
+    for got in (early, again):
+        assert np.array_equal(got["MASK_BOXES"], usual["MASK_BOXES"])
+        assert got["MASKS"].tolist() == usual["MASKS"].tolist()
+        assert np.array_equal(got["MASK_SCORES"], usual["MASK_SCORES"])
+
+    tiled = plan_tiles((1080, 1920), 576, "on", 64)
+    assert tiled.tiled
+    declined = _segment(client, deck_jpeg, tiled.to_json(), outputs=("EMBEDDING_KEY",))
+    assert declined["EMBEDDING_KEY"].reshape(-1)[0] == b""
+    after = early_metrics(triton)
+    client.close()
+    grew = {k: after.get(k, 0) - before.get(k, 0) for k in ("kept", "used", "missed", "declined")}
+    assert grew == {"kept": 1, "used": 1, "missed": 1, "declined": 1}
