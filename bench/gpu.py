@@ -121,6 +121,31 @@ def thread_stats(metrics_url: str) -> dict[str, dict]:
     return out
 
 
+def early_embedding_counts(metrics_url: str) -> dict[str, float]:
+    """SAM's early embeddings by outcome (EARLY_EMBEDDING; anomaly.serving.embeddings: kept, used, missed,
+    dropped, declined), cumulative, from Triton's metrics port; empty where none was asked for."""
+    import re
+    import urllib.request
+
+    text = urllib.request.urlopen(metrics_url, timeout=10).read().decode()
+    pattern = r'^anomaly_sam_early_embedding_count\{model="segmenter",outcome="(\w+)"\} (\S+)$'
+    return {outcome: float(value) for outcome, value in re.findall(pattern, text, re.M)}
+
+
+def counted(before: dict, after: dict) -> dict[str, int]:
+    """What grew between two readings of cumulative counters."""
+    return {k: int(v - before.get(k, 0.0)) for k, v in sorted(after.items()) if v > before.get(k, 0.0)}
+
+
+def early_summary(rows: list[dict]) -> str:
+    """One line of the early embeddings' outcomes per concurrency level: whether frames took them."""
+    parts = []
+    for row in rows:
+        got = row.get("early_embedding", {})
+        parts.append(f"c={row['concurrency']} " + (", ".join(f"{k} {v}" for k, v in got.items()) or "none"))
+    return "; ".join(parts)
+
+
 def thread_table(before: dict, after: dict) -> dict[str, dict]:
     """step_table's rows for the batch threads: there Triton's own compute time is only the intake (decoding),
     and these rows hold the wait for and the run of the batch on the card."""
@@ -553,12 +578,15 @@ def levels_with(change: tuple[str, str], data: bytes, threshold: float, levels: 
     try:
         server.start(ready_timeout=900)
         load(server.grpc_url, data, threshold, 1, 2)  # warm-up, as for the default server
+        metrics_url = f"http://{server.client_host}:{ports['triton_metrics_port']}/metrics"
         for level in levels:
+            early_before = early_embedding_counts(metrics_url)
             with GpuBusy() as busy:
                 rows.append(load(server.grpc_url, data, threshold, level, requests) | busy.summary())
+            rows[-1]["early_embedding"] = counted(early_before, early_embedding_counts(metrics_url))
             print(json.dumps({f"{name}={value}": rows[-1]}), flush=True)
         memory = gpu_memory_mib(server)
-        threads = thread_stats(f"http://{server.client_host}:{ports['triton_metrics_port']}/metrics")
+        threads = thread_stats(metrics_url)
     finally:
         server.stop()
         mirror.cleanup()
@@ -581,6 +609,9 @@ def print_table(result: dict) -> None:
             base = default.get(row["concurrency"], {}).get("frames_per_s")
             ratio = f"  ({row['frames_per_s'] / base:.2f}x frames/s)" if base and row["frames_per_s"] else ""
             print(f"{label:<34}{row['p50_ms']:>10}{row['p90_ms']:>10}{row['frames_per_s']:>10}{busy:>12}{ratio}")
+    print(f"{'  early embeddings (EARLY_EMBEDDING)':<34}  {early_summary(result['ensemble'])}")
+    for other in result.get("compared", []):
+        print(f"{'    with ' + other['setting']:<34}  {early_summary(other['ensemble'])}")
     print(f"{'same stages in one process':<34}{result['in_process']['p50_ms']:>10}")
     print(f"{'plain script (rfdetr + SAM2 pred.)':<34}{result['plain_script']['p50_ms']:>10}")
     print(f"\n{'step (at the highest concurrency)':<34}{'queue ms':>10}{'compute ms':>12}{'batch':>8}")
@@ -644,8 +675,10 @@ def main(argv: list[str] | None = None) -> int:
         metrics_url = f"http://{server.client_host}:{settings.triton_metrics_port}/metrics"
         for level in args.concurrency:
             before, threads_before = model_stats(stats_client), thread_stats(metrics_url)
+            early_before = early_embedding_counts(metrics_url)
             with GpuBusy() as busy:
                 row = load(server.grpc_url, data, threshold, level, args.requests)
+            row["early_embedding"] = counted(early_before, early_embedding_counts(metrics_url))
             result["ensemble"].append(row | busy.summary())
             after = stats_after(stats_client, before, row["requests"])  # the frames answered without error
             threads = thread_table(threads_before, thread_stats(metrics_url))

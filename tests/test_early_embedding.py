@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from anomaly.config import load_settings
-from anomaly.serving.embeddings import EmbeddingStore
+from anomaly.serving.embeddings import EarlyEmbeddings, EarlyImage, EmbeddingStore
 from anomaly.serving.overlap import Answered, OverlappedBatches
 from anomaly.serving.plan import render_config, serving_plan
 
@@ -46,6 +46,46 @@ def test_store_keeps_each_embedding_for_one_taker_within_its_room_and_age():
     assert (store.counts.kept, store.counts.used, store.counts.missed, store.counts.dropped) == (2, 1, 2, 1)
     store.decline()
     assert seen == ["kept", "kept", "used", "missed", "dropped", "missed", "declined"]
+
+
+class _Segmenter:
+    """Stands in for Sam2Segmenter's two calls early embedding makes (the real ones: the core test below)."""
+
+    def __init__(self, fail_embedding=False):
+        self.fail_embedding = fail_embedding
+        self.embedded = []
+
+    def image_to_embed(self, data, max_bytes, max_pixels):
+        if data == b"junk":
+            raise ValueError("image: is not a decodable image")
+        return (lambda: data), (1080, 1920)
+
+    def embed_images(self, images, max_batch):
+        if self.fail_embedding:
+            raise RuntimeError("CUDA out of memory")
+        self.embedded.append(len(images))
+        return [f"embedding of {make()!r}" for make, _ in images]
+
+
+def test_early_offers_are_declined_when_tiled_busy_full_or_undecodable_and_failures_give_the_room_back():
+    early = EarlyEmbeddings(_Segmenter(), capacity=2)
+
+    def offer(data=b"jpeg", tiled=False, idle=True):
+        return early.offer(lambda: data, tiled, idle, 1 << 20, 1 << 24)
+
+    assert offer(tiled=True) is None and offer(idle=False) is None and offer(b"junk") is None
+    first, second = offer(b"a"), offer(b"b")
+    assert isinstance(first, EarlyImage) and first.hw == (1080, 1920)
+    assert offer() is None  # two taken in fill the room before they are embedded
+    keys = early.embed([first, second], max_batch=2)
+    assert early.segmenter.embedded == [2] and all(keys)
+    assert early.take(keys[1]) == "embedding of b'b'" and early.take(keys[1]) is None
+    assert early.store.counts.declined == 4 and early.store.counts.kept == 2
+
+    failing = EarlyEmbeddings(_Segmenter(fail_embedding=True), capacity=1)
+    image = failing.offer(lambda: b"a", False, True, 1 << 20, 1 << 24)
+    assert failing.embed([image], 1) == [""]  # the frame is embedded with its boxes instead
+    assert failing.offer(lambda: b"a", False, True, 1 << 20, 1 << 24) is not None  # its room was given back
 
 
 # --- what prepare may answer itself, and when the batch thread is idle ---------------------------------------------

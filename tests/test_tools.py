@@ -116,7 +116,15 @@ def test_bench_gpu_runs_on_a_cpu_with_small_settings(triton, tmp_path):
         "preprocess", "detector", "select_detections", "segmenter", "geometry", "result", "anomaly_pipeline",
         "detector, batch thread", "segmenter, batch thread",
     }  # fmt: skip
-    assert all(step["requests"] == 2 and step["compute_ms"] >= 0 for step in result["steps"].values())
+    # the session's server embeds early too (EARLY_EMBEDDING=on, conftest): SAM is idle for each frame's early
+    # call at c=1; at c=2 a frame's early call is kept or declined (SAM busy with the other frame)
+    assert result["ensemble"][0]["early_embedding"] == {"kept": 2, "used": 2}
+    early = result["ensemble"][1]["early_embedding"]
+    assert early.get("kept", 0) + early.get("declined", 0) == 2 and early.get("used", 0) == early.get("kept", 0)
+    # each frame is two requests to the segmenter (its image alone, then its boxes); the kept ones ran on its thread
+    requests = {"segmenter": 4, "segmenter, batch thread": 2 + early.get("kept", 0)}
+    assert all(step["requests"] == requests.get(name, 2) for name, step in result["steps"].items())
+    assert all(step["compute_ms"] >= 0 for step in result["steps"].values())
     steps = result["steps"]  # SAM runs on the thread: there, not in Triton's intake time, is the encoder's cost
     assert steps["segmenter, batch thread"]["compute_ms"] > steps["segmenter"]["compute_ms"]
     assert steps["segmenter, batch thread"]["compute_ms"] > steps["select_detections"]["compute_ms"]
@@ -138,6 +146,7 @@ def test_bench_gpu_runs_on_a_cpu_with_small_settings(triton, tmp_path):
     assert other["setting"] == "OVERLAP_BATCHES=off" and other["batch_threads"] == []
     assert [row["concurrency"] for row in other["ensemble"]] == [1, 2]
     assert all(row["requests"] == 2 and not row["errors"] and row["frames_per_s"] > 0 for row in other["ensemble"])
+    assert all(row["early_embedding"] == {} for row in other["ensemble"])  # EARLY_EMBEDDING auto: off on a CPU
     assert other["memory"]["resident"]["total_mib"] > 0
 
 

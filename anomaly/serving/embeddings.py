@@ -15,11 +15,14 @@ early embedding.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+
+log = logging.getLogger("anomaly.triton")
 
 
 @dataclass
@@ -96,3 +99,59 @@ class EmbeddingStore:
         for key in [k for k, (made, _) in self._items.items() if made < oldest]:
             del self._items[key]
             self._count("dropped")
+
+
+@dataclass
+class EarlyImage:
+    """An image taken in to be embedded before its boxes come."""
+
+    make_input: Callable[[], object]  # makes SAM's input when its batch is embedded
+    hw: tuple[int, int]
+
+
+class EarlyEmbeddings:
+    """A segmenter's early embeddings: which offers it takes (`offer`), embedding and keeping them (`embed`),
+    and handing one back to its frame's boxes (`take`). An early call is never an error: whatever goes wrong
+    leaves the frame to be embedded with its boxes, as without early embedding."""
+
+    def __init__(self, segmenter, capacity: int, observe: Callable[[str], None] | None = None):
+        self.segmenter = segmenter
+        self.store = EmbeddingStore(capacity, observe=observe)
+
+    def offer(self, image_bytes: Callable[[], bytes], tiled: bool, idle: bool, max_bytes: int, max_pixels: int):
+        """An EarlyImage to embed (decoded now), or None where it is declined: a tiled frame (SAM embeds windows
+        around its boxes), SAM not idle (under load the frames' own calls keep it busy and batch as before), no
+        room left, or an image that does not decode (its boxes' call meets it again and says what is wrong)."""
+        if tiled or not idle or not self.store.reserve():
+            self.store.decline()
+            return None
+        try:
+            make_input, hw = self.segmenter.image_to_embed(image_bytes(), max_bytes, max_pixels)
+        except Exception as exc:  # noqa: BLE001 - declined; the frame is embedded with its boxes
+            self.store.cancel()
+            self.store.decline()
+            log.info("segmenter: no early embedding (%s)", exc)
+            return None
+        return EarlyImage(make_input, hw)
+
+    def embed(self, images: list[EarlyImage], max_batch: int) -> list[str]:
+        """Embed the images (`max_batch` at a time) and keep each embedding: their keys, or "" for each where
+        embedding failed."""
+        if not images:
+            return []
+        try:
+            made = self.segmenter.embed_images([(e.make_input, e.hw) for e in images], max_batch)
+        except Exception:  # noqa: BLE001 - declined; the frames are embedded with their boxes
+            log.exception("segmenter: early embedding failed; the frames are embedded with their boxes")
+            for _ in images:
+                self.store.cancel()
+                self.store.decline()
+            return [""] * len(images)
+        return [self.store.put(embedding) for embedding in made]
+
+    def take(self, key: str):
+        """The embedding kept under `key`, once; None (logged) where it is gone or was never kept here."""
+        embedding = self.store.take(key)
+        if embedding is None:
+            log.info("segmenter: early embedding %s not kept (dropped, taken or never made): embedding now", key)
+        return embedding

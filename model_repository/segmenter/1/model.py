@@ -5,8 +5,6 @@ the image alone, in parallel with the detector: the embedding is made then and k
 (anomaly.serving.embeddings)."""
 
 import json
-import logging
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -14,12 +12,10 @@ from anomaly import masks
 from anomaly.config import settings
 from anomaly.segmenter import ready_for_serving
 from anomaly.serving import step_inputs, triton_io
-from anomaly.serving.embeddings import EmbeddingStore
+from anomaly.serving.embeddings import EarlyEmbeddings, EarlyImage
 from anomaly.serving.overlap import Answered
 from anomaly.serving.plan import config_parameter
 from anomaly.weights import UNTRAINED_BANNER, load_segmenter, segmenter_info, segmenter_title
-
-log = logging.getLogger("anomaly.triton")
 
 
 def pack_crops(crops: list) -> dict[str, np.ndarray]:
@@ -32,14 +28,6 @@ def pack_crops(crops: list) -> dict[str, np.ndarray]:
         "MASKS": packed,
         "MASK_SCORES": np.asarray([c.score for c in crops], np.float32).reshape(1, len(crops)),
     }
-
-
-@dataclass
-class EarlyImage:
-    """An image taken in to be embedded before its boxes come (a request without SEG_BOXES)."""
-
-    make_input: object  # makes SAM's input when its batch is embedded
-    hw: tuple[int, int]
 
 
 def key_tensor(key: str) -> np.ndarray:
@@ -64,7 +52,7 @@ class TritonPythonModel(triton_io.BatchedStage):
         outcomes = triton_io.OutcomeCounter(
             "anomaly_sam_early_embedding_count", "early embeddings by outcome (anomaly.serving.embeddings)", "segmenter"
         )
-        self.embeddings = EmbeddingStore(capacity=4 * triton_io.max_batch_size(args), observe=outcomes)
+        self.embeddings = EarlyEmbeddings(self.segmenter, capacity=4 * max_batch, observe=outcomes)
         self.was_idle = True
         self.start_batches(args, on_gpu=self.segmenter.device == "cuda")
 
@@ -97,35 +85,25 @@ class TritonPythonModel(triton_io.BatchedStage):
         plan = step_inputs.tile_plan("TILING", triton_io.array(request, "TILING"), s.max_image_pixels)
         if embedding is not None and not plan.tiled:
             return self.segmenter.embedded_windows(embedding, boxes)
-        if key and embedding is None:
-            log.info("segmenter: the early embedding %s was not kept (dropped or never made): embedding now", key)
         data = triton_io.image_bytes(request, "ENCODED")
         return self.segmenter.prepare_windows(data, boxes, plan.tiled, s.max_image_bytes, s.max_image_pixels)
 
     def prepare_early(self, request):
-        """A request without boxes: its image is taken in to be embedded and kept, or declined (EMBEDDING_KEY
-        empty) where SAM is busy, the store is full or the frame is tiled (SAM then embeds windows around the
-        boxes). Never an error: declining costs the frame only what it cost without early embedding."""
+        """A request without boxes: its image taken in to be embedded and kept, or declined at once with an empty
+        EMBEDDING_KEY (anomaly.serving.embeddings.EarlyEmbeddings.offer says when)."""
         s = settings()
         plan = step_inputs.tile_plan("TILING", triton_io.array(request, "TILING"), s.max_image_pixels)
-        if plan.tiled or not self.was_idle or not self.embeddings.reserve():
-            self.embeddings.decline()
-            return Answered({"EMBEDDING_KEY": key_tensor("")})
-        try:
-            data = triton_io.image_bytes(request, "ENCODED")
-            make_input, hw = self.segmenter.image_to_embed(data, s.max_image_bytes, s.max_image_pixels)
-        except Exception as exc:  # noqa: BLE001 - the boxes' call meets the same image and says what is wrong
-            self.embeddings.cancel()
-            self.embeddings.decline()
-            log.info("segmenter: no early embedding (%s)", exc)
-            return Answered({"EMBEDDING_KEY": key_tensor("")})
-        return EarlyImage(make_input, hw)
+        image = self.embeddings.offer(
+            lambda: triton_io.image_bytes(request, "ENCODED"), plan.tiled, self.was_idle, s.max_image_bytes,
+            s.max_image_pixels,
+        )  # fmt: skip
+        return image if image is not None else Answered({"EMBEDDING_KEY": key_tensor("")})
 
     def run(self, items):
         outputs: list = [None] * len(items)
         early = [i for i, item in enumerate(items) if isinstance(item, EarlyImage)]
         if early:
-            for i, key in zip(early, self.embed_early([items[i] for i in early])):
+            for i, key in zip(early, self.embeddings.embed([items[i] for i in early], self.max_batch)):
                 outputs[i] = {"EMBEDDING_KEY": key_tensor(key)}
         frames = [item for item in items if not isinstance(item, EarlyImage)]
         if frames:
@@ -137,19 +115,6 @@ class TritonPythonModel(triton_io.BatchedStage):
                     crops = next(crops_per_frame)
                     outputs[i] = pack_crops(crops) | {"SEGMENTER": info, "SAM_WINDOWS": sam_windows(item)}
         return outputs
-
-    def embed_early(self, images: list[EarlyImage]) -> list[str]:
-        """Embed the images and keep each embedding: their keys, or "" for each where embedding failed (the
-        boxes' call then embeds the image itself and meets the failure there, if it lasts)."""
-        try:
-            embeddings = self.segmenter.embed_images([(e.make_input, e.hw) for e in images], self.max_batch)
-        except Exception:  # noqa: BLE001
-            log.exception("segmenter: early embedding failed; the frames are embedded with their boxes")
-            for _ in images:
-                self.embeddings.cancel()
-                self.embeddings.decline()
-            return [""] * len(images)
-        return [self.embeddings.put(e) for e in embeddings]
 
 
 def sam_windows(frames: list) -> np.ndarray:
