@@ -545,7 +545,10 @@ def test_rendered_configs_carry_the_plan(tmp_path):
     shutil.copytree(REPO / "model_repository", repo, ignore=shutil.ignore_patterns("*.onnx", "configs"))
     plan = serving_plan(load_settings(), gpu=True, cores=16)
     written = {p.parent.parent.name: p.read_text() for p in write_serving_configs(repo, plan)}
-    assert set(written) == {"preprocess", "detector", "select_detections", "segmenter", "geometry", "result"}
+    assert set(written) == {
+        "preprocess", "detector", "select_detections", "segmenter", "geometry", "result", "anomaly_pipeline"
+    }  # fmt: skip
+    assert "KEPT_EMBEDDING" in written["anomaly_pipeline"]  # EARLY_EMBEDDING=auto on a GPU machine
     assert "max_batch_size: 2" in written["segmenter"] and "max_batch_size: 8" in written["detector"]
     assert "max_queue_delay_microseconds: 0" in written["segmenter"]
     assert "count: 4" in written["geometry"] and 'string_value: "4"' in written["geometry"]

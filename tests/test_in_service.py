@@ -44,6 +44,7 @@ def test_records_follow_a_triton_restart_with_other_weights(exported, tmp_path, 
         assert segmenter["weights"] == name and segmenter["device"] == "cpu"
         assert detector["name"] == f"rf-detr-{exported.variant}" and detector["backend"] == "onnxruntime"
         assert detector["batches"] == segmenter["batches"] == "one at a time"  # OVERLAP_BATCHES=auto on a CPU
+        assert segmenter["early_embedding"] == "off"  # EARLY_EMBEDDING=auto on a CPU
         assert any(w.startswith("UNTRAINED") and "detector" in w for w in loaded["warnings"])
         seen.append(segmenter["weights"])
     assert seen == ["sam2.1_hiera_tiny.first.pt", "sam2.1_hiera_tiny.second.pt"]

@@ -18,6 +18,22 @@ def finite(name: str, values: np.ndarray) -> np.ndarray:
     return values
 
 
+def required(name: str, values: np.ndarray | None) -> np.ndarray:
+    """An input the request must carry (None: it does not)."""
+    if values is None:
+        raise InputError(name, "is missing from the request")
+    return values
+
+
+def encoded_image(name: str, values: np.ndarray) -> bytes:
+    """The one encoded image of an input, refusing batches it would otherwise silently drop."""
+    flat = values.reshape(-1)
+    if flat.size != 1:
+        raise InputError(name, f"must hold exactly one encoded image, got {flat.size} elements")
+    value = flat[0]
+    return value if isinstance(value, bytes) else bytes(value)
+
+
 def text(name: str, values: np.ndarray, max_chars: int = 64) -> str:
     """One short string: a key or a name passed between steps."""
     flat = values.reshape(-1)

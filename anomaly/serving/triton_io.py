@@ -67,12 +67,10 @@ def optional_array(request, name: str) -> np.ndarray | None:
 
 
 def image_bytes(request, name: str = "IMAGE") -> bytes:
-    """The one encoded image of a request, refusing batches it would otherwise silently drop."""
-    values = array(request, name).reshape(-1)
-    if values.size != 1:
-        raise InputError(name, f"must hold exactly one encoded image, got {values.size} elements")
-    value = values[0]
-    return value if isinstance(value, bytes) else bytes(value)
+    """The one encoded image of a request (step_inputs.encoded_image)."""
+    from anomaly.serving.step_inputs import encoded_image
+
+    return encoded_image(name, array(request, name))
 
 
 def bytes_tensor(items: list[bytes]) -> np.ndarray:
