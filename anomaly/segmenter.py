@@ -48,10 +48,6 @@ class Embedding:
     tensors: tuple
     hw: tuple[int, int]
 
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.tensors)
-
 
 @dataclass
 class SamFrame:

@@ -183,7 +183,7 @@ def test_boxes_decoded_from_an_early_embedding_are_the_same_masks(exported):
 
     make_input, hw = segmenter.image_to_embed(data, BIG, BIG)
     (embedding,) = segmenter.embed_images([(make_input, hw)], 1)
-    assert embedding.hw == hw and embedding.nbytes > 0
+    assert embedding.hw == hw
     assert all(t.shape[0] == 1 for t in embedding.tensors)
     early = segmenter.segment_windows([segmenter.embedded_windows(embedding, boxes)], 1)[0]
     assert len(early) == len(usual) == 2

@@ -70,7 +70,7 @@ class OverlappedBatches:
         self._max_batch = max(1, int(max_batch))
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._room = threading.Semaphore(self._max_batch)  # taken in and not yet running: one batch at most
-        self._unanswered = 0  # taken in and not yet run (`idle`)
+        self._pending = 0  # taken in and not yet run (`idle`)
         self._lock = threading.Lock()
         self._thread = threading.Thread(target=self._work, name=f"{name} batches", daemon=True)
         self._thread.start()
@@ -94,7 +94,7 @@ class OverlappedBatches:
                 self._send(sender, error=exc)
                 continue
             with self._lock:
-                self._unanswered += 1
+                self._pending += 1
             self._queue.put((sender, item, time.monotonic_ns()))
         return None
 
@@ -102,7 +102,7 @@ class OverlappedBatches:
     def idle(self) -> bool:
         """Everything taken in has run: nothing waits, nothing runs."""
         with self._lock:
-            return self._unanswered == 0
+            return self._pending == 0
 
     def _wait_for_room(self) -> None:
         while not (self._thread.is_alive() and self._room.acquire(timeout=1.0)):
@@ -141,7 +141,7 @@ class OverlappedBatches:
         except Exception as exc:  # noqa: BLE001 - every request of the batch gets the error
             outputs = [exc] * len(batch)
         with self._lock:  # before the answers go: a next step's request may follow them at once
-            self._unanswered -= len(batch)
+            self._pending -= len(batch)
         for (sender, _, _), out in zip(batch, outputs):
             if isinstance(out, BaseException):
                 self._send(sender, error=out)

@@ -23,6 +23,7 @@ from anomaly.logs import setup_logging
 from anomaly.options import RequestOptions, parse_options
 from anomaly.serving import in_service
 from anomaly.serving.overlap import Answered, NoResponseSenders, OverlappedBatches
+from anomaly.serving.step_inputs import encoded_image
 
 log = logging.getLogger("anomaly.triton")
 
@@ -68,8 +69,6 @@ def optional_array(request, name: str) -> np.ndarray | None:
 
 def image_bytes(request, name: str = "IMAGE") -> bytes:
     """The one encoded image of a request (step_inputs.encoded_image)."""
-    from anomaly.serving.step_inputs import encoded_image
-
     return encoded_image(name, array(request, name))
 
 
