@@ -91,25 +91,10 @@ def test_early_offers_are_declined_when_tiled_busy_full_or_undecodable_and_failu
 # --- what prepare may answer itself, and when the batch thread is idle ---------------------------------------------
 
 
-class _Sender:
-    def __init__(self):
-        self.answers = []
-
-    def send(self, *answer):
-        self.answers.append(answer)
-
-
-class _Request:
-    def __init__(self, value):
-        self.value = value
-        self.sender = _Sender()
-
-    def get_response_sender(self):
-        return self.sender
-
-
 def test_an_answer_prepare_gives_is_sent_at_once_and_nothing_is_run():
     import threading
+
+    from tests.test_overlap import Request, answer, answers_of
 
     release = threading.Event()
     ran = []
@@ -119,17 +104,19 @@ def test_an_answer_prepare_gives_is_sent_at_once_and_nothing_is_run():
         ran.append(list(items))
         return [{"ran": v} for v in items]
 
-    sent = []
-    batches = OverlappedBatches("test", run, 2, lambda sender, **a: sent.append((sender, a)))
+    batches = OverlappedBatches("test", run, 2, answer)
     try:
         assert batches.idle
-        requests = [_Request(1), _Request("declined"), _Request(2)]
+        requests = [Request(1), Request("declined"), Request(2)]
         batches.execute(requests, lambda r: Answered({"declined": r.value}) if r.value == "declined" else r.value)
-        assert [a for s, a in sent] == [{"outputs": {"declined": "declined"}}]  # before the batch has run
-        assert sent[0][0] is requests[1].sender and not batches.idle  # 1 and 2 are taken in, unanswered
+        # answered before any batch has run; 1 and 2 are taken in, waiting or running
+        assert answers_of(requests[1:2]) == [[("outputs", {"declined": "declined"})]]
+        assert not requests[0].sender.answers and not requests[2].sender.answers and not batches.idle
         release.set()
+        assert answers_of(requests[::2]) == [[("outputs", {"ran": 1})], [("outputs", {"ran": 2})]]
+        assert sorted(v for batch in ran for v in batch) == [1, 2]
         batches.close(timeout_s=10)
-        assert ran == [[1, 2]] and batches.idle and len(sent) == 3
+        assert batches.idle
     finally:
         release.set()
         batches.close(timeout_s=5)
