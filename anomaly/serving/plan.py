@@ -4,8 +4,8 @@ The committed `config.pbtxt` files hold the CPU layout (one instance of everythi
 `tritonserver --model-repository=model_repository` serves. Our launcher (anomaly.serving.triton_server) resolves
 the settings (BATCH_FRAMES, BATCH_DELAY_US, STEP_INSTANCES, GEOMETRY_WORKERS, each `auto` by default) for
 the machine it runs on and writes `<model>/configs/serving.pbtxt` beside each step, which Triton loads
-with `--model-config-name=serving`. Where SAM embeds early (EARLY_EMBEDDING, `auto`: on a GPU machine) it writes
-the ensemble's too, with one more step (`render_ensemble`).
+with `--model-config-name=serving`. It writes the ensemble's too: the committed one, with one more step where SAM
+embeds early (EARLY_EMBEDDING, `auto`: on a GPU machine; `render_ensemble`).
 
 GPU machine defaults: the detector batches up to 8 concurrent frames and the segmenter up to 2 (the SAM
 image encoder runs them as one batch; on an H100, batch 2 served as many frames/s at concurrency 8 as batch 4,
