@@ -15,17 +15,14 @@ import numpy as np
 
 from anomaly import masks
 from anomaly.config import Settings
-from anomaly.serving import step_inputs
+from anomaly.serving import step_inputs, triton_io
 from anomaly.serving.embeddings import EarlyEmbeddings, EarlyImage
 from anomaly.serving.overlap import Answered
 
 
 def strings(items: list[bytes]) -> np.ndarray:
     """A (1, N) tensor of bytes objects: a string output of a step with a batch axis."""
-    out = np.empty((1, len(items)), dtype=np.object_)
-    for i, item in enumerate(items):
-        out[0, i] = item
-    return out
+    return triton_io.bytes_tensor(items).reshape(1, len(items))
 
 
 def pack_crops(crops: list) -> dict[str, np.ndarray]:
