@@ -233,6 +233,7 @@ def test_the_served_pipeline_decodes_from_the_early_embedding(triton, grpc_clien
     """The session's server embeds early (conftest): a frame with defects takes its kept embedding, and every
     response says the ensemble does it."""
     before = early_metrics(triton)
+    assert set(before) == {"kept", "used", "missed", "dropped", "declined"}  # each shown from the start
     response = grpc_client.detect(deck_jpeg, confidence_threshold=0.21)
     after = early_metrics(triton)
     assert response["anomaly_count"] > 0  # SAM ran for this frame

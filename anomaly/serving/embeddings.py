@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 log = logging.getLogger("anomaly.triton")
 
@@ -113,6 +113,8 @@ class EarlyEmbeddings:
     """A segmenter's early embeddings: which offers it takes (`offer`), embedding and keeping them (`embed`),
     and handing one back to its frame's boxes (`take`). An early call is never an error: whatever goes wrong
     leaves the frame to be embedded with its boxes, as without early embedding."""
+
+    OUTCOMES = [f.name for f in fields(StoreCounts)]  # what the store counts, as metric labels
 
     def __init__(self, segmenter, capacity: int, observe: Callable[[str], None] | None = None):
         self.segmenter = segmenter

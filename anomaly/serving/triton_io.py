@@ -180,17 +180,16 @@ class StepMetrics:
 
 
 class OutcomeCounter:
-    """A counter on Triton's metrics port labelled by model and outcome: `counter("used")` adds one."""
+    """A counter on Triton's metrics port labelled by model and outcome, each outcome shown from the start (at 0):
+    `counter("used")` adds one."""
 
-    def __init__(self, name: str, description: str, model: str):
+    def __init__(self, name: str, description: str, model: str, outcomes: list[str]):
         pb_utils = _pb()
-        self._family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
-        self._model = model
-        self._metrics: dict = {}
+        family = pb_utils.MetricFamily(name=name, description=description, kind=pb_utils.MetricFamily.COUNTER)
+        self._family = family  # the metrics live as long as their family
+        self._metrics = {o: family.Metric(labels={"model": model, "outcome": o}) for o in outcomes}
 
     def __call__(self, outcome: str) -> None:
-        if outcome not in self._metrics:
-            self._metrics[outcome] = self._family.Metric(labels={"model": self._model, "outcome": outcome})
         self._metrics[outcome].increment(1)
 
 

@@ -5,6 +5,7 @@ embedded together (anomaly.segmenter, anomaly.sam3; which one: anomaly.weights).
 from anomaly.config import settings
 from anomaly.segmenter import ready_for_serving
 from anomaly.serving import triton_io
+from anomaly.serving.embeddings import EarlyEmbeddings
 from anomaly.serving.plan import config_parameter
 from anomaly.serving.sam_step import SamStep
 from anomaly.weights import UNTRAINED_BANNER, load_segmenter, segmenter_info, segmenter_title
@@ -25,7 +26,7 @@ class TritonPythonModel(triton_io.BatchedStage):
         triton_io.release_gpu_cache_after_load("segmenter")
         self.early = config_parameter(args, "early_embedding", "off") == "on"  # whether the ensemble makes early calls
         name, doc = "anomaly_sam_early_embedding_count", "early embeddings by outcome (anomaly.serving.embeddings)"
-        outcomes = triton_io.OutcomeCounter(name, doc, "segmenter")
+        outcomes = triton_io.OutcomeCounter(name, doc, "segmenter", EarlyEmbeddings.OUTCOMES)
         self.step = SamStep(self.segmenter, settings(), max_batch, observe=outcomes)
         self.was_idle = True
         self.start_batches(args, on_gpu=self.segmenter.device == "cuda")
