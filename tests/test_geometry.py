@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import zlib
 
 import cv2
 import numpy as np
@@ -33,7 +34,9 @@ def angle_error(a: float, b: float) -> float:
 
 
 def cases(kind: str, n: int):
-    rng = np.random.default_rng(RNG_SEED + hash(kind) % 1000)
+    # zlib.crc32, not hash(): str hashes change with every process (PYTHONHASHSEED), and so did the cases; over
+    # 1000 such seeds the curved set's median width error ranged up to 0.053, twice above the 0.05 asserted
+    rng = np.random.default_rng(RNG_SEED + zlib.crc32(kind.encode()) % 1000)
     for _ in range(n):
         width = rng.uniform(2, 30)
         length = rng.uniform(50, 1500)
