@@ -267,6 +267,11 @@ def test_the_segmenter_step_keeps_an_embedding_for_a_plain_client(triton, deck_j
         assert got["MASKS"].tolist() == usual["MASKS"].tolist()
         assert np.array_equal(got["MASK_SCORES"], usual["MASK_SCORES"])
 
+    # another frame's key: refused, naming the input, rather than masks decoded from the wrong image
+    key = _segment(client, deck_jpeg, whole, outputs=("EMBEDDING_KEY",))["EMBEDDING_KEY"].reshape(-1)[0]
+    with pytest.raises(Exception, match="KEPT_EMBEDDING"):
+        _segment(client, deck_jpeg, untiled((720, 1280)).to_json(), boxes, key=key, outputs=names)
+
     tiled = plan_tiles((1080, 1920), 576, "on", 64)
     assert tiled.tiled
     declined = _segment(client, deck_jpeg, tiled.to_json(), outputs=("EMBEDDING_KEY",))
@@ -274,4 +279,4 @@ def test_the_segmenter_step_keeps_an_embedding_for_a_plain_client(triton, deck_j
     after = early_metrics(triton)
     client.close()
     grew = {k: after.get(k, 0) - before.get(k, 0) for k in ("kept", "used", "missed", "declined")}
-    assert grew == {"kept": 1, "used": 1, "missed": 1, "declined": 1}
+    assert grew == {"kept": 2, "used": 2, "missed": 1, "declined": 1}

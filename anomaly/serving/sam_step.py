@@ -15,6 +15,7 @@ import numpy as np
 
 from anomaly import masks
 from anomaly.config import Settings
+from anomaly.errors import InputError
 from anomaly.serving import step_inputs, triton_io
 from anomaly.serving.embeddings import EarlyEmbeddings, EarlyImage
 from anomaly.serving.overlap import Answered
@@ -67,6 +68,8 @@ class SamStep:
         step_inputs.at_most("SEG_BOXES", len(boxes), s.max_detections)
         if not len(boxes):  # nothing to segment: no decoding, no SAM
             return []
+        if embedding is not None and tuple(embedding.hw) != tuple(plan.image_hw):  # another frame's key
+            raise InputError("KEPT_EMBEDDING", f"is the key of a {embedding.hw} image, not of this {plan.image_hw} one")
         if embedding is not None and not plan.tiled:
             return self.segmenter.embedded_windows(embedding, boxes)
         return self.segmenter.prepare_windows(image(), boxes, plan.tiled, s.max_image_bytes, s.max_image_pixels)
