@@ -213,6 +213,45 @@ def test_concurrent_requests_over_grpc(grpc_client, pier_png, deck_jpeg):
         assert response["image_size"]["width"] == (800 if data is pier_png else 1920)
 
 
+def test_the_detector_batches_frames_whose_bytes_differ_in_length(triton, pier_png, deck_jpeg):
+    """Between steps the encoded frame travels as a uint8 row as long as its bytes (half the cost of a string
+    tensor per hop), so no two frames have the same shape: the detector's dynamic batcher must still group them
+    (ragged batch), and each frame must get its own detections back. Plain tritonclient calls of the step."""
+    import tritonclient.grpc as grpcclient
+
+    pier = np.asarray(Image.open(io.BytesIO(pier_png)).convert("RGB"))
+    deck = np.asarray(Image.open(io.BytesIO(deck_jpeg)).convert("RGB"))
+    frames = [encode(rgb, quality=q) for rgb, q in ((deck, 95), (pier, 90), (deck, 70), (pier, 60), (deck, 50))]
+    assert len({len(f) for f in frames}) == len(frames)
+    client = grpcclient.InferenceServerClient(triton.grpc_url)
+
+    def inputs(data: bytes):
+        hw = Image.open(io.BytesIO(data)).size[::-1]
+        encoded = grpcclient.InferInput("ENCODED", [1, len(data)], "UINT8")
+        encoded.set_data_from_numpy(np.frombuffer(data, np.uint8).reshape(1, -1))
+        tiling = grpcclient.InferInput("TILING", [1, 1], "BYTES")
+        tiling.set_data_from_numpy(_plan(hw))
+        return [encoded, tiling]
+
+    def batches() -> dict[int, int]:
+        stats = client.get_inference_statistics("detector", as_json=True)["model_stats"][0]
+        return {int(b["batch_size"]): int(b["compute_infer"].get("count", 0)) for b in stats.get("batch_stats", [])}
+
+    try:
+        alone = [client.infer("detector", inputs(f)).as_numpy("dets") for f in frames]
+        before = batches()
+        # the first frame's intake (decoding on this CPU) keeps the step busy while the others queue
+        with concurrent.futures.ThreadPoolExecutor(len(frames)) as pool:
+            together = list(pool.map(lambda f: client.infer("detector", inputs(f)).as_numpy("dets"), frames))
+        after = batches()
+    finally:
+        client.close()
+    grouped = {size: after[size] - before.get(size, 0) for size in after if size > 1}
+    assert sum(grouped.values()) >= 1, f"no batch of more than one frame: {after}"
+    for mine, reference in zip(together, alone):
+        np.testing.assert_allclose(mine, reference, atol=1e-3)
+
+
 DECLARED_OUTPUTS = ("RESULT_JSON", "BOXES", "SCORES", "CLASS_IDS", "SEG_INDEX", "MASK_SCORES", "GEOMETRY")
 
 
@@ -264,14 +303,13 @@ def _call_step(triton, model: str, inputs: dict[str, np.ndarray], protocol: str 
     """A plain tritonclient call of one internal step, as anyone who can reach Triton's ports could make."""
     import tritonclient.grpc as grpcclient
     import tritonclient.http as httpclient
+    from tritonclient.utils import np_to_triton_dtype
 
     tc = grpcclient if protocol == "grpc" else httpclient
     client = tc.InferenceServerClient(triton.grpc_url if protocol == "grpc" else triton.http_url)
     tensors = []
     for name, value in inputs.items():
-        dtype = "BYTES" if value.dtype == np.object_ else {"int32": "INT32", "float32": "FP32", "int64": "INT64",
-                                                            "float64": "FP64"}[value.dtype.name]  # fmt: skip
-        tensor = tc.InferInput(name, list(value.shape), dtype)
+        tensor = tc.InferInput(name, list(value.shape), np_to_triton_dtype(value.dtype))
         tensor.set_data_from_numpy(value)
         tensors.append(tensor)
     try:
@@ -327,6 +365,8 @@ def _plan(image_hw, mode: str = "off") -> np.ndarray:
             },
             "dets: holds 300 boxes, not a whole number for",
         ),
+        # the encoded frame between steps is a uint8 row of its bytes: these are no image
+        ("detector", {"ENCODED": np.full((1, 64), 7, np.uint8), "TILING": _plan((1080, 1920))}, "not a decodable"),
     ],
 )
 def test_internal_steps_check_their_inputs(triton, model, inputs, words):

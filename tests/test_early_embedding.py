@@ -218,7 +218,7 @@ def _segment(client, data: bytes, tiling: bytes, boxes=None, key=None, outputs=(
         return t
 
     inputs = [
-        tensor("ENCODED", np.array([[data]], dtype=object), "BYTES"),
+        tensor("ENCODED", np.frombuffer(data, np.uint8).reshape(1, -1), "UINT8"),
         tensor("TILING", np.array([[tiling]], dtype=object), "BYTES"),
     ]
     if boxes is not None:

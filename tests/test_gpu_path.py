@@ -553,6 +553,8 @@ def test_rendered_configs_carry_the_plan(tmp_path):
     assert "max_queue_delay_microseconds: 0" in written["segmenter"]
     assert "count: 4" in written["geometry"] and 'string_value: "4"' in written["geometry"]
     assert "count: 1" in written["detector"]  # one copy of the weights on the card
+    for model in ("detector", "segmenter"):  # batched frames' bytes differ in length: a ragged batch
+        assert 'name: "ENCODED", data_type: TYPE_UINT8, dims: [-1], allow_ragged_batch: true' in written[model]
     with pytest.raises(ValueError, match="expected one line"):
         render_config("name: x\n", "geometry", plan)
 

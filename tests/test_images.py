@@ -143,3 +143,19 @@ def test_resize_is_exact_bilinear():
                 (1 - wx) * img[y1, x0] + wx * img[y1, x1]
             )
             assert np.allclose(out[y, x], expected, atol=1e-6)
+
+
+def test_the_encoded_frame_between_steps_is_one_row_of_bytes():
+    """ENCODED travels between Triton steps as a uint8 row (anomaly.serving.step_inputs): read back as the very
+    bytes, and anything but one row (two frames, a flat array) refused naming the input; the ensemble's own
+    IMAGE stays a string tensor of one element."""
+    from anomaly.serving.step_inputs import encoded_image
+
+    data = (SAMPLES / "bridge_deck.jpg").read_bytes()
+    assert encoded_image("ENCODED", np.frombuffer(data, np.uint8).reshape(1, -1)) == data
+    assert encoded_image("IMAGE", np.array([data], dtype=np.object_)) == data
+    for bad in (np.zeros((2, 8), np.uint8), np.zeros(8, np.uint8)):
+        with pytest.raises(InputError, match="ENCODED: must be one row of encoded bytes"):
+            encoded_image("ENCODED", bad)
+    with pytest.raises(InputError, match="IMAGE: must hold exactly one encoded image, got 2"):
+        encoded_image("IMAGE", np.array([data, data], dtype=np.object_))

@@ -26,7 +26,12 @@ def required(name: str, values: np.ndarray | None) -> np.ndarray:
 
 
 def encoded_image(name: str, values: np.ndarray) -> bytes:
-    """The one encoded image of an input, refusing batches it would otherwise silently drop."""
+    """The one encoded image of an input, refusing batches it would otherwise silently drop: a string tensor of
+    one element (the ensemble's IMAGE), or the bytes as a uint8 row of one request (ENCODED between steps)."""
+    if values.dtype == np.uint8:
+        if values.ndim != 2 or values.shape[0] != 1:
+            raise InputError(name, f"must be one row of encoded bytes, shape (1, N), got {tuple(values.shape)}")
+        return values.tobytes()
     flat = values.reshape(-1)
     if flat.size != 1:
         raise InputError(name, f"must hold exactly one encoded image, got {flat.size} elements")

@@ -28,7 +28,7 @@ class TritonPythonModel(triton_io.StageModel):
         return {
             "TILING": triton_io.bytes_tensor([plan.to_json()]).reshape(1, 1),
             "SCALE": triton_io.bytes_tensor([json.dumps(scale).encode()]).reshape(1, 1),
-            "ENCODED": triton_io.bytes_tensor([data]).reshape(1, 1),
+            "ENCODED": np.frombuffer(data, np.uint8).reshape(1, -1),  # uint8: half the cost of a string per hop
             "IMAGE_SIZE": np.array([header.height, header.width], np.int32),
             "START_NS": np.array([start], np.int64),
         }
