@@ -247,6 +247,12 @@ KNOBS: tuple[Knob, ...] = (
     Knob("TRITON_METRICS_PORT", "8002", "Triton metrics port", parse=_int),
     Knob("TRITON_HOME", "", "folder holding bin/tritonserver (default: the nvidia-pytriton wheel in .triton/)"),
     Knob(
+        "TRITON_TRACE_FILE",
+        "",
+        "file for Triton's request traces; tracing stays off until a client turns it on through Triton's trace API "
+        "(make bench-gpu does, for its timeline of one frame); empty: no tracing",
+    ),
+    Knob(
         "TRITON_URL",
         "",
         "Triton gRPC address the handler and gateway use (default TRITON_HOST:TRITON_GRPC_PORT)",

@@ -17,6 +17,7 @@ triton`, or TRITON_HOME). Prints a table and writes bench_output/gpu.json.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import platform
 import subprocess
@@ -31,6 +32,7 @@ from anomaly.config import REPO_ROOT, Settings, load_settings
 from anomaly.options import RequestOptions
 from anomaly.tiling import untiled
 from bench.scenes import large_photo
+from bench.timeline import frame_timeline, print_timeline
 
 STEPS = ("preprocess", "detector", "select_detections", "segmenter", "geometry", "result", "anomaly_pipeline")
 
@@ -624,6 +626,8 @@ def print_table(result: dict) -> None:
     for name in sorted(steps, key=order):
         row = steps[name]
         print(f"{name:<34}{row['queue_ms']:>10}{row['compute_ms']:>12}{row['mean_batch'] or '':>8}")
+    if "timeline" in result:
+        print_timeline(result["timeline"])
     tiled = result["tiled"]
     print(f"\n{tiled['photo']} photo, tiled: p50 {tiled['p50_ms']} ms ({tiled['ms_per_megapixel']} ms per megapixel)")
     print(f"\nmemory: {result['memory']}")
@@ -640,6 +644,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 8] if gpu else [1, 2])
     parser.add_argument("--requests", type=int, default=64 if gpu else 3, help="requests per concurrency level")
     parser.add_argument("--repeats", type=int, default=20 if gpu else 2, help="runs of each in-process baseline")
+    parser.add_argument(
+        "--timeline-frames", type=int, default=16 if gpu else 2, help="frames traced one at a time (Triton's trace)"
+    )
     parser.add_argument("--tiled-size", default="6000x4000" if gpu else "1600x1200", help="the tiled photo, WxH")
     parser.add_argument("--tiled-requests", type=int, default=8 if gpu else 1, help="large photos sent tiled")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_output" / "gpu.json")
@@ -661,6 +668,9 @@ def main(argv: list[str] | None = None) -> int:
     from anomaly.serving.triton_server import running_server
 
     settings = load_settings()
+    if not settings.triton_trace_file:  # for a server started here: where Triton may trace the timeline's frames
+        trace_file = REPO_ROOT / "bench_output" / "triton_trace.json"
+        settings = dataclasses.replace(settings, triton_trace_file=str(trace_file))
     data = (REPO_ROOT / "samples" / args.image).read_bytes()
     local = InProcessPipeline(settings)
     threshold, defects = threshold_for(local, data, args.defects)
@@ -685,6 +695,9 @@ def main(argv: list[str] | None = None) -> int:
             result["steps_by_concurrency"][str(level)] = step_table(before, after) | threads
             result["steps"] = result["steps_by_concurrency"][str(level)]  # the table shows the highest level
             print(json.dumps(result["ensemble"][-1]), flush=True)
+        threaded = set(thread_stats(metrics_url))  # the steps answering from a batch thread
+        result["timeline"] = frame_timeline(server.grpc_url, data, threshold, args.timeline_frames, threaded)
+        print(json.dumps({"timeline": result["timeline"]}), flush=True)
         # a large photo, tiled: what a drone frame costs (README, "Large photos: tiling")
         width, height = (int(v) for v in args.tiled_size.split("x"))
         big = large_photo(REPO_ROOT / "samples" / args.image, (width, height))

@@ -87,7 +87,9 @@ def triton(exported, tmp_path_factory):
     # The detector and SAM take batches in while their thread runs the last one (OVERLAP_BATCHES), as on a GPU
     # machine: every end-to-end test goes through the response senders of that path too. SAM embeds each frame
     # early, in parallel with the detector (EARLY_EMBEDDING), as on a GPU machine: every served mask comes from it.
-    settings = dataclasses.replace(load_settings(), geometry_workers=2, early_embedding="on")
+    # Triton may trace into a file (TRITON_TRACE_FILE; off until a client turns it on): make bench-gpu's timeline.
+    trace = str(log.parent / "trace.json")
+    settings = dataclasses.replace(load_settings(), geometry_workers=2, early_embedding="on", triton_trace_file=trace)
     server = TritonServer(settings, log_path=log, env={"OVERLAP_BATCHES": "on"})
     server.start(ready_timeout=600)
     yield server

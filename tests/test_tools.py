@@ -141,6 +141,19 @@ def test_bench_gpu_runs_on_a_cpu_with_small_settings(triton, tmp_path):
     by_boxes = pieces["sam_decoder_ms_by_boxes"]  # each box decodes from its own copy of the frame's embedding
     assert set(by_boxes) == {"1", "4"} and by_boxes["4"] > by_boxes["1"] > 0
     assert result["memory"]["tritonserver_sees_gpu"] is False  # no GPU here to see
+    # one frame's path at c=1 from Triton's trace, on the clock the client read too
+    timeline = result["timeline"]
+    rows = {row["what"]: (row["from_ms"], row["to_ms"]) for row in timeline["rows"]}
+    assert timeline["frames"] == 2 and list(rows) == [
+        "client -> Triton", "preprocess", "segmenter, first call", "detector", "select_detections", "segmenter",
+        "geometry", "result", "Triton -> client",
+    ]  # fmt: skip
+    assert 0 < rows["client -> Triton"][1] <= rows["preprocess"][0] < rows["detector"][0] < rows["detector"][1]
+    assert rows["Triton -> client"][1] == timeline["client_ms"]
+    # the responses' own clock (preprocess's start to the result's build) lies within the traced steps: Triton's
+    # trace and START_NS agree, to the few ms processing_time_ms leaves out (the inputs' transfer, the build)
+    traced = rows["result"][1] - rows["preprocess"][0]
+    assert 0 < traced - timeline["server_ms"] < 15, (traced, timeline["server_ms"])
     # --also: the same levels on a server of its own with the setting changed, which its steps did see
     (other,) = result["compared"]
     assert other["setting"] == "OVERLAP_BATCHES=off" and other["batch_threads"] == []

@@ -138,6 +138,8 @@ class TritonServer:
         cmd += ["--pinned-memory-pool-byte-size=0", "--cuda-memory-pool-byte-size=0:0"]
         if not self.gpu or self.hides_gpu:
             cmd.append("--allow-gpu-metrics=false")
+        if s.triton_trace_file:  # a file to trace into; the level stays OFF until Triton's trace API changes it
+            cmd.append(f"--trace-config=triton,file={s.triton_trace_file}")
         return cmd
 
     @property
