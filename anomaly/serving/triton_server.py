@@ -174,6 +174,8 @@ class TritonServer:
             self.plan = serving_plan(self.settings, self.gpu)
             write_serving_configs(self.model_repository, self.plan)
         cmd = self.command()
+        if self.settings.triton_trace_file:  # Triton writes the file but makes no folders
+            Path(self.settings.triton_trace_file).parent.mkdir(parents=True, exist_ok=True)
         if self.log_path:
             Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
