@@ -174,17 +174,25 @@ class InProcessPipeline:
             mask_scores=np.asarray([c.score for c in crops], np.float32),
             geometries=geometry_dicts(table),
         )
-        return build_response(
+        response = build_response(
             image_hw=image_hw,
             findings=findings,
             metadata=self.meta,
             options=options,
             severity_thresholds_mm=s.severity_thresholds_mm,
             warnings=warnings_for(self.meta, self.segmenter_info, notes, self.detector.info),
-            processing_time_ms=(time.monotonic_ns() - start) / 1e6,
+            processing_time_ms=0.0,  # stamped once the response is built (finished)
             models=models_info(self.meta, self.segmenter_info, self.detector.info),
             tiling=describe(plan, np.asarray([f.window for f in sam_frames]), self.segmenter.resolution),
         )
+        return finished(response, start)
+
+
+def finished(response: dict, start_ns: int) -> dict:
+    """The response with its processing_time_ms stamped now: from the frame's start (time.monotonic_ns() when the
+    first step took it) to its response built, the building included."""
+    response["processing_time_ms"] = round((time.monotonic_ns() - start_ns) / 1e6, 2)
+    return response
 
 
 def to_json(response: dict) -> bytes:

@@ -1,7 +1,5 @@
 """Triton step 6: the response JSON (anomaly.result.build_response) and the ensemble's typed outputs."""
 
-import time
-
 import numpy as np
 
 from anomaly import pipeline
@@ -38,8 +36,9 @@ class TritonPythonModel(triton_io.StageModel):
             options=options,
             severity_thresholds_mm=s.severity_thresholds_mm,
             warnings=pipeline.warnings_for(self.meta, got["segmenter"], got["notes"], got["detector"]),
-            processing_time_ms=(time.monotonic_ns() - got["start_ns"]) / 1e6,
+            processing_time_ms=0.0,  # stamped once the response is built (pipeline.finished)
             models=pipeline.models_info(self.meta, got["segmenter"], got["detector"]),
             tiling=describe(got["plan"], got["sam_windows"], int(got["segmenter"].get("resolution", 1024))),
         )
+        response = pipeline.finished(response, got["start_ns"])
         return {"RESULT_JSON": np.array([pipeline.to_json(response)], dtype=np.object_)} | typed
