@@ -317,10 +317,11 @@ KNOBS: tuple[Knob, ...] = (
     Knob(
         "SAM_COMPILE",
         "off",
-        "`off` or `encoder`: SAM's image encoder compiled by inductor (torch.compile, default mode) when the "
-        "segmenter loads, before its CUDA graphs are captured; its kernels are kept in WEIGHTS_DIR/inductor_cache "
-        "for the next start (the first compile takes minutes)",
-        ("off", "encoder"),
+        "`off`, `encoder` or `all`: SAM's image encoder (`all`: and its prompt encoder + mask decoder, one compile "
+        "for every box count) compiled by inductor (torch.compile, default mode) when the segmenter loads, before "
+        "its CUDA graphs are captured; its kernels are kept in WEIGHTS_DIR/inductor_cache for the next start (the "
+        "first compile takes minutes)",
+        ("off", "encoder", "all"),
         parse=_choice,
     ),
     Knob(

@@ -119,8 +119,10 @@ def ready_for_serving(segmenter, settings, max_batch: int) -> None:
     """What a loaded SAM gets before it serves, as the settings ask: its image encoder compiled by inductor
     (SAM_COMPILE), then its CUDA graphs (CUDA_GRAPHS) for batches of up to `max_batch` frames. The Triton step
     and the in-process pipeline both call this."""
-    if settings.sam_compile == "encoder":
+    if settings.sam_compile in ("encoder", "all"):
         segmenter.compile_encoder(settings.weights_dir / "inductor_cache")
+    if settings.sam_compile == "all":
+        segmenter.compile_decoder(settings.weights_dir / "inductor_cache")
     if settings.cuda_graphs:
         segmenter.use_cuda_graphs(max_batch)
 
@@ -174,6 +176,7 @@ class Sam2Segmenter:
         self._encoder = GraphedForward(self._embed, self._autocast)
         self._encoder_compiled = False  # SAM_COMPILE (compile_encoder)
         self._decoder = GraphedForward(self._decode_boxes, self._autocast)
+        self._decoder_compiled = False  # SAM_COMPILE=all (compile_decoder)
         self._box_labels = torch.tensor([[2, 3]], dtype=torch.int, device=self.device)
 
     def _autocast(self):
@@ -193,6 +196,18 @@ class Sam2Segmenter:
         self._encoder.forward = self._torch.compile(self._embed, dynamic=False)
         self._encoder_compiled = True
         log.info("SAM image encoder: compiled by inductor on its first forward (cache %s)",
+                 os.environ["TORCHINDUCTOR_CACHE_DIR"])  # fmt: skip
+
+    def compile_decoder(self, cache_dir: Path) -> None:
+        """The prompt encoder + mask decoder through torch.compile, like the encoder (compile_encoder), but dynamic
+        in the box count: one compile serves the counts 2 and up (torch specialises a count of 1, a second one),
+        where a static compile per count would be 16 of them before the decoder's CUDA graphs are captured."""
+        import os
+
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
+        self._decoder.forward = self._torch.compile(self._decode_boxes, dynamic=True)
+        self._decoder_compiled = True
+        log.info("SAM mask decoder: compiled by inductor on its first forward (cache %s)",
                  os.environ["TORCHINDUCTOR_CACHE_DIR"])  # fmt: skip
 
     def use_cuda_graphs(self, max_batch: int) -> None:
@@ -219,10 +234,10 @@ class Sam2Segmenter:
     @property
     def runtime(self) -> str:
         precision = "bf16 autocast, encoder weights in bf16" if self.device == "cuda" else "fp32"
-        compiled = "compiled by inductor, " if self._encoder_compiled else ""
+        compiled = {True: "compiled by inductor, ", False: ""}
         return (
-            f"{precision} on {self.device}, image encoder {compiled}{self._encoder.note}, "
-            f"mask decoder {self._decoder.note}"
+            f"{precision} on {self.device}, image encoder {compiled[self._encoder_compiled]}{self._encoder.note}, "
+            f"mask decoder {compiled[self._decoder_compiled]}{self._decoder.note}"
         )
 
     # --- preparing frames ---

@@ -6,8 +6,9 @@ ones (features: largest difference against their largest value; masks: share of 
 
     python -m bench.compile_check [--boxes 10] [--repeats 20] [--out bench_output/compile_check.json]
 
-Serving does not use torch.compile: this run says whether it should (the SAM2.1-L encoder, 1620 GFLOP and 7 GB
-of tensors a frame by bench.activation_memory, took 13.9 ms on an H100, a few times what the card could do).
+Serving uses torch.compile only when asked (SAM_COMPILE=encoder or all): this run says whether it should (the
+SAM2.1-L encoder, 1620 GFLOP and 7 GB of tensors a frame by bench.activation_memory, took 13.9 ms on an H100, a
+few times what the card could do). The parts are compiled as SAM_COMPILE compiles them.
 On a GPU machine without network: `bench/offline_gpu.sh compile`. It needs a C compiler (inductor's and
 Triton's kernels are built at run time).
 """
@@ -51,7 +52,8 @@ def compare(segmenter, prepared, coords, repeats: int) -> dict:
             ("encoder", segmenter._embed, prepared[None], ()),
             ("decoder", segmenter._decode_boxes, coords, frame),
         ):
-            compiled = GraphedForward(torch.compile(forward, dynamic=False), segmenter._autocast)
+            # as SAM_COMPILE compiles them: the encoder for its batch sizes, the decoder dynamic in the box count
+            compiled = GraphedForward(torch.compile(forward, dynamic=name == "decoder"), segmenter._autocast)
             start = time.perf_counter()
             if gpu:  # compiled during the capture's warm-up, then replayed from a graph like the served one
                 compiled.capture(tuple(x.shape[1:]), x.dtype, "cuda", [len(x)], f"compiled {name}", fixed)

@@ -480,6 +480,39 @@ def test_sam_compile_serves_the_encoder_compiled_with_the_same_masks(exported, m
     assert any(p.is_file() for p in (tmp_path / "inductor_cache").rglob("*"))  # kept for the next start
 
 
+@pytest.mark.slow
+def test_sam_compile_all_compiles_the_decoder_once_for_every_box_count(exported, monkeypatch, tmp_path):
+    """SAM_COMPILE=all: the prompt encoder + mask decoder compiled by inductor too, dynamic in the box count, so
+    that 1 to 16 boxes (a CUDA graph each on a GPU) do not take 16 compiles: here 1, 2, 3 and 5 boxes take at most
+    two (torch specialises a count of 1), with the eager decoder's masks and scores. The encoder, compiled on its
+    first forward, is not run here (the test above covers it)."""
+    from torch._dynamo.utils import counters
+
+    from anomaly.segmenter import ready_for_serving
+    from anomaly.weights import load_segmenter
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "recorded")  # so that teardown restores what it was
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
+    base = load_settings()
+    eager, _ = load_segmenter(base)
+    compiled, _ = load_segmenter(base)
+    ready_for_serving(compiled, dataclasses.replace(base, sam_compile="all", weights_dir=tmp_path), 1)
+    assert compiled.runtime.count("compiled by inductor") == 2 and "compiled" not in eager.runtime
+    prepared, hw = eager.prepare((SAMPLES / "bridge_deck.jpg").read_bytes(), BIG, BIG)
+    boxes = np.array([[100, 80, 700, 400], [900, 500, 1500, 1000], [50, 600, 400, 1050], [1200, 60, 1900, 300],
+                      [700, 300, 1100, 700]], np.float32)  # fmt: skip
+    with torch.inference_mode():
+        features = eager.embed(prepared[None])
+        graphs = counters["stats"]["unique_graphs"]
+        for n in (1, 2, 3, 5):
+            coords = eager.box_coords(boxes[:n], hw)
+            (want, want_iou), (got, got_iou) = eager.decode(features, 0, coords), compiled.decode(features, 0, coords)
+            assert got.shape == want.shape == (n, 1, 256, 256)
+            assert float(((got > 0) != (want > 0)).float().mean()) < 1e-3
+            assert torch.allclose(got_iou, want_iou, atol=1e-4)
+        assert 1 <= counters["stats"]["unique_graphs"] - graphs <= 2
+
+
 def test_box_prompts_made_on_the_host_are_sam2s_own_bit_for_bit():
     """The segmenter makes the boxes' corner points on the host (copied to the GPU from pinned memory, without
     waiting for the card): they must be what SAM2Transforms.transform_boxes computes with torch."""
