@@ -120,9 +120,9 @@ def ready_for_serving(segmenter, settings, max_batch: int) -> None:
     (SAM_COMPILE), then its CUDA graphs (CUDA_GRAPHS) for batches of up to `max_batch` frames. The Triton step
     and the in-process pipeline both call this."""
     if settings.sam_compile in ("encoder", "all"):
-        segmenter.compile_encoder(settings.weights_dir / "inductor_cache")
+        segmenter.compile_encoder()
     if settings.sam_compile == "all":
-        segmenter.compile_decoder(settings.weights_dir / "inductor_cache")
+        segmenter.compile_decoder()
     if settings.cuda_graphs:
         segmenter.use_cuda_graphs(max_batch)
 
@@ -185,30 +185,28 @@ class Sam2Segmenter:
             return torch.autocast("cuda", dtype=torch.bfloat16, cache_enabled=False)
         return torch.autocast("cpu", enabled=False)
 
-    def compile_encoder(self, cache_dir: Path) -> None:
+    def compile_encoder(self) -> None:
         """The image encoder through torch.compile (inductor, default mode: autotuning did not finish in 5
         minutes for SAM2.1-L on an H100). It compiles on its first forward at each batch size, which the CUDA
-        graphs' warm-up makes before capturing the compiled kernels; inductor keeps what it built in
-        `cache_dir` (unless TORCHINDUCTOR_CACHE_DIR is set), so the next start on the same volume is quicker."""
-        import os
-
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
-        self._encoder.forward = self._torch.compile(self._embed, dynamic=False)
+        graphs' warm-up makes before capturing the compiled kernels. Inductor keeps what it built in
+        TORCHINDUCTOR_CACHE_DIR, which the launcher sets to WEIGHTS_DIR/inductor_cache for Triton's model processes
+        (unless the operator set it), so the next start on the same volume is quicker."""
+        self._encoder.forward = self._compiled(self._embed, False, "image encoder")
         self._encoder_compiled = True
-        log.info("SAM image encoder: compiled by inductor on its first forward (cache %s)",
-                 os.environ["TORCHINDUCTOR_CACHE_DIR"])  # fmt: skip
 
-    def compile_decoder(self, cache_dir: Path) -> None:
+    def compile_decoder(self) -> None:
         """The prompt encoder + mask decoder through torch.compile, like the encoder (compile_encoder), but dynamic
         in the box count: one compile serves the counts 2 and up (torch specialises a count of 1, a second one),
         where a static compile per count would be 16 of them before the decoder's CUDA graphs are captured."""
+        self._decoder.forward = self._compiled(self._decode_boxes, True, "mask decoder")
+        self._decoder_compiled = True
+
+    def _compiled(self, forward: Callable, dynamic: bool, part: str) -> Callable:
         import os
 
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir))
-        self._decoder.forward = self._torch.compile(self._decode_boxes, dynamic=True)
-        self._decoder_compiled = True
-        log.info("SAM mask decoder: compiled by inductor on its first forward (cache %s)",
-                 os.environ["TORCHINDUCTOR_CACHE_DIR"])  # fmt: skip
+        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default")
+        log.info("SAM %s: compiled by inductor on its first forward (cache %s)", part, cache)
+        return self._torch.compile(forward, dynamic=dynamic)
 
     def use_cuda_graphs(self, max_batch: int) -> None:
         """On a GPU, replay the image encoder from CUDA graphs for batches of up to `max_batch` frames, and the

@@ -448,21 +448,26 @@ def test_one_decoder_call_for_the_boxes_of_a_frame(exported):
     assert not torch.allclose(together[0], other[0], atol=1e-3)
 
 
+def eager_and_compiled(mode: str, monkeypatch, tmp_path) -> tuple:
+    """Two SAMs of the same (seeded) weights: one eager, one made ready for serving with SAM_COMPILE=`mode`, and
+    TORCHINDUCTOR_CACHE_DIR in tmp_path, as the launcher sets it for Triton's model processes."""
+    from anomaly.segmenter import ready_for_serving
+    from anomaly.weights import load_segmenter
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor_cache"))
+    base = load_settings()
+    eager, _ = load_segmenter(base)
+    compiled, _ = load_segmenter(base)
+    ready_for_serving(compiled, dataclasses.replace(base, sam_compile=mode, weights_dir=tmp_path), 1)
+    return eager, compiled
+
+
 @pytest.mark.slow
 def test_sam_compile_serves_the_encoder_compiled_with_the_same_masks(exported, monkeypatch, tmp_path):
     """SAM_COMPILE=encoder through ready_for_serving (what the segmenter step and the in-process pipeline call):
     the image encoder compiled by inductor, its kernels kept under WEIGHTS_DIR, and the same features and masks
     as the eager encoder's. On this CPU inductor builds C++ kernels (about a minute cold)."""
-    from anomaly.segmenter import ready_for_serving
-    from anomaly.weights import load_segmenter
-
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "recorded")  # so that teardown restores what it was
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
-    base = load_settings()
-    eager, _ = load_segmenter(base)
-    compiled, _ = load_segmenter(base)
-    ready_for_serving(compiled, dataclasses.replace(base, sam_compile="encoder", weights_dir=tmp_path), 1)
-    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path / "inductor_cache")
+    eager, compiled = eager_and_compiled("encoder", monkeypatch, tmp_path)
     assert "compiled by inductor" in compiled.runtime and "compiled" not in eager.runtime
     data = (SAMPLES / "bridge_deck.jpg").read_bytes()
     boxes = np.array([[100, 80, 700, 400], [900, 500, 1500, 1000]], np.float32)
@@ -488,15 +493,7 @@ def test_sam_compile_all_compiles_the_decoder_once_for_every_box_count(exported,
     first forward, is not run here (the test above covers it)."""
     from torch._dynamo.utils import counters
 
-    from anomaly.segmenter import ready_for_serving
-    from anomaly.weights import load_segmenter
-
-    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "recorded")  # so that teardown restores what it was
-    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR")
-    base = load_settings()
-    eager, _ = load_segmenter(base)
-    compiled, _ = load_segmenter(base)
-    ready_for_serving(compiled, dataclasses.replace(base, sam_compile="all", weights_dir=tmp_path), 1)
+    eager, compiled = eager_and_compiled("all", monkeypatch, tmp_path)
     assert compiled.runtime.count("compiled by inductor") == 2 and "compiled" not in eager.runtime
     prepared, hw = eager.prepare((SAMPLES / "bridge_deck.jpg").read_bytes(), BIG, BIG)
     boxes = np.array([[100, 80, 700, 400], [900, 500, 1500, 1000], [50, 600, 400, 1050], [1200, 60, 1900, 300],
@@ -628,6 +625,23 @@ def test_launcher_keeps_gpu_memory_down_and_the_operators_choice_wins(monkeypatc
     assert server.environment()["PYTORCH_CUDA_ALLOC_CONF"] == "expandable_segments:True"
     monkeypatch.setenv("PYTORCH_CUDA_ALLOC_CONF", "max_split_size_mb:128")
     assert server.environment()["PYTORCH_CUDA_ALLOC_CONF"] == "max_split_size_mb:128"
+
+
+def test_compiled_kernels_go_to_the_weights_volume_unless_the_operator_says_otherwise(triton, monkeypatch):
+    """SAM_COMPILE's kernels outlive a start only where Triton's model processes are told TORCHINDUCTOR_CACHE_DIR
+    before they import torch (importing torch._dynamo sets torch's own default, under /tmp): the launcher sets
+    WEIGHTS_DIR/inductor_cache unless the operator set it, and the session server's SAM process has it."""
+    from anomaly.serving.triton_server import TritonServer
+
+    wanted = str(triton.settings.weights_dir / "inductor_cache")
+    sam = [p for p, name in triton.model_processes().items() if name == "segmenter"]
+    assert sam and all(p.environ().get("TORCHINDUCTOR_CACHE_DIR") == wanted for p in sam)
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())  # what importing torch._dynamo sets
+    assert TritonServer(load_settings()).environment()["TORCHINDUCTOR_CACHE_DIR"] == wanted
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/volume/kernels")  # the operator's
+    assert TritonServer(load_settings()).environment()["TORCHINDUCTOR_CACHE_DIR"] == "/volume/kernels"
 
 
 @pytest.mark.parametrize("gpu,hide,hidden", [(True, True, True), (True, False, False), (False, True, False)])

@@ -77,6 +77,20 @@ def _link_pytriton_backend(home: Path) -> Path:
     return backends
 
 
+def inductor_cache_dir(env: dict, weights_dir: Path) -> str:
+    """Where SAM_COMPILE's kernels go in Triton's model processes: the operator's TORCHINDUCTOR_CACHE_DIR, else
+    WEIGHTS_DIR/inductor_cache, so that they outlive the process (a volume's WEIGHTS_DIR: the next start reuses
+    them). Decided here, before the model processes import torch: importing torch._dynamo sets torch's own default
+    (under /tmp), which in a launcher that imported torch itself (the bench, the tests) is not the operator's."""
+    current = env.get("TORCHINDUCTOR_CACHE_DIR")
+    if current and "torch._inductor.runtime.cache_dir_utils" in sys.modules:
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        if current == default_cache_dir():
+            current = None
+    return current or str(weights_dir / "inductor_cache")
+
+
 class TritonServer:
     """A tritonserver child process; usable as a context manager."""
 
@@ -160,6 +174,7 @@ class TritonServer:
         # torch's allocator grows segments instead of keeping one per odd size: the detector and SAM see a few
         # batch sizes and box counts, and fixed segments strand GPU memory between them.
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+        env["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir(env, self.settings.weights_dir)
         env.update(self.extra_env)
         return hide_gpus(env) if self.hides_gpu else env
 
