@@ -116,9 +116,9 @@ def resolve_device(device: str) -> tuple[str, str]:
 
 
 def ready_for_serving(segmenter, settings, max_batch: int) -> None:
-    """What a loaded SAM gets before it serves, as the settings ask: its image encoder compiled by inductor
-    (SAM_COMPILE), then its CUDA graphs (CUDA_GRAPHS) for batches of up to `max_batch` frames. The Triton step
-    and the in-process pipeline both call this."""
+    """What a loaded SAM gets before it serves, as the settings ask: its image encoder (SAM_COMPILE=encoder) or
+    also its mask decoder (all) compiled by inductor, then its CUDA graphs (CUDA_GRAPHS) for batches of up to
+    `max_batch` frames. The Triton step and the in-process pipeline both call this."""
     if settings.sam_compile in ("encoder", "all"):
         segmenter.compile_encoder()
     if settings.sam_compile == "all":

@@ -6,6 +6,7 @@
 3. The plain-script reference a user would write: rfdetr's `predict` + SAM2ImagePredictor (set_image,
    the same boxes) on the same weights, bf16 autocast on a GPU.
 4. Memory: GPU memory of Triton's processes (nvidia-smi) on a GPU, resident memory on a CPU.
+5. One frame's path at concurrency 1 from Triton's trace (bench.timeline): when each step took it and answered.
 
 The workload: one frame (samples/bridge_deck.jpg by default) with the confidence threshold set so that
 `--defects` defects are segmented (10 by default). On a CPU the defaults shrink (2 defects, concurrency
