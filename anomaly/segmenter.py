@@ -127,6 +127,32 @@ def ready_for_serving(segmenter, settings, max_batch: int) -> None:
         segmenter.use_cuda_graphs(max_batch)
 
 
+class CompiledForward:
+    """`forward` through torch.compile (inductor, default mode), compiled on its first call. If compiling fails
+    (inductor builds its kernels with a C compiler at run time, which an image may lack), it runs `forward` itself
+    from then on, with a warning in the log and `state` saying so (/info, responses' models): a failed compile
+    costs speed, not every request."""
+
+    def __init__(self, torch, forward: Callable, dynamic: bool, part: str):
+        import os
+
+        self.eager, self.part, self.failed = forward, part, torch._dynamo.exc.TorchDynamoException
+        self.compiled: Callable | None = torch.compile(forward, dynamic=dynamic)
+        self.state = "compiled by inductor"
+        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default")
+        log.info("SAM %s: compiled by inductor on its first forward (cache %s)", part, cache)
+
+    def __call__(self, *args):
+        if self.compiled is None:
+            return self.eager(*args)
+        try:
+            return self.compiled(*args)
+        except self.failed as exc:  # compiling failed, not the model: the eager forward serves
+            log.warning("SAM %s: torch.compile failed, running eager from now on: %s", self.part, exc)
+            self.compiled, self.state = None, f"eager (torch.compile failed: {type(exc).__name__})"
+            return self.eager(*args)
+
+
 def store_in_bf16(module) -> int:
     """Keep the weights and biases of `module`'s linear and convolution layers in bf16; returns how many values.
     Under bf16 autocast these layers cast them to bf16 in every forward anyway (the cast cache is off: it
@@ -174,9 +200,7 @@ class Sam2Segmenter:
         self.device, self.warning = resolve_device(device)
         self._torch = torch
         self._encoder = GraphedForward(self._embed, self._autocast)
-        self._encoder_compiled = False  # SAM_COMPILE (compile_encoder)
         self._decoder = GraphedForward(self._decode_boxes, self._autocast)
-        self._decoder_compiled = False  # SAM_COMPILE=all (compile_decoder)
         self._box_labels = torch.tensor([[2, 3]], dtype=torch.int, device=self.device)
 
     def _autocast(self):
@@ -191,22 +215,13 @@ class Sam2Segmenter:
         graphs' warm-up makes before capturing the compiled kernels. Inductor keeps what it built in
         TORCHINDUCTOR_CACHE_DIR, which the launcher sets to WEIGHTS_DIR/inductor_cache for Triton's model processes
         (unless the operator set it), so the next start on the same volume is quicker."""
-        self._encoder.forward = self._compiled(self._embed, False, "image encoder")
-        self._encoder_compiled = True
+        self._encoder.forward = CompiledForward(self._torch, self._embed, False, "image encoder")
 
     def compile_decoder(self) -> None:
         """The prompt encoder + mask decoder through torch.compile, like the encoder (compile_encoder), but dynamic
         in the box count: one compile serves the counts 2 and up (torch specialises a count of 1, a second one),
         where a static compile per count would be 16 of them before the decoder's CUDA graphs are captured."""
-        self._decoder.forward = self._compiled(self._decode_boxes, True, "mask decoder")
-        self._decoder_compiled = True
-
-    def _compiled(self, forward: Callable, dynamic: bool, part: str) -> Callable:
-        import os
-
-        cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR", "torch's default")
-        log.info("SAM %s: compiled by inductor on its first forward (cache %s)", part, cache)
-        return self._torch.compile(forward, dynamic=dynamic)
+        self._decoder.forward = CompiledForward(self._torch, self._decode_boxes, True, "mask decoder")
 
     def use_cuda_graphs(self, max_batch: int) -> None:
         """On a GPU, replay the image encoder from CUDA graphs for batches of up to `max_batch` frames, and the
@@ -232,10 +247,14 @@ class Sam2Segmenter:
     @property
     def runtime(self) -> str:
         precision = "bf16 autocast, encoder weights in bf16" if self.device == "cuda" else "fp32"
-        compiled = {True: "compiled by inductor, ", False: ""}
+
+        def compiled(part) -> str:
+            forward = part.forward
+            return f"{forward.state}, " if isinstance(forward, CompiledForward) else ""
+
         return (
-            f"{precision} on {self.device}, image encoder {compiled[self._encoder_compiled]}{self._encoder.note}, "
-            f"mask decoder {compiled[self._decoder_compiled]}{self._decoder.note}"
+            f"{precision} on {self.device}, image encoder {compiled(self._encoder)}{self._encoder.note}, "
+            f"mask decoder {compiled(self._decoder)}{self._decoder.note}"
         )
 
     # --- preparing frames ---

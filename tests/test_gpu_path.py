@@ -510,6 +510,27 @@ def test_sam_compile_all_compiles_the_decoder_once_for_every_box_count(exported,
         assert 1 <= counters["stats"]["unique_graphs"] - graphs <= 2
 
 
+@pytest.mark.slow
+def test_a_failed_compile_leaves_sam_eager_and_says_so(exported, monkeypatch, tmp_path):
+    """SAM_COMPILE on a machine where inductor cannot build its kernels (no working C++ compiler: here one that
+    does not exist): the first forward's compile fails, SAM runs eager from then on with the eager masks, and its
+    runtime (what /info and responses show) says so instead of every request failing."""
+    import torch._inductor.config as inductor
+    from torch._inductor.utils import fresh_cache
+
+    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
+    eager, compiled = eager_and_compiled("all", monkeypatch, tmp_path)
+    prepared, hw = eager.prepare((SAMPLES / "bridge_deck.jpg").read_bytes(), BIG, BIG)
+    boxes = np.array([[100, 80, 700, 400], [900, 500, 1500, 1000]], np.float32)
+    want = eager.segment_batch([(prepared, hw, boxes)])[0]
+    torch._dynamo.reset()
+    with fresh_cache():  # nothing an earlier test of this process compiled is reused: inductor must build
+        got = compiled.segment_batch([(prepared, hw, boxes)])[0]
+    assert [c.box for c in got] == [c.box for c in want]
+    assert all(np.array_equal(a.mask, b.mask) and a.score == b.score for a, b in zip(want, got))
+    assert compiled.runtime.count("eager (torch.compile failed: InductorError)") == 2, compiled.runtime
+
+
 def test_box_prompts_made_on_the_host_are_sam2s_own_bit_for_bit():
     """The segmenter makes the boxes' corner points on the host (copied to the GPU from pinned memory, without
     waiting for the card): they must be what SAM2Transforms.transform_boxes computes with torch."""
