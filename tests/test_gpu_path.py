@@ -518,13 +518,13 @@ def test_a_failed_compile_leaves_sam_eager_and_says_so(exported, monkeypatch, tm
     import torch._inductor.config as inductor
     from torch._inductor.utils import fresh_cache
 
-    monkeypatch.setattr(inductor.cpp, "cxx", ("/nonexistent/c++",))
     eager, compiled = eager_and_compiled("all", monkeypatch, tmp_path)
     prepared, hw = eager.prepare((SAMPLES / "bridge_deck.jpg").read_bytes(), BIG, BIG)
     boxes = np.array([[100, 80, 700, 400], [900, 500, 1500, 1000]], np.float32)
     want = eager.segment_batch([(prepared, hw, boxes)])[0]
     torch._dynamo.reset()
-    with fresh_cache():  # nothing an earlier test of this process compiled is reused: inductor must build
+    # fresh caches: nothing an earlier test of this process compiled is reused, so inductor must build
+    with fresh_cache(), inductor.patch({"cpp.cxx": ("/nonexistent/c++",)}):
         got = compiled.segment_batch([(prepared, hw, boxes)])[0]
     assert [c.box for c in got] == [c.box for c in want]
     assert all(np.array_equal(a.mask, b.mask) and a.score == b.score for a, b in zip(want, got))
