@@ -149,7 +149,6 @@ def test_bench_gpu_runs_on_a_cpu_with_small_settings(triton, tmp_path):
         "geometry", "result", "Triton -> client",
     ]  # fmt: skip
     assert 0 < rows["client -> Triton"][1] <= rows["preprocess"][0] < rows["detector"][0] < rows["detector"][1]
-    assert rows["Triton -> client"][1] == timeline["client_ms"]
     # the responses' own clock (preprocess's start to the result's build) lies within the traced steps: Triton's
     # trace and START_NS agree, to the few ms processing_time_ms leaves out (the inputs' transfer, the build)
     traced = rows["result"][1] - rows["preprocess"][0]
