@@ -136,17 +136,22 @@ class InProcessPipeline:
     def __init__(self, settings: Settings, model_repository: Path | None = None):
         from anomaly.detector import DetectorRunner
         from anomaly.segmenter import ready_for_serving
-        from anomaly.weights import load_segmenter, segmenter_info
+        from anomaly.weights import load_segmenter
 
         repo = model_repository or settings.model_repository
         self.settings = settings
         onnx_path, meta_path = export_files(repo)
         self.meta = DetectorMetadata.load(meta_path)
         self.detector = DetectorRunner(self.meta, onnx_path, settings)
-        self.segmenter, spec = load_segmenter(settings)
+        self.segmenter, self.spec = load_segmenter(settings)
         self.sam_batch = 1  # windows of a tiled frame embedded one at a time, as one frame is
         ready_for_serving(self.segmenter, settings, self.sam_batch)
-        self.segmenter_info = segmenter_info(self.segmenter, spec)
+
+    def segmenter_info(self) -> dict:
+        """Which SAM runs, for responses: its runtime as it is now (a compile that failed at the first frame)."""
+        from anomaly.weights import segmenter_info
+
+        return segmenter_info(self.segmenter, self.spec)
 
     def __call__(self, data: bytes, options: RequestOptions) -> dict:
         start = time.monotonic_ns()
@@ -174,15 +179,16 @@ class InProcessPipeline:
             mask_scores=np.asarray([c.score for c in crops], np.float32),
             geometries=geometry_dicts(table),
         )
+        segmenter = self.segmenter_info()
         response = build_response(
             image_hw=image_hw,
             findings=findings,
             metadata=self.meta,
             options=options,
             severity_thresholds_mm=s.severity_thresholds_mm,
-            warnings=warnings_for(self.meta, self.segmenter_info, notes, self.detector.info),
+            warnings=warnings_for(self.meta, segmenter, notes, self.detector.info),
             processing_time_ms=0.0,  # stamped once the response is built (finished)
-            models=models_info(self.meta, self.segmenter_info, self.detector.info),
+            models=models_info(self.meta, segmenter, self.detector.info),
             tiling=describe(plan, np.asarray([f.window for f in sam_frames]), self.segmenter.resolution),
         )
         return finished(response, start)

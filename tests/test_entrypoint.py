@@ -127,6 +127,31 @@ def test_load_balancing_mode_pings_then_serves_the_rest_api_on_port(tmp_path, ex
             proc.kill()
 
 
+@pytest.mark.slow
+def test_a_compile_that_fails_at_the_first_frame_is_said_in_responses_and_info(tmp_path):
+    """SAM_COMPILE on a CPU compiles at the first frame (the entrypoint's warm-up request), after the segmenter
+    wrote what it serves for /info. On an image without a C++ compiler (here CXX names one that does not exist, on
+    an empty inductor cache) the compile fails: SAM serves eager, and the response and /info both say so, not
+    "compiled by inductor"."""
+    proc, api, log = launch(tmp_path, RUNPOD_SERVERLESS="false", SAM_COMPILE="all", CXX="/nonexistent/c++",
+                            TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor_cache"))  # fmt: skip
+    try:
+        wait_http(f"http://127.0.0.1:{api}/health", proc, log)
+        r = requests.post(f"http://127.0.0.1:{api}/detect", json={"image": PIER, "confidence_threshold": 0.25},
+                          timeout=600)  # fmt: skip
+        assert r.status_code == 200, r.text[:500]
+        assert r.json()["anomalies"], "no box reached SAM"
+        failed = "eager (torch.compile failed: InductorError)"
+        assert r.json()["models"]["segmenter"]["runtime"].count(failed) == 2
+        after = requests.get(f"http://127.0.0.1:{api}/info", timeout=60).json()["segmenter"]
+        assert after["runtime"].count(failed) == 2, after["runtime"]
+        assert "torch.compile failed, running eager" in log.read_text()
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+
+
 def test_triton_dying_stops_the_entrypoint_with_an_error(tmp_path):
     proc, api, log = launch(tmp_path, RUNPOD_SERVERLESS="false")
     try:

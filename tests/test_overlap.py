@@ -205,6 +205,52 @@ def test_a_triton_without_response_senders_takes_nothing_in_and_the_step_answers
     assert step.execute([OldRequest(3)]) == [("response", {"v": 3})]
 
 
+def test_a_step_whose_runtime_changes_while_serving_writes_its_record_again(monkeypatch, tmp_path):
+    """What a step serves can change at a request (SAM_COMPILE on a CPU compiles at the first frame, and a failed
+    compile leaves that part eager): its record (/info) is then written again, from the batch thread or the step,
+    keeping when the step loaded; a batch that changes nothing writes nothing."""
+    from anomaly.serving import in_service, overlap, triton_io
+    from anomaly.serving.in_service import read_record
+
+    clock = iter(f"2026-11-30T10:00:0{i}+0000" for i in range(10))
+    monkeypatch.setattr(in_service.time, "strftime", lambda _: next(clock))
+    writes = []
+    write = in_service.write_record
+    monkeypatch.setattr(triton_io.in_service, "write_record", lambda *a: writes.append(a[1]) or write(*a))
+    monkeypatch.setattr(triton_io, "respond", lambda outputs: ("response", outputs))
+    runtimes = iter(["compiled", "compiled", "eager (torch.compile failed)", "eager", "eager"])
+
+    class Step(triton_io.BatchedStage):
+        runtime = "compiled"
+
+        def prepare(self, request):
+            return request.value
+
+        def run(self, items):
+            self.runtime = next(runtimes)
+            return [{"v": v} for v in items]
+
+        def record(self):
+            return {"step": {"runtime": self.runtime}}
+
+    step = Step()
+    (tmp_path / "step").mkdir()
+    step.args = {"model_repository": str(tmp_path / "step")}
+    step.write_record()
+    assert read_record(tmp_path, "step") == {"step": {"runtime": "compiled"}, "loaded_at": "2026-11-30T10:00:00+0000"}
+    step.batches = overlap.OverlappedBatches("test", step.run_batch, 2, answer)
+    for request in (Request(1), Request(2), Request(3)):  # the batch thread: runtimes "compiled" twice, then failed
+        step.batches.execute([request], step.prepare)
+        assert answers_of([request]) == [[("outputs", {"v": request.value})]]
+    step.batches.close(timeout_s=5)
+    assert read_record(tmp_path, "step")["step"] == {"runtime": "eager (torch.compile failed)"}
+    step.batches = None
+    assert step.execute([Request(4)]) == [("response", {"v": 4})]  # one batch at a time: runtime "eager"
+    assert step.execute([Request(5)]) == [("response", {"v": 5})]
+    assert [w["step"]["runtime"] for w in writes] == ["compiled", "eager (torch.compile failed)", "eager"]
+    assert read_record(tmp_path, "step") == {"step": {"runtime": "eager"}, "loaded_at": "2026-11-30T10:00:00+0000"}
+
+
 def test_close_answers_what_was_taken_in_then_intake_is_refused():
     release = threading.Event()
 

@@ -6,6 +6,8 @@ serves, also right after a restart with other weights, without a probe request o
 from __future__ import annotations
 
 import json
+import os
+import threading
 import time
 from pathlib import Path
 
@@ -16,13 +18,16 @@ def record_path(step_dir: Path) -> Path:
     return Path(step_dir) / "configs" / RECORD
 
 
-def write_record(args: dict, record: dict) -> None:
-    """Inside a step's initialize(): `args` is what Triton passes (its `model_repository` is the step's folder)."""
+def write_record(args: dict, record: dict, loaded_at: str | None = None) -> str:
+    """Inside a step: `args` is what Triton passes (its `model_repository` is the step's folder). `loaded_at`: when
+    the step loaded, now unless given (a step rewriting its record has not loaded again). Returns it."""
     path = record_path(Path(args["model_repository"]))
     path.parent.mkdir(exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record | {"loaded_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+    loaded_at = loaded_at or time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    tmp = path.with_suffix(f".{os.getpid()}.{threading.get_ident()}.tmp")  # a batch thread may write too
+    tmp.write_text(json.dumps(record | {"loaded_at": loaded_at}) + "\n")
     tmp.replace(path)  # a reader never sees half a record
+    return loaded_at
 
 
 def read_record(model_repository: Path, step: str) -> dict:

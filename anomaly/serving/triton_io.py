@@ -197,9 +197,12 @@ class BatchedStage(StageModel):
     """A dynamically batched GPU step: `prepare(request)` for each request (decoding, checks), then
     `run([prepared, ...]) -> [outputs dict, ...]` once over the batch. With OVERLAP_BATCHES on for this machine
     (`start_batches`), run goes to a thread of the step's own and the next batch is taken in meanwhile. What the
-    step loaded (`record()`, with `batching`) goes to /info (anomaly.serving.in_service) and to responses."""
+    step loaded (`record()`, with `batching`) goes to /info (anomaly.serving.in_service) and to responses; it is
+    written again when it changes while serving (a part of SAM whose compile failed at its first request)."""
 
     batches = None
+    written: dict | None = None  # the record as last written
+    loaded_at: str | None = None
 
     def start_batches(self, args: dict, on_gpu: bool) -> None:
         """Call at the end of setup: the batch size from the model's config, the thread if overlapping, then the
@@ -209,7 +212,7 @@ class BatchedStage(StageModel):
         mode = settings().overlap_batches
         if mode == "on" or (mode == "auto" and on_gpu):
             name = args["model_name"]
-            self.batches = OverlappedBatches(name, self.run, self.max_batch, send_answer, StepMetrics(name))
+            self.batches = OverlappedBatches(name, self.run_batch, self.max_batch, send_answer, StepMetrics(name))
             log.info("%s: batches are taken in while the last one runs (OVERLAP_BATCHES=%s)", name, mode)
         self.write_record()
 
@@ -223,7 +226,16 @@ class BatchedStage(StageModel):
         raise NotImplementedError
 
     def write_record(self) -> None:
-        in_service.write_record(self.args, self.record())
+        self.written = self.record()
+        self.loaded_at = in_service.write_record(self.args, self.written, self.loaded_at)
+
+    def run_batch(self, prepared: list) -> list:
+        """run, then the record written again if what the step serves changed meanwhile."""
+        try:
+            return self.run(prepared)
+        finally:
+            if self.record() != self.written:
+                self.write_record()
 
     def execute(self, requests):
         if self.batches is not None:
@@ -234,7 +246,7 @@ class BatchedStage(StageModel):
                 self.batches.close()
                 self.batches = None
                 self.write_record()
-        return answer_batch(requests, self.prepare, self.run)
+        return answer_batch(requests, self.prepare, self.run_batch)
 
     def finalize(self) -> None:
         if self.batches is not None:

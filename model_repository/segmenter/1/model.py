@@ -18,8 +18,8 @@ class TritonPythonModel(triton_io.BatchedStage):
         self.segmenter, spec = load_segmenter(settings())
         max_batch = triton_io.max_batch_size(args)
         ready_for_serving(self.segmenter, settings(), max_batch)  # SAM_COMPILE, CUDA_GRAPHS
-        self.loaded = segmenter_info(self.segmenter, spec)
-        triton_io.log.info("segmenter: %s", self.loaded)
+        self.spec = spec
+        triton_io.log.info("segmenter: %s", segmenter_info(self.segmenter, spec))
         if spec.untrained:
             title = segmenter_title(spec.kind, spec.variant)
             triton_io.log.warning(UNTRAINED_BANNER.format(what=f"the segmenter ({title})"))
@@ -35,9 +35,10 @@ class TritonPythonModel(triton_io.BatchedStage):
         return {"segmenter": self.described()}
 
     def described(self) -> dict:
-        """Which SAM, weights and device (anomaly.weights.segmenter_info), how its batches run, and whether the
-        ensemble has it embed each frame early."""
-        return self.loaded | {"batches": self.batching, "early_embedding": "on" if self.early else "off"}
+        """Which SAM, weights and device (anomaly.weights.segmenter_info, its runtime as it is now), how its batches
+        run, and whether the ensemble has it embed each frame early."""
+        early = "on" if self.early else "off"
+        return segmenter_info(self.segmenter, self.spec) | {"batches": self.batching, "early_embedding": early}
 
     def execute(self, requests):
         # early embeddings only where SAM has nothing else to do: under load they would only reorder its work
