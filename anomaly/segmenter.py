@@ -154,16 +154,17 @@ class CompiledForward:
 
 
 def store_in_bf16(module) -> int:
-    """Keep the weights and biases of `module`'s linear and convolution layers in bf16; returns how many values.
-    Under bf16 autocast these layers cast them to bf16 in every forward anyway (the cast cache is off: it
-    cannot live across CUDA graph replays), so the outputs are the same bit for bit, while the fp32 copies
-    (0.85 GB for SAM2.1-L's image encoder) and the casts (1.3 GB of memory traffic a forward) go. Norms and
-    position embeddings stay fp32, as autocast runs them."""
+    """Keep the weights and biases of `module`'s linear and (transposed) convolution layers in bf16; returns how
+    many values. Under bf16 autocast these layers cast them to bf16 in every forward anyway (the cast cache is
+    off: it cannot live across CUDA graph replays), so the outputs are the same bit for bit, while the fp32
+    copies (0.85 GB for SAM2.1-L's image encoder) and the casts go: 1.3 GB of memory traffic an encoder forward,
+    and about a hundred small kernels each mask-decoder forward. Norms, embeddings and position embeddings stay
+    fp32, as autocast runs them."""
     import torch
 
     count = 0
     for layer in module.modules():
-        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d)):
+        if isinstance(layer, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
             for param in layer.parameters(recurse=False):
                 param.data = param.data.to(torch.bfloat16)
                 count += param.numel()
@@ -185,6 +186,7 @@ class Sam2Segmenter:
         model = build_sam2(SAM2_CONFIGS[variant], ckpt_path=str(checkpoint) if checkpoint else None, device=self.device)
         if self.device == "cuda":
             store_in_bf16(model.image_encoder)
+            store_in_bf16(model.sam_mask_decoder)  # its conv_s0 / conv_s1 are run on the encoder's features too
         self.predictor = SAM2ImagePredictor(model)  # its transforms, feature sizes and threshold are the reference
         self.model = model  # forward_image, and the prompt encoder and mask decoder every box goes through
         self.resolution = model.image_size
@@ -246,7 +248,7 @@ class Sam2Segmenter:
 
     @property
     def runtime(self) -> str:
-        precision = "bf16 autocast, encoder weights in bf16" if self.device == "cuda" else "fp32"
+        precision = "bf16 autocast, encoder and mask decoder weights in bf16" if self.device == "cuda" else "fp32"
 
         def compiled(part) -> str:
             forward = part.forward

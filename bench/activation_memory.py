@@ -51,7 +51,8 @@ def sam_peaks(variant: str, batches: list[int], boxes: list[int]) -> dict[str, t
 
     segmenter = Sam2Segmenter(variant, None, device="cpu")
     segmenter.model.requires_grad_(False)
-    store_in_bf16(segmenter.model.image_encoder)
+    store_in_bf16(segmenter.model.image_encoder)  # as on a GPU (Sam2Segmenter)
+    store_in_bf16(segmenter.model.sam_mask_decoder)
     size = segmenter.resolution
     out = {}
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):

@@ -395,6 +395,34 @@ def test_encoder_weights_in_bf16_change_no_bit_under_autocast():
     assert torch.equal(before.bfloat16(), after)
 
 
+def test_mask_decoder_weights_in_bf16_change_no_bit_under_autocast():
+    """On a GPU SAM's mask decoder keeps its weights in bf16 too (store_in_bf16, transposed convolutions included):
+    without autocast's cast cache, each forward (each replay of its CUDA graphs) cast them again, about a hundred
+    small kernels. Through _decode_boxes, what those graphs capture, under the CPU's bf16 autocast: the masks'
+    logits and the predicted IoU equal the fp32 decoder's bit for bit."""
+    from anomaly.segmenter import Sam2Segmenter, store_in_bf16
+
+    torch.set_num_threads(2)
+    torch.manual_seed(0)
+    segmenter = Sam2Segmenter("tiny", None, device="cpu")
+    decoder = segmenter.model.sam_mask_decoder
+    for param in segmenter.model.parameters():  # untrained layers hold many equal values; vary them all
+        param.data.normal_(0.0, 0.02)
+    frame = (torch.randn(1, 256, 64, 64), torch.randn(1, 32, 256, 256), torch.randn(1, 64, 128, 128))
+    coords = torch.rand(3, 2, 2) * segmenter.resolution
+    total = sum(p.numel() for p in decoder.parameters())
+    fp32_weight = decoder.output_upscaling[0].weight.detach().clone()
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
+        expected = segmenter._decode_boxes(coords, *frame)
+        assert store_in_bf16(decoder) > 0.98 * total
+        got = segmenter._decode_boxes(coords, *frame)
+    stored = decoder.output_upscaling[0].weight  # a transposed convolution: converted, its low bits dropped
+    assert stored.dtype == torch.bfloat16 and torch.equal(stored, fp32_weight.bfloat16())
+    assert not torch.equal(stored.float(), fp32_weight)
+    assert all(a.dtype == b.dtype and torch.equal(a, b) for a, b in zip(expected, got))
+    assert expected[0].shape == (3, 1, 256, 256) and float(expected[0].std()) > 0
+
+
 def test_cached_gpu_memory_is_handed_back_after_load(monkeypatch):
     """What the detector and segmenter steps call once loaded (anomaly.hardware.release_unused_gpu_memory). With
     the real torch of this CPU-only machine CUDA never started: nothing to hand back. The CUDA side is a stand-in
