@@ -597,6 +597,25 @@ def levels_with(change: tuple[str, str], data: bytes, threshold: float, levels: 
     return {"setting": f"{name}={value}", "ensemble": rows, "memory": memory, "batch_threads": sorted(threads)}
 
 
+def compare_setting(change: tuple[str, str], run) -> dict:
+    """run(change) (levels_with) for one setting change; when it fails (a server that never got ready, a compile
+    that ran out of time) its error is recorded instead and the bench goes on: a GPU machine's minutes are too
+    few to lose the rest of the run to one setting."""
+    try:
+        return run(change)
+    except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON, the exit status says so
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        print(json.dumps({"=".join(change): error}), flush=True)
+        return {"setting": "=".join(change), "error": error, "ensemble": []}
+
+
+def save(path: Path, result: dict, complete: bool) -> None:
+    """The result so far as JSON (`complete` false until the end): a run stopped by a time limit keeps what it
+    measured."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result | {"complete": complete}, indent=2) + "\n")
+
+
 def print_table(result: dict) -> None:
     print(f"\n{result['device']}  |  {result['workload']}")
     print(f"{'what':<34}{'p50 ms':>10}{'p90 ms':>10}{'frames/s':>10}{'GPU busy %':>12}")
@@ -606,6 +625,8 @@ def print_table(result: dict) -> None:
         print(f"{label:<34}{row['p50_ms']:>10}{row['p90_ms']:>10}{row['frames_per_s']:>10}{busy:>12}")
     default = {row["concurrency"]: row for row in result["ensemble"]}
     for other in result.get("compared", []):  # the same levels with one setting changed, in this run
+        if "error" in other:
+            print(f"  {other['setting']}: failed: {other['error'][:200]}")
         for row in other["ensemble"]:
             label = f"  {other['setting']}, c={row['concurrency']}"
             busy = row.get("gpu_busy_mean_pct", "")
@@ -696,6 +717,7 @@ def main(argv: list[str] | None = None) -> int:
             result["steps_by_concurrency"][str(level)] = step_table(before, after) | threads
             result["steps"] = result["steps_by_concurrency"][str(level)]  # the table shows the highest level
             print(json.dumps(result["ensemble"][-1]), flush=True)
+            save(args.out, result, complete=False)
         threaded = set(thread_stats(metrics_url))  # the steps answering from a batch thread
         result["timeline"] = frame_timeline(server.grpc_url, data, threshold, args.timeline_frames, threaded)
         print(json.dumps({"timeline": result["timeline"]}), flush=True)
@@ -707,25 +729,32 @@ def main(argv: list[str] | None = None) -> int:
         tiled |= {"photo": args.tiled_size, "ms_per_megapixel": round(tiled["p50_ms"] * 1e6 / (width * height), 1)}
         result["tiled"] = tiled
         print(json.dumps({"tiled": tiled}), flush=True)
+        save(args.out, result, complete=False)
         result["memory"] = gpu_memory_mib(server) | {"tritonserver_sees_gpu": server.gpu and not server.hides_gpu}
         stats_client.close()
-    result["compared"] = [levels_with(c, data, threshold, args.concurrency, args.requests) for c in changes]
-
+    save(args.out, result, complete=False)
+    result["compared"] = []
+    for change in changes:  # saved after each: a compile-heavy setting may run into the machine's time limit
+        result["compared"].append(
+            compare_setting(change, lambda c: levels_with(c, data, threshold, args.concurrency, args.requests))
+        )
+        save(args.out, result, complete=False)
     if gpu:
         result["gpu_checks"] = gpu_checks(settings, local.meta, export_files(settings.model_repository)[0], data)
         print(json.dumps(result["gpu_checks"]), flush=True)
     result["in_process"] = timed(lambda: local(data, RequestOptions(threshold)), args.repeats)
     result["pieces"] = pieces(local, data, threshold, args.repeats, gpu)
     print(json.dumps(result["pieces"]), flush=True)
+    save(args.out, result, complete=False)
     meta = local.meta
     local = None  # its GPU memory goes before the plain script loads the same models again
     result["plain_script"] = plain_script(settings, meta, data, threshold, args.repeats, gpu)
     print_table(result)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    save(args.out, result, complete=True)
     print(f"\nwrote {args.out}")
     rows = result["ensemble"] + [row for other in result["compared"] for row in other["ensemble"]]
-    return 0 if all(not row["errors"] for row in rows) else 1
+    failed = [other["setting"] for other in result["compared"] if "error" in other]
+    return 0 if all(not row["errors"] for row in rows) and not failed else 1
 
 
 if __name__ == "__main__":

@@ -105,6 +105,7 @@ def test_bench_gpu_runs_on_a_cpu_with_small_settings(triton, tmp_path):
     # the --also server ran on a mirror of the repository: the session server's records (/info) are untouched
     assert {step: read_record(triton.model_repository, step) for step in records} == records
     result = json.loads(out.read_text())
+    assert result["complete"] is True  # written after each part, `complete` false until the end
     assert result["gpu"] is False and "1 defects segmented" in result["workload"]
     assert [row["concurrency"] for row in result["ensemble"]] == [1, 2]
     for row in result["ensemble"]:
@@ -176,6 +177,33 @@ def test_bench_gpu_table_puts_each_batch_thread_under_its_step(capsys):
     lines = [line.split("  ")[0] for line in capsys.readouterr().out.splitlines()]
     shown = [line for line in lines if line in steps]
     assert shown == ["detector", "segmenter", "segmenter, batch thread", "result", "other"]
+
+
+def test_bench_gpu_records_a_setting_that_fails_and_goes_on(capsys, tmp_path):
+    """A --also setting whose server fails (here: never ready) is recorded with its error, in the JSON and the
+    table, and the bench goes on to the next one; what was measured before is already on disk."""
+    from bench import gpu
+
+    def run(change):
+        if change[0] == "SAM_COMPILE":
+            raise RuntimeError("tritonserver was not ready after 900 s")
+        return {"setting": "=".join(change), "ensemble": [{"concurrency": 1, "p50_ms": 2.0, "p90_ms": 3.0,
+                                                            "frames_per_s": 0.5, "errors": []}]}  # fmt: skip
+
+    compared = [gpu.compare_setting(c, run) for c in (("SAM_COMPILE", "all"), ("EARLY_EMBEDDING", "off"))]
+    assert compared[0] == {"setting": "SAM_COMPILE=all", "ensemble": [],
+                           "error": "RuntimeError: tritonserver was not ready after 900 s"}  # fmt: skip
+    assert compared[1]["ensemble"][0]["p50_ms"] == 2.0
+    result = {"device": "d", "workload": "w", "ensemble": [{"concurrency": 1, "p50_ms": 1.0, "p90_ms": 1.0,
+              "frames_per_s": 1.0, "errors": [], "warnings": []}], "compared": compared,
+              "in_process": {"p50_ms": 1.0}, "plain_script": {"p50_ms": 1.0}, "steps": {}, "memory": {},
+              "tiled": {"photo": "1x1", "p50_ms": 1.0, "ms_per_megapixel": 1.0}}  # fmt: skip
+    gpu.print_table(result)
+    table = capsys.readouterr().out
+    assert "SAM_COMPILE=all: failed: RuntimeError: tritonserver was not ready" in table
+    assert "EARLY_EMBEDDING=off, c=1" in table and "(0.50x frames/s)" in table
+    gpu.save(tmp_path / "gpu.json", {"ensemble": []}, complete=False)
+    assert json.loads((tmp_path / "gpu.json").read_text()) == {"ensemble": [], "complete": False}
 
 
 def test_bench_gpu_refuses_a_comparison_with_an_unknown_setting():
