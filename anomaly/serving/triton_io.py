@@ -201,7 +201,7 @@ class BatchedStage(StageModel):
     written again when it changes while serving (a part of SAM whose compile failed at its first request)."""
 
     batches = None
-    written: dict | None = None  # the record as last written
+    written: dict | None = None  # described() when the record was last written
     loaded_at: str | None = None
 
     def start_batches(self, args: dict, on_gpu: bool) -> None:
@@ -225,16 +225,21 @@ class BatchedStage(StageModel):
         """This step's start-up record (anomaly.serving.in_service)."""
         raise NotImplementedError
 
+    def described(self) -> dict:
+        """The part of the record that may change while serving, checked after every batch: the whole record
+        unless the step says less (the detector's metadata never changes, and takes 60 us to copy)."""
+        return self.record()
+
     def write_record(self) -> None:
-        self.written = self.record()
-        self.loaded_at = in_service.write_record(self.args, self.written, self.loaded_at)
+        self.written = self.described()
+        self.loaded_at = in_service.write_record(self.args, self.record(), self.loaded_at)
 
     def run_batch(self, prepared: list) -> list:
         """run, then the record written again if what the step serves changed meanwhile."""
         try:
             return self.run(prepared)
         finally:
-            if self.record() != self.written:
+            if self.described() != self.written:
                 self.write_record()
 
     def execute(self, requests):
