@@ -399,7 +399,8 @@ def test_mask_decoder_weights_in_bf16_change_no_bit_under_autocast():
     """On a GPU SAM's mask decoder keeps its weights in bf16 too (store_in_bf16, transposed convolutions included):
     without autocast's cast cache, each forward (each replay of its CUDA graphs) cast them again, about a hundred
     small kernels. Through _decode_boxes, what those graphs capture, under the CPU's bf16 autocast: the masks'
-    logits and the predicted IoU equal the fp32 decoder's bit for bit."""
+    logits and the predicted IoU equal the fp32 decoder's bit for bit, and so do the image's features, whose two
+    finest levels go through the decoder's conv_s0 / conv_s1."""
     from anomaly.segmenter import Sam2Segmenter, store_in_bf16
 
     torch.set_num_threads(2)
@@ -412,10 +413,13 @@ def test_mask_decoder_weights_in_bf16_change_no_bit_under_autocast():
     coords = torch.rand(3, 2, 2) * segmenter.resolution
     total = sum(p.numel() for p in decoder.parameters())
     fp32_weight = decoder.output_upscaling[0].weight.detach().clone()
+    image = torch.randn(1, 3, 512, 512)  # forward_image: its finest features go through the decoder's conv_s0/s1
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, cache_enabled=False):
-        expected = segmenter._decode_boxes(coords, *frame)
+        expected, features = segmenter._decode_boxes(coords, *frame), segmenter.model.forward_image(image)
         assert store_in_bf16(decoder) > 0.98 * total
-        got = segmenter._decode_boxes(coords, *frame)
+        got, converted = segmenter._decode_boxes(coords, *frame), segmenter.model.forward_image(image)
+    assert features["backbone_fpn"][0].shape[1] == 32 and decoder.conv_s0.weight.dtype == torch.bfloat16
+    assert all(torch.equal(a, b) for a, b in zip(features["backbone_fpn"], converted["backbone_fpn"]))
     stored = decoder.output_upscaling[0].weight  # a transposed convolution: converted, its low bits dropped
     assert stored.dtype == torch.bfloat16 and torch.equal(stored, fp32_weight.bfloat16())
     assert not torch.equal(stored.float(), fp32_weight)
