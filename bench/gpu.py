@@ -635,7 +635,8 @@ def print_table(result: dict) -> None:
             print(f"{label:<34}{row['p50_ms']:>10}{row['p90_ms']:>10}{row['frames_per_s']:>10}{busy:>12}{ratio}")
     print(f"{'  early embeddings (EARLY_EMBEDDING)':<34}  {early_summary(result['ensemble'])}")
     for other in result.get("compared", []):
-        print(f"{'    with ' + other['setting']:<34}  {early_summary(other['ensemble'])}")
+        if "error" not in other:  # a failed setting has no levels: its line above says why
+            print(f"{'    with ' + other['setting']:<34}  {early_summary(other['ensemble'])}")
     print(f"{'same stages in one process':<34}{result['in_process']['p50_ms']:>10}")
     print(f"{'plain script (rfdetr + SAM2 pred.)':<34}{result['plain_script']['p50_ms']:>10}")
     print(f"\n{'step (at the highest concurrency)':<34}{'queue ms':>10}{'compute ms':>12}{'batch':>8}")

@@ -202,6 +202,7 @@ def test_bench_gpu_records_a_setting_that_fails_and_goes_on(capsys, tmp_path):
     table = capsys.readouterr().out
     assert "SAM_COMPILE=all: failed: RuntimeError: tritonserver was not ready" in table
     assert "EARLY_EMBEDDING=off, c=1" in table and "(0.50x frames/s)" in table
+    assert "with EARLY_EMBEDDING=off" in table and "with SAM_COMPILE=all" not in table  # no empty levels line
     gpu.save(tmp_path / "gpu.json", {"ensemble": []}, complete=False)
     assert json.loads((tmp_path / "gpu.json").read_text()) == {"ensemble": [], "complete": False}
 
