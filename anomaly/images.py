@@ -219,8 +219,27 @@ def decode_to_tensor(data: bytes, device, max_bytes: int, max_pixels: int, field
             if not _warned_gpu_decode:
                 log.warning("nvJPEG could not decode a JPEG (%s); such images are decoded on the CPU", exc)
                 _warned_gpu_decode = True
-    rgb = decode_image(data, max_bytes, max_pixels, field)
-    return torch.from_numpy(rgb).permute(2, 0, 1).to(device)
+    chw = torch.from_numpy(decode_image(data, max_bytes, max_pixels, field)).permute(2, 0, 1)
+    if device.type == "cuda":  # from pinned memory: a pageable copy would first wait for all the GPU's queued work
+        return chw.pin_memory().to(device, non_blocking=True)
+    return chw
+
+
+_per_channel: dict = {}
+
+
+def per_channel(values, device):
+    """Three per-channel constants (a normalisation's means or deviations) as a float32 (3, 1, 1) tensor on
+    `device`, made once per device. Made from the host values at every frame (as torchvision's normalize does),
+    each is a copy from pageable memory, which on a GPU makes the CPU wait until all the work queued on the card
+    has run: a pause of the card between frames, two or three times a frame."""
+    import torch
+
+    key = (tuple(float(v) for v in values), str(device))
+    found = _per_channel.get(key)
+    if found is None:  # two threads may both make it: the same values either way
+        found = _per_channel[key] = torch.tensor(key[0], dtype=torch.float32, device=device)[:, None, None]
+    return found
 
 
 def rfdetr_input(chw, resolution: int, means, stds):
@@ -231,9 +250,7 @@ def rfdetr_input(chw, resolution: int, means, stds):
     x = torch.nn.functional.interpolate(
         chw[None].float(), size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=False
     )[0]
-    mean = torch.tensor(means, dtype=torch.float32, device=x.device)[:, None, None]
-    std = torch.tensor(stds, dtype=torch.float32, device=x.device)[:, None, None]
-    return (x / 255.0 - mean) / std
+    return (x / 255.0 - per_channel(means, x.device)) / per_channel(stds, x.device)
 
 
 def sam_input(chw, resolution: int = 1024):
@@ -242,4 +259,4 @@ def sam_input(chw, resolution: int = 1024):
     from torchvision.transforms import functional as TF
 
     x = TF.resize(chw.float() / 255.0, [resolution, resolution], antialias=True)
-    return TF.normalize(x, SAM_MEANS, SAM_STDS)
+    return (x - per_channel(SAM_MEANS, x.device)) / per_channel(SAM_STDS, x.device)  # what TF.normalize computes

@@ -379,6 +379,9 @@ def pieces(local, data: bytes, threshold: float, repeats: int, gpu: bool) -> dic
     out["sam_whole_frame"] = ms(lambda: seg.segment_batch([(prepared, hw, seg_boxes)]))
     if gpu:  # where the CPU waits for the card in a frame's SAM work: only the masks' copy back should
         out["sam_whole_frame_gpu_waits"] = gpu_waits(lambda: seg.segment_batch([(prepared, hw, seg_boxes)]))
+        # decoding and the model inputs: none (nvJPEG waits on a stream of its own)
+        out["detector_prepare_gpu_waits"] = gpu_waits(lambda: det.prepare(data))
+        out["sam_prepare_gpu_waits"] = gpu_waits(lambda: seg.prepare(data, s.max_image_bytes, s.max_image_pixels))
     masks = [c.mask for c in seg.segment_batch([(prepared, hw, seg_boxes)])[0]]
     out[f"geometry_{len(masks)}_masks_one_core"] = ms(lambda: measure_all(masks))
     processes = serving_plan(s, gpu).geometry_workers

@@ -35,6 +35,7 @@ from anomaly.images import (
     decode_image,
     decode_to_tensor,
     orient,
+    per_channel,
     read_header,
     rfdetr_input,
     rfdetr_preprocess,
@@ -258,6 +259,24 @@ def test_sam_input_in_torch_is_the_predictors_transform():
     rgb = decode_image((SAMPLES / "tunnel_wall_exif.jpg").read_bytes(), BIG, BIG)
     reference = SAM2Transforms(1024, 0.0)(rgb)
     assert torch.equal(sam_input(torch.from_numpy(rgb).permute(2, 0, 1)), reference)
+
+
+def test_model_inputs_make_no_tensors_from_host_values_per_frame(monkeypatch):
+    """On a GPU a tensor made from host values (torchvision's normalize makes its means and deviations so) is a copy
+    from pageable memory, which makes the CPU wait for all the work queued on the card: the per-channel
+    constants are made once per device, and a frame's inputs make none (the sync itself needs a GPU: make
+    bench-gpu counts it as `*_prepare_gpu_waits`)."""
+    chw = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (3, 90, 120), dtype=np.uint8))
+    first = (rfdetr_input(chw, 64, MEANS, STDS), sam_input(chw, 64))
+    made = []
+    for name in ("tensor", "as_tensor"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _f=original, **k: made.append(a) or _f(*a, **k))
+    with torch.inference_mode():
+        again = (rfdetr_input(chw, 64, MEANS, STDS), sam_input(chw, 64))
+    assert made == []
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert per_channel(MEANS, "cpu") is per_channel(tuple(MEANS), torch.device("cpu"))
 
 
 # --- the torch detector against the ONNX export --------------------------------------------------------------
