@@ -151,46 +151,59 @@ def test_replayed_graph_pads_the_batch_and_returns_copies():
 def test_graphed_forwards_given_one_pool_capture_every_graph_into_it(monkeypatch):
     """SAM's image encoder and mask decoder graphs share one memory pool (their activations are not held twice)
     and the decoder's graphs one copy of the frame's features; a GraphedForward given no pool gets one of its
-    own. Stand-ins for torch.cuda's capture API (no GPU here)."""
+    own. All are warmed up and captured on one stream of the process's. Stand-ins for torch.cuda's capture API
+    (no GPU here)."""
     import contextlib
 
     import torch
 
+    from anomaly import cuda_graphs
     from anomaly.cuda_graphs import GraphedForward
 
-    made, captured_into = [], []
+    made, captured_into, streams = [], [], []
 
     def new_pool():
         made.append(object())
         return made[-1]
 
     class StandInStream:
+        def __init__(self):
+            streams.append(self)
+
         def wait_stream(self, other):
             pass
 
+    warmed_on = []
+
     @contextlib.contextmanager
-    def graph(cuda_graph, pool=None):
-        captured_into.append(pool)
+    def graph(cuda_graph, pool=None, stream=None):
+        captured_into.append((pool, stream))
         yield
 
     monkeypatch.setattr(torch.cuda, "graph_pool_handle", new_pool)
     monkeypatch.setattr(torch.cuda, "Stream", StandInStream)
-    monkeypatch.setattr(torch.cuda, "current_stream", StandInStream)
-    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: current)
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: warmed_on.append(stream) or contextlib.nullcontext())
+    monkeypatch.setattr(cuda_graphs, "_capture_stream", None)  # as in a fresh process
     monkeypatch.setattr(torch.cuda, "CUDAGraph", object)
     monkeypatch.setattr(torch.cuda, "graph", graph)
 
+    current = StandInStream()  # the thread's own stream
     shared = torch.cuda.graph_pool_handle()
     encoder, decoder, alone = (GraphedForward(lambda x, *fixed: x * 2) for _ in range(3))
     encoder.capture((3,), torch.float32, "cpu", [1, 2], "encoder", pool=shared)
     decoder.capture((2,), torch.float32, "cpu", [3, 1, 2], "decoder", (torch.zeros(1, 2),), pool=shared)
     assert sorted(encoder.graphs) == [1, 2] and sorted(decoder.graphs) == [1, 2, 3]
-    assert captured_into == [shared] * 5 and len(made) == 1
+    assert [pool for pool, _ in captured_into] == [shared] * 5 and len(made) == 1
     assert decoder.note == "CUDA graphs for batch sizes 1-3" and encoder.note == "CUDA graphs for batch sizes [1, 2]"
     fixed = [inputs[1] for _, inputs, _ in decoder.graphs.values()]  # the frame's features, held once for all
     assert all(f is fixed[0] for f in fixed)
     alone.capture((3,), torch.float32, "cpu", [1], "alone")
-    assert len(made) == 2 and captured_into[-1] is made[-1] is not shared
+    assert len(made) == 2 and captured_into[-1][0] is made[-1] is not shared
+    # every warm-up and capture on one stream of their own (cuBLAS keeps a workspace per stream it ran on)
+    side = streams[1]
+    assert len(streams) == 2 and side is not current
+    assert warmed_on == [side] * 6 and all(stream is side for _, stream in captured_into)
 
 
 @pytest.mark.parametrize(
