@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 from anomaly.config import load_settings
+from anomaly.errors import InputError
 from anomaly.serving.embeddings import EarlyEmbeddings, EarlyImage, EmbeddingStore
 from anomaly.serving.overlap import Answered, OverlappedBatches
 from anomaly.serving.plan import render_config, serving_plan
+from tests.conftest import encode
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLES = REPO / "samples"
@@ -79,7 +81,11 @@ def test_early_offers_are_declined_when_tiled_busy_full_or_undecodable_and_failu
     assert offer() is None  # two taken in fill the room before they are embedded
     keys = early.embed([first, second], max_batch=2)
     assert early.segmenter.embedded == [2] and all(keys)
-    assert early.take(keys[1]) == "embedding of b'b'" and early.take(keys[1]) is None
+    assert early.take(keys[1], b"b") == "embedding of b'b'" and early.take(keys[1]) is None
+    # the image sent with a key must be the one it was made from (a key alone is trusted)
+    with pytest.raises(InputError, match="KEPT_EMBEDDING: is the key of another image than this request's ENCODED"):
+        early.take(keys[0], b"c")
+    assert early.take(keys[0], b"a") is None  # taken all the same: a key is good once
     assert early.store.counts.declined == 4 and early.store.counts.kept == 2
 
     failing = EarlyEmbeddings(_Segmenter(fail_embedding=True), capacity=1)
@@ -267,10 +273,15 @@ def test_the_segmenter_step_keeps_an_embedding_for_a_plain_client(triton, deck_j
         assert got["MASKS"].tolist() == usual["MASKS"].tolist()
         assert np.array_equal(got["MASK_SCORES"], usual["MASK_SCORES"])
 
-    # another frame's key: refused, naming the input, rather than masks decoded from the wrong image
+    # another frame's key: refused, naming the input, rather than masks decoded from the wrong image, whether
+    # that frame's size differs or not
     key = _segment(client, deck_jpeg, whole, outputs=("EMBEDDING_KEY",))["EMBEDDING_KEY"].reshape(-1)[0]
     with pytest.raises(Exception, match="KEPT_EMBEDDING"):
         _segment(client, deck_jpeg, untiled((720, 1280)).to_json(), boxes, key=key, outputs=names)
+    same_size = encode(np.full((1080, 1920, 3), 90, np.uint8), "JPEG")
+    key = _segment(client, deck_jpeg, whole, outputs=("EMBEDDING_KEY",))["EMBEDDING_KEY"].reshape(-1)[0]
+    with pytest.raises(Exception, match="KEPT_EMBEDDING: is the key of another image than this request's ENCODED"):
+        _segment(client, same_size, whole, boxes, key=key, outputs=names)
 
     tiled = plan_tiles((1080, 1920), 576, "on", 64)
     assert tiled.tiled
@@ -279,4 +290,4 @@ def test_the_segmenter_step_keeps_an_embedding_for_a_plain_client(triton, deck_j
     after = early_metrics(triton)
     client.close()
     grew = {k: after.get(k, 0) - before.get(k, 0) for k in ("kept", "used", "missed", "declined")}
-    assert grew == {"kept": 2, "used": 2, "missed": 1, "declined": 1}
+    assert grew == {"kept": 3, "used": 3, "missed": 1, "declined": 1}

@@ -62,7 +62,8 @@ class SamStep:
             return taken if taken is not None else Answered({"EMBEDDING_KEY": strings([b""])})
         kept = get("KEPT_EMBEDDING")
         key = step_inputs.text("KEPT_EMBEDDING", kept) if kept is not None else ""
-        embedding = self.early.take(key) if key else None  # taken first: a frame without boxes frees it too
+        # taken first: a frame without boxes frees it too; the image sent with the key must be the key's
+        embedding = self.early.take(key, image() if get("ENCODED") is not None else None) if key else None
         # a copy: the request's tensors are gone once execute returns, and with OVERLAP_BATCHES SAM runs later
         boxes = step_inputs.finite("SEG_BOXES", seg_boxes).reshape(-1, 4).copy()
         step_inputs.at_most("SEG_BOXES", len(boxes), s.max_detections)
