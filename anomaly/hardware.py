@@ -40,6 +40,18 @@ def release_unused_gpu_memory() -> int:
     return before - torch.cuda.memory_reserved()
 
 
+def torch_gpu_memory() -> tuple[int, int] | None:
+    """(bytes in torch's live GPU tensors, bytes its allocator holds from the driver: those, the CUDA graphs'
+    pools and its cache) in this process; None where it never started CUDA. What nvidia-smi counts beyond the
+    second is the CUDA context and the libraries' own memory (cuDNN, nvJPEG)."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_initialized():
+        return None
+    return torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+
+
 def hide_gpus(env: dict) -> dict:
     """A copy of the environment `env` in which CUDA sees no GPU (an empty CUDA_VISIBLE_DEVICES), keeping what
     show_hidden_gpus gives back to the GPU steps."""

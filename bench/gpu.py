@@ -523,6 +523,23 @@ def gpu_memory_mib(server) -> dict:
     }
 
 
+def torch_memory_after_load(log_path) -> dict[str, dict]:
+    """What each GPU step said torch held once it had loaded (triton_io.AFTER_LOAD in Triton's log, the last
+    such line per step: the log may hold earlier starts): {step: {"torch_mib", "tensors_mib"}}. Beside nvidia-smi's
+    count for the step's process, the difference is the CUDA context and the libraries' own memory."""
+    import re
+
+    from anomaly.serving.triton_io import AFTER_LOAD
+
+    if not log_path or not Path(log_path).exists():
+        return {}
+    pattern = re.escape(AFTER_LOAD).replace("%s", r"(\w+)").replace(r"%\.0f", r"(\d+)")
+    found = {}
+    for step, held, tensors in re.findall(pattern, Path(log_path).read_text(errors="replace")):
+        found[step] = {"torch_mib": int(held), "tensors_mib": int(tensors)}
+    return found
+
+
 def setting_change(spec: str) -> tuple[str, str]:
     """`NAME=VALUE` of --also -> (NAME, VALUE), NAME a documented setting."""
     from anomaly.config import KNOBS
@@ -591,7 +608,7 @@ def levels_with(change: tuple[str, str], data: bytes, threshold: float, levels: 
                 rows.append(load(server.grpc_url, data, threshold, level, requests) | busy.summary())
             rows[-1]["early_embedding"] = counted(early_before, early_embedding_counts(metrics_url))
             print(json.dumps({f"{name}={value}": rows[-1]}), flush=True)
-        memory = gpu_memory_mib(server)
+        memory = gpu_memory_mib(server) | {"torch_after_load_mib": torch_memory_after_load(log_path)}
         threads = thread_stats(metrics_url)
     finally:
         server.stop()
@@ -734,7 +751,10 @@ def main(argv: list[str] | None = None) -> int:
         result["tiled"] = tiled
         print(json.dumps({"tiled": tiled}), flush=True)
         save(args.out, result, complete=False)
-        result["memory"] = gpu_memory_mib(server) | {"tritonserver_sees_gpu": server.gpu and not server.hides_gpu}
+        result["memory"] = gpu_memory_mib(server) | {
+            "tritonserver_sees_gpu": server.gpu and not server.hides_gpu,
+            "torch_after_load_mib": torch_memory_after_load(server.log_path),
+        }
         stats_client.close()
     save(args.out, result, complete=False)
     result["compared"] = []

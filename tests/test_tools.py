@@ -207,6 +207,41 @@ def test_bench_gpu_records_a_setting_that_fails_and_goes_on(capsys, tmp_path):
     assert json.loads((tmp_path / "gpu.json").read_text()) == {"ensemble": [], "complete": False}
 
 
+def test_bench_gpu_reads_what_each_gpu_step_held_after_loading(monkeypatch, tmp_path):
+    """What a GPU step logs once loaded (torch's share of its GPU memory; nvidia-smi's rest is the CUDA context
+    and the libraries) comes back into make bench-gpu's memory, the latest start's line per step. No GPU here:
+    torch's counts are stood in for, the log line and its reading are the real ones."""
+    import logging
+
+    from anomaly import hardware
+    from anomaly.serving import triton_io
+    from bench import gpu
+
+    log_file = tmp_path / "triton.log"
+    handler = logging.FileHandler(log_file)
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("anomaly.triton")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)  # setLevel: the logger caches what it emits per level
+    monkeypatch.setattr(hardware, "release_unused_gpu_memory", lambda: 0)
+    try:
+        for step, held in (("segmenter", (100, 900)), ("detector", (130, 500)), ("segmenter", (1000, 2500))):
+            monkeypatch.setattr(hardware, "torch_gpu_memory", lambda held=held: (held[0] << 20, held[1] << 20))
+            triton_io.release_gpu_cache_after_load(step)
+        monkeypatch.setattr(hardware, "torch_gpu_memory", lambda: None)  # a process that never started CUDA
+        triton_io.release_gpu_cache_after_load("preprocess")
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        handler.close()
+    assert gpu.torch_memory_after_load(log_file) == {
+        "segmenter": {"torch_mib": 2500, "tensors_mib": 1000},
+        "detector": {"torch_mib": 500, "tensors_mib": 130},
+    }
+    assert gpu.torch_memory_after_load(tmp_path / "none.log") == {}
+
+
 def test_bench_gpu_refuses_a_comparison_with_an_unknown_setting():
     from bench import gpu
 

@@ -98,11 +98,20 @@ def error_response(exc: BaseException):
     )
 
 
+# what a GPU step holds once loaded, in the log (make bench-gpu reads it back: bench.gpu.torch_memory_after_load)
+AFTER_LOAD = "%s: GPU memory after loading: torch holds %.0f MiB, %.0f MiB of it in tensors"
+
+
 def release_gpu_cache_after_load(step: str) -> None:
-    """After a GPU step has loaded: the cached GPU memory nothing uses goes back to the driver, said in the log."""
+    """After a GPU step has loaded: the cached GPU memory nothing uses goes back to the driver; the log says how
+    much, and what torch holds then (its tensors: weights, the graphs' inputs and outputs, cuBLAS workspaces;
+    the rest: the graphs' pools)."""
     freed = hardware.release_unused_gpu_memory()
     if freed:
         log.info("%s: %.0f MiB of GPU memory cached while loading handed back", step, freed / 2**20)
+    held = hardware.torch_gpu_memory()
+    if held is not None:
+        log.info(AFTER_LOAD, step, held[1] / 2**20, held[0] / 2**20)
 
 
 def answer_each(requests, handle: Callable) -> list:
