@@ -30,10 +30,8 @@ def release_unused_gpu_memory() -> int:
     eager warm-up runs made before CUDA-graph capture and the fp32 weights replaced by bf16 ones, memory the
     process would otherwise hold for good (nvidia-smi counts it) and never use again. Captured graphs keep their
     own pools, which this leaves alone."""
-    import sys
-
-    torch = sys.modules.get("torch")  # a process that never imported torch holds no GPU memory of torch's
-    if torch is None or not torch.cuda.is_initialized():
+    torch = _torch_on_gpu()
+    if torch is None:
         return 0
     before = torch.cuda.memory_reserved()
     torch.cuda.empty_cache()
@@ -44,12 +42,19 @@ def torch_gpu_memory() -> tuple[int, int] | None:
     """(bytes in torch's live GPU tensors, bytes its allocator holds from the driver: those, the CUDA graphs'
     pools and its cache) in this process; None where it never started CUDA. What nvidia-smi counts beyond the
     second is the CUDA context and the libraries' own memory (cuDNN, nvJPEG)."""
+    torch = _torch_on_gpu()
+    if torch is None:
+        return None
+    return torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+
+
+def _torch_on_gpu():
+    """torch, where this process has started CUDA with it; else None (a process that never imported torch holds
+    no GPU memory of torch's, and asking would import it)."""
     import sys
 
     torch = sys.modules.get("torch")
-    if torch is None or not torch.cuda.is_initialized():
-        return None
-    return torch.cuda.memory_allocated(), torch.cuda.memory_reserved()
+    return torch if torch is not None and torch.cuda.is_initialized() else None
 
 
 def hide_gpus(env: dict) -> dict:

@@ -283,6 +283,10 @@ def gpu_checks(settings: Settings, meta, onnx_path: Path, data: bytes, device: s
             float((rfdetr_input(on_gpu, meta.resolution, meta.means, meta.stds) - reference).abs().mean()), 5
         ),
         "sam_input_same_pixels_max": float((sam_input(same_pixels) - sam_cpu).abs().max()),
+        # a PNG is decoded on the CPU and copied over (from pinned memory on a GPU): the same pixels
+        "png_on_device_same_pixels": bool(
+            torch.equal(decode_to_tensor(png_of(rgb), device, s.max_image_bytes, s.max_image_pixels), same_pixels)
+        ),
     }
     raw = {}
     for name, runner in (
@@ -309,6 +313,16 @@ def gpu_checks(settings: Settings, meta, onnx_path: Path, data: bytes, device: s
             "box_min_iou": paired_min_iou(boxes_t[top], boxes_o[top]),
         }
     return checks
+
+
+def png_of(rgb: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(rgb).save(out, "PNG", compress_level=1)
+    return out.getvalue()
 
 
 def paired_min_iou(a: np.ndarray, b: np.ndarray) -> float:

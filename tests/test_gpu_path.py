@@ -460,15 +460,16 @@ def test_mask_decoder_weights_in_bf16_change_no_bit_under_autocast():
 
 
 def test_cached_gpu_memory_is_handed_back_after_load(monkeypatch):
-    """What the detector and segmenter steps call once loaded (anomaly.hardware.release_unused_gpu_memory). With
+    """What the detector and segmenter steps call once loaded (anomaly.hardware.release_unused_gpu_memory, then
+    torch_gpu_memory for the log). With
     the real torch of this CPU-only machine CUDA never started: nothing to hand back. The CUDA side is a stand-in
     (no GPU here): cache emptied once, the bytes it held reported."""
     import sys
     import types
 
-    from anomaly.hardware import release_unused_gpu_memory
+    from anomaly.hardware import release_unused_gpu_memory, torch_gpu_memory
 
-    assert "torch" in sys.modules and release_unused_gpu_memory() == 0
+    assert "torch" in sys.modules and release_unused_gpu_memory() == 0 and torch_gpu_memory() is None
     reserved, emptied = [3 << 30], []
 
     def empty_cache():
@@ -476,12 +477,16 @@ def test_cached_gpu_memory_is_handed_back_after_load(monkeypatch):
         reserved[0] = 2 << 30
 
     cuda = types.SimpleNamespace(
-        is_initialized=lambda: True, memory_reserved=lambda: reserved[0], empty_cache=empty_cache
+        is_initialized=lambda: True,
+        memory_reserved=lambda: reserved[0],
+        memory_allocated=lambda: 1 << 29,
+        empty_cache=empty_cache,
     )
     monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
     assert release_unused_gpu_memory() == 1 << 30 and emptied == [True]
+    assert torch_gpu_memory() == (1 << 29, 2 << 30)  # what the step logs then: tensors, allocator's total
     monkeypatch.delitem(sys.modules, "torch")  # a process that never imported torch (the CPU detector)
-    assert release_unused_gpu_memory() == 0
+    assert release_unused_gpu_memory() == 0 and torch_gpu_memory() is None
 
 
 def test_one_decoder_call_for_the_boxes_of_a_frame(exported):
@@ -691,6 +696,7 @@ def test_bench_gpu_checks_on_the_cpu(exported):
     )
     assert checks["nvjpeg_vs_pillow_levels"] == {"max": 0.0, "mean": 0.0}  # one decoder on a CPU
     assert checks["detector_input_same_pixels_max"] < 1e-3 and checks["sam_input_same_pixels_max"] < 1e-5
+    assert checks["png_on_device_same_pixels"] is True
     for name in ("torch_gpu_vs_onnx_cpu_top20_queries", "torch_gpu_fp32_vs_onnx_cpu_top20_queries"):
         assert checks[name]["score_max_diff"] < 1e-3 and checks[name]["same_top_class"], checks[name]
         assert checks[name]["box_min_iou"] > 0.99, checks[name]
