@@ -126,7 +126,7 @@ def thread_stats(metrics_url: str) -> dict[str, dict]:
 
 def early_embedding_counts(metrics_url: str) -> dict[str, float]:
     """SAM's early embeddings by outcome (EARLY_EMBEDDING; anomaly.serving.embeddings: kept, used, missed,
-    dropped, declined), cumulative, from Triton's metrics port; empty where none was asked for."""
+    dropped, declined, refused), cumulative, from Triton's metrics port; empty where none was asked for."""
     import re
     import urllib.request
 

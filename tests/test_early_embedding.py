@@ -86,6 +86,7 @@ def test_early_offers_are_declined_when_tiled_busy_full_or_undecodable_and_failu
     with pytest.raises(InputError, match="KEPT_EMBEDDING: is the key of another image than this request's ENCODED"):
         early.take(keys[0], b"c")
     assert early.take(keys[0], b"a") is None  # taken all the same: a key is good once
+    assert (early.store.counts.used, early.store.counts.refused, early.store.counts.missed) == (1, 1, 2)
     assert early.store.counts.declined == 4 and early.store.counts.kept == 2
 
     failing = EarlyEmbeddings(_Segmenter(fail_embedding=True), capacity=1)
@@ -239,7 +240,7 @@ def test_the_served_pipeline_decodes_from_the_early_embedding(triton, grpc_clien
     """The session's server embeds early (conftest): a frame with defects takes its kept embedding, and every
     response says the ensemble does it."""
     before = early_metrics(triton)
-    assert set(before) == {"kept", "used", "missed", "dropped", "declined"}  # each shown from the start
+    assert set(before) == {"kept", "used", "missed", "dropped", "declined", "refused"}  # each shown from the start
     response = grpc_client.detect(deck_jpeg, confidence_threshold=0.21)
     after = early_metrics(triton)
     assert response["anomaly_count"] > 0  # SAM ran for this frame
@@ -289,5 +290,5 @@ def test_the_segmenter_step_keeps_an_embedding_for_a_plain_client(triton, deck_j
     assert declined["EMBEDDING_KEY"].reshape(-1)[0] == b""
     after = early_metrics(triton)
     client.close()
-    grew = {k: after.get(k, 0) - before.get(k, 0) for k in ("kept", "used", "missed", "declined")}
-    assert grew == {"kept": 3, "used": 3, "missed": 1, "declined": 1}
+    grew = {k: after.get(k, 0) - before.get(k, 0) for k in ("kept", "used", "missed", "declined", "refused")}
+    assert grew == {"kept": 3, "used": 2, "missed": 1, "declined": 1, "refused": 1}

@@ -35,6 +35,11 @@ class StoreCounts:
     missed: int = 0  # keys asked for and not found (dropped, or never kept here)
     dropped: int = 0  # dropped unused after max_age_s
     declined: int = 0  # early calls answered without embedding (busy, full, tiled)
+    refused: int = 0  # keys sent with another image than their own: gone, and the request refused
+
+
+class RefusedKey(Exception):
+    """EmbeddingStore.take: the item under the key was not the caller's (see `accept`)."""
 
 
 class EmbeddingStore:
@@ -81,10 +86,15 @@ class EmbeddingStore:
             self._count("kept")
         return key
 
-    def take(self, key: str):
+    def take(self, key: str, accept: Callable[[object], bool] | None = None):
+        """The item kept under `key`, once, or None. `accept(item)` False: the item is gone all the same, counted
+        as refused, and RefusedKey raised."""
         with self._lock:
             self._drop_old()
             found = self._items.pop(key, None)
+            if found and accept is not None and not accept(found[1]):
+                self._count("refused")
+                raise RefusedKey(key)
             self._count("used" if found else "missed")
             return found[1] if found else None
 
@@ -174,10 +184,12 @@ class EarlyEmbeddings:
         the encoded image the caller sent with the key, if any, which must be the one the embedding was made
         from: another image's key (a client's mistake; the ensemble passes each frame its own) is refused, naming
         the input, rather than decoding its boxes from the wrong image."""
-        kept = self.store.take(key)
+        source = fingerprint(data) if data is not None else None  # outside the store's lock
+        try:
+            kept = self.store.take(key, None if source is None else lambda k: k.source == source)
+        except RefusedKey:
+            raise InputError("KEPT_EMBEDDING", "is the key of another image than this request's ENCODED") from None
         if kept is None:
             log.info("segmenter: early embedding %s not kept (dropped, taken or never made): embedding now", key)
             return None
-        if data is not None and fingerprint(data) != kept.source:
-            raise InputError("KEPT_EMBEDDING", "is the key of another image than this request's ENCODED")
         return kept.embedding
