@@ -334,6 +334,15 @@ KNOBS: tuple[Knob, ...] = (
         parse=_auto_is_on,
     ),
     Knob(
+        "CUDA_MPS",
+        "off",
+        "`on`: on a GPU machine the launcher starts NVIDIA's MPS control daemon (`nvidia-cuda-mps-control`) before "
+        "Triton, so that the detector's and SAM's processes share one GPU context and run their kernels on the card "
+        "at once instead of by time slices; where MPS cannot start, Triton starts without it and the log says why",
+        ("off", "on"),
+        parse=_choice,
+    ),
+    Knob(
         "OVERLAP_BATCHES",
         "auto",
         "`auto`: the detector and SAM, where they run on a GPU, take the next batch in (checks, decoding) while the "

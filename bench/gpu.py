@@ -526,6 +526,8 @@ def gpu_memory_mib(server) -> dict:
         names = {root.pid: "tritonserver"}
         for child in root.children(recursive=True):
             names[child.pid] = model_of(child.cmdline(), server.model_repository) or f"pid {child.pid}"
+        if getattr(server, "mps", None):  # CUDA_MPS: the server holding the shared context is the daemon's child
+            names |= {int(p): "MPS server" for p in server.mps.servers() if p.isdigit()}
         used = {p: m for p, m in used.items() if p in names}
         by_model = {names[p]: m for p, m in used.items()}
     return {
@@ -622,7 +624,10 @@ def levels_with(change: tuple[str, str], data: bytes, threshold: float, levels: 
                 rows.append(load(server.grpc_url, data, threshold, level, requests) | busy.summary())
             rows[-1]["early_embedding"] = counted(early_before, early_embedding_counts(metrics_url))
             print(json.dumps({f"{name}={value}": rows[-1]}), flush=True)
-        memory = gpu_memory_mib(server) | {"torch_after_load_mib": torch_memory_after_load(log_path)}
+        memory = gpu_memory_mib(server) | {
+            "torch_after_load_mib": torch_memory_after_load(log_path),
+            "mps": server.mps_state,
+        }
         threads = thread_stats(metrics_url)
     finally:
         server.stop()
@@ -688,6 +693,9 @@ def print_table(result: dict) -> None:
     tiled = result["tiled"]
     print(f"\n{tiled['photo']} photo, tiled: p50 {tiled['p50_ms']} ms ({tiled['ms_per_megapixel']} ms per megapixel)")
     print(f"\nmemory: {result['memory']}")
+    for other in result.get("compared", []):  # each setting's own server, read before it stopped
+        if "memory" in other:
+            print(f"memory with {other['setting']}: {other['memory']}")
     warned = sorted({w for row in result["ensemble"] for w in row["warnings"] if "UNTRAINED" not in w})
     for warning in warned:  # the untrained banners are expected here; anything else changes what was measured
         print(f"responses warned: {warning}")
@@ -768,6 +776,7 @@ def main(argv: list[str] | None = None) -> int:
         result["memory"] = gpu_memory_mib(server) | {
             "tritonserver_sees_gpu": server.gpu and not server.hides_gpu,
             "torch_after_load_mib": torch_memory_after_load(server.log_path),
+            "mps": server.mps_state,
         }
         stats_client.close()
     save(args.out, result, complete=False)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import atexit
 import glob
+import logging
 import os
 import signal
 import subprocess
@@ -27,7 +28,10 @@ from pathlib import Path
 
 from anomaly.config import REPO_ROOT, Settings, load_settings
 from anomaly.hardware import has_gpu, hide_gpus
+from anomaly.serving import mps
 from anomaly.serving.plan import CONFIG_NAME, serving_plan, write_serving_configs
+
+log = logging.getLogger("anomaly.serving")
 
 PYTRITON_HOME = REPO_ROOT / ".triton" / "pkgs" / "pytriton" / "tritonserver"
 CONTAINER_HOME = Path("/opt/tritonserver")
@@ -113,6 +117,8 @@ class TritonServer:
         self._stubs: dict = {}
         self.shm_prefix = f"anomaly_{os.getpid()}_{int(time.time() * 1000) % 10**8}_"
         self._log_file = None
+        self.mps: mps.MpsDaemon | None = None  # our MPS daemon while the server runs (CUDA_MPS)
+        self.mps_state = "off"  # for make bench-gpu: off, on (server pids), or why it could not start
 
     @property
     def client_host(self) -> str:
@@ -163,6 +169,13 @@ class TritonServer:
         return self.gpu and self.settings.hide_gpu_from_triton
 
     def environment(self) -> dict:
+        """tritonserver's environment (its model processes inherit it): the GPU hidden where it hides it, and
+        pointed at our MPS daemon where one runs."""
+        env = self.model_environment() | (self.mps.env if self.mps else {})
+        return hide_gpus(env) if self.hides_gpu else env
+
+    def model_environment(self) -> dict:
+        """The environment the model processes run in, as the operator's GPUs are visible to them."""
         env = dict(os.environ)
         # Triton's Python stub finds packages through the python on PATH, not PYTHONPATH.
         env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
@@ -176,7 +189,19 @@ class TritonServer:
         env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
         env["TORCHINDUCTOR_CACHE_DIR"] = inductor_cache_dir(env, self.settings.weights_dir)
         env.update(self.extra_env)
-        return hide_gpus(env) if self.hides_gpu else env
+        return env
+
+    def start_mps(self) -> None:
+        """CUDA_MPS=on on a GPU machine: our MPS daemon, checked with a CUDA client; else the reason in the log."""
+        if not (self.gpu and self.settings.cuda_mps == "on"):
+            return
+        self.mps, why = mps.start(self.model_environment())
+        if self.mps:
+            self.mps_state = f"on (MPS server {', '.join(self.mps.server_pids) or 'pid not listed'})"
+            log.info("CUDA_MPS=on: the GPU steps run as clients of one MPS server (%s)", self.mps.folder)
+        else:
+            self.mps_state = f"not started: {why}"
+            log.warning("CUDA_MPS=on, but Triton starts without MPS: %s", why)
 
     @property
     def gpu(self) -> bool:
@@ -194,15 +219,16 @@ class TritonServer:
         if self.log_path:
             Path(self.log_path).parent.mkdir(parents=True, exist_ok=True)
             self._log_file = open(self.log_path, "ab")  # noqa: SIM115 - closed in stop()
-        self.process = subprocess.Popen(
-            cmd,
-            env=self.environment(),
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT if self._log_file else None,
-            start_new_session=True,  # its own process group: stop() reaches the stubs too
-        )
-        atexit.register(self.stop)  # a crashing parent must not leave a server behind
+        atexit.register(self.stop)  # a crashing parent must not leave a server (or our MPS daemon) behind
         try:
+            self.start_mps()  # before tritonserver: its model processes connect to the daemon as they start CUDA
+            self.process = subprocess.Popen(
+                cmd,
+                env=self.environment(),
+                stdout=self._log_file,
+                stderr=subprocess.STDOUT if self._log_file else None,
+                start_new_session=True,  # its own process group: stop() reaches the stubs too
+            )
             self.wait_ready(ready_timeout)
         except BaseException:
             self.stop()
@@ -290,6 +316,9 @@ class TritonServer:
                 pass
         for leftover in glob.glob(f"/dev/shm/{self.shm_prefix}*"):
             Path(leftover).unlink(missing_ok=True)
+        if self.mps:  # after its clients are gone
+            self.mps.stop()
+            self.mps = None
         if self._log_file:
             self._log_file.close()
             self._log_file = None
