@@ -82,10 +82,14 @@ def start(env: dict, probe_timeout_s: float = 120.0) -> tuple[MpsDaemon | None, 
     for folder in daemon.env.values():
         Path(folder).mkdir()
     try:
-        started = subprocess.run([binary, "-d"], env=env | daemon.env, capture_output=True, text=True, timeout=30)
+        # its output into a file, not a pipe: a daemon that kept the pipe open would hold run() until it exits
+        said = daemon.folder / "start.txt"
+        with said.open("w") as out:
+            started = subprocess.run([binary, "-d"], env=env | daemon.env, stdout=out, stderr=out, timeout=30)
         if started.returncode != 0:
+            why = f"`{CONTROL} -d` failed ({started.returncode}): {said.read_text().strip()}"
             shutil.rmtree(daemon.folder, ignore_errors=True)
-            return None, f"`{CONTROL} -d` failed ({started.returncode}): {(started.stderr or started.stdout).strip()}"
+            return None, why
         # a CUDA client through the daemon: it starts the MPS server, which fails here, not in a model's load,
         # where the card's compute mode or the container forbids it
         client = subprocess.run(
