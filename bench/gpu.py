@@ -556,6 +556,29 @@ def torch_memory_after_load(log_path) -> dict[str, dict]:
     return found
 
 
+def log_size(log_path) -> int:
+    """Where a run's part of Triton's log starts: the bench appends to its logs."""
+    return Path(log_path).stat().st_size if log_path and Path(log_path).exists() else 0
+
+
+def log_warnings(log_path, start: int = 0, most: int = 12) -> dict[str, int]:
+    """The distinct warnings and errors the steps logged into Triton's log from byte `start` on, with their counts,
+    the untrained-weights banners left out (expected here): a fallback the responses do not show (nvJPEG decoding
+    on the CPU, a compile or graph capture that failed) changes what the numbers of that server mean."""
+    import re
+
+    if not log_path or not Path(log_path).exists():
+        return {}
+    with Path(log_path).open("rb") as log:
+        log.seek(start)
+        text = log.read().decode(errors="replace")
+    found: dict[str, int] = {}
+    for line in re.findall(r"^(?:WARNING|ERROR) anomaly[\w.]*: .*$", text, flags=re.M):
+        if "UNTRAINED WEIGHTS" not in line:
+            found[line[:300]] = found.get(line[:300], 0) + 1
+    return dict(sorted(found.items(), key=lambda kv: -kv[1])[:most])
+
+
 def setting_change(spec: str) -> tuple[str, str]:
     """`NAME=VALUE` of --also -> (NAME, VALUE), NAME a documented setting."""
     from anomaly.config import KNOBS
@@ -614,6 +637,7 @@ def levels_with(change: tuple[str, str], data: bytes, threshold: float, levels: 
     repository = mirror_repository(changed.model_repository, Path(mirror.name) / "model_repository")
     settings = dataclasses.replace(changed, model_repository=repository, **ports)
     server = TritonServer(settings, log_path=log_path, env={name: value, "MODEL_REPOSITORY": str(repository)})
+    log_start = log_size(log_path)
     try:
         server.start(ready_timeout=900)
         load(server.grpc_url, data, threshold, 1, 2)  # warm-up, as for the default server
@@ -632,8 +656,15 @@ def levels_with(change: tuple[str, str], data: bytes, threshold: float, levels: 
     finally:
         server.stop()
         mirror.cleanup()
+    warned = log_warnings(log_path, log_start)
     # the batch threads' counters show whether the GPU steps answered from their threads (OVERLAP_BATCHES)
-    return {"setting": f"{name}={value}", "ensemble": rows, "memory": memory, "batch_threads": sorted(threads)}
+    return {
+        "setting": f"{name}={value}",
+        "ensemble": rows,
+        "memory": memory,
+        "batch_threads": sorted(threads),
+        "log_warnings": warned,
+    }
 
 
 def compare_setting(change: tuple[str, str], run) -> dict:
@@ -696,6 +727,9 @@ def print_table(result: dict) -> None:
     for other in result.get("compared", []):  # each setting's own server, read before it stopped
         if "memory" in other:
             print(f"memory with {other['setting']}: {other['memory']}")
+    for other in [result, *result.get("compared", [])]:
+        for line, count in other.get("log_warnings", {}).items():
+            print(f"Triton's log{' with ' + other['setting'] if 'setting' in other else ''}: {count}x {line[:160]}")
     warned = sorted({w for row in result["ensemble"] for w in row["warnings"] if "UNTRAINED" not in w})
     for warning in warned:  # the untrained banners are expected here; anything else changes what was measured
         print(f"responses warned: {warning}")
@@ -743,7 +777,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{device}: {workload}", flush=True)
     result: dict = {"device": device, "gpu": gpu, "workload": workload, "threshold": threshold}
 
-    with running_server(settings, REPO_ROOT / "bench_output" / "triton.log") as server:
+    log_path = REPO_ROOT / "bench_output" / "triton.log"
+    log_start = log_size(log_path)
+    with running_server(settings, log_path) as server:
         stats_client = grpcclient.InferenceServerClient(server.grpc_url)
         load(server.grpc_url, data, threshold, 1, 2)  # warm-up: first-call costs stay out of the numbers
         result["ensemble"], result["steps_by_concurrency"] = [], {}
@@ -779,6 +815,7 @@ def main(argv: list[str] | None = None) -> int:
             "mps": server.mps_state,
         }
         stats_client.close()
+    result["log_warnings"] = log_warnings(log_path, log_start) if server.process else {}  # a server it started
     save(args.out, result, complete=False)
     result["compared"] = []
     for change in changes:  # saved after each: a compile-heavy setting may run into the machine's time limit

@@ -242,6 +242,41 @@ def test_bench_gpu_reads_what_each_gpu_step_held_after_loading(monkeypatch, tmp_
     assert gpu.torch_memory_after_load(tmp_path / "none.log") == {}
 
 
+def test_bench_gpu_lists_the_warnings_of_its_own_run_in_tritons_log(tmp_path):
+    """make bench-gpu reads back what the steps warned in its part of Triton's log (the bench appends to it): a
+    fallback the responses do not show changes what a server's numbers mean; the untrained banners, expected
+    here, and an earlier run's lines stay out."""
+    import logging
+
+    from anomaly.weights import UNTRAINED_BANNER
+    from bench import gpu
+
+    log_file = tmp_path / "triton.log"
+
+    def run(*warnings):
+        handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))  # anomaly.logs' format
+        logger = logging.getLogger("anomaly.triton")
+        logger.addHandler(handler)
+        try:
+            logger.info("segmenter: loaded")
+            for warning in warnings:
+                logger.warning(warning)
+        finally:
+            logger.removeHandler(handler)
+            handler.close()
+
+    run("an earlier run's warning")
+    start = gpu.log_size(log_file)
+    nvjpeg = "nvJPEG could not decode a JPEG (decoder unavailable); such images are decoded on the CPU"
+    run(UNTRAINED_BANNER.format(what="the segmenter"), nvjpeg, nvjpeg, "SAM: CUDA graph capture failed")
+    assert gpu.log_warnings(log_file, start) == {
+        f"WARNING anomaly.triton: {nvjpeg}": 2,
+        "WARNING anomaly.triton: SAM: CUDA graph capture failed": 1,
+    }
+    assert gpu.log_warnings(tmp_path / "none.log") == {}
+
+
 def test_bench_gpu_refuses_a_comparison_with_an_unknown_setting():
     from bench import gpu
 
