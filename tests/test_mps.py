@@ -177,19 +177,38 @@ def test_bench_counts_the_mps_servers_gpu_memory_with_tritons(monkeypatch):
         def servers(self):
             return ["777"]
 
+    standing_in = subprocess.Popen(["sleep", "30"])  # for tritonserver: a process without children
+
     class Server:
         model_repository = REPO_ROOT / "model_repository"
         mps = Daemon()
 
         def pid(self):
-            return os.getpid()  # this process stands for tritonserver
+            return standing_in.pid
 
         def memory_mib(self):
             return {}
 
-    apps = [[str(os.getpid()), "500"], ["777", "300"], ["999", "100"]]
+    apps = [[str(standing_in.pid), "500"], ["777", "300"], ["999", "100"]]
     card = [["2000"]]
     monkeypatch.setattr(bench_gpu, "_nvidia_smi", lambda query: apps if query.startswith("compute-apps") else card)
-    memory = bench_gpu.gpu_memory_mib(Server())
+    try:
+        memory = bench_gpu.gpu_memory_mib(Server())
+    finally:
+        standing_in.kill()
+        standing_in.wait()
     assert memory["gpu_by_model_mib"] == {"tritonserver": 500.0, "MPS server": 300.0}
     assert memory["gpu_total_mib"] == 800.0 and memory["card_used_mib"] == 2000.0
+
+
+def test_model_of_names_a_stubs_model_and_nothing_for_tritonserver_itself():
+    """The process tables (make bench-gpu's GPU memory, the resident memory, the dead-model watch) name each process
+    by the model path on its command line; tritonserver's own --model-repository names no model (it raised
+    IndexError before, where tritonserver was a child of the process asked about)."""
+    from anomaly.serving.triton_server import model_of
+
+    repository = Path("/srv/model_repository")
+    stub = ["triton_python_backend_stub", "/srv/model_repository/segmenter/1/model.py", "anomaly_1_"]
+    assert model_of(stub, repository) == "segmenter"
+    assert model_of(["tritonserver", "--model-repository=/srv/model_repository"], repository) == ""
+    assert model_of(["python", "-m", "anomaly.geometry_workers"], repository) == ""

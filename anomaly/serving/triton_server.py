@@ -350,7 +350,9 @@ class TritonServer:
 def model_of(cmdline: list[str], model_repository: Path) -> str:
     """The model a stub process serves, from the model path on its command line ("" for other processes)."""
     where = next((a for a in cmdline if str(model_repository) in a), "")
-    return Path(where).parts[len(model_repository.parts)] if where else ""
+    parts = Path(where).parts if where else ()
+    # tritonserver's own --model-repository=... names the repository but no model in it
+    return parts[len(model_repository.parts)] if len(parts) > len(model_repository.parts) else ""
 
 
 def process_tree_mib(pid: int | None, model_repository: Path) -> dict | None:
