@@ -195,6 +195,16 @@ def orient(chw, orientation: int):
 
 
 _warned_gpu_decode = False
+_gpu_decode_refused: str | None = None  # why nvJPEG refused the last JPEG this process decoded, None if it did not
+
+
+def gpu_decode_warning() -> str | None:
+    """For a GPU step's /info record and responses: a warning while nvJPEG refuses JPEGs the CPU can decode (the
+    last one it was given), e.g. where the card's JPEG decoder is unavailable to the process; those frames are
+    decoded on the CPU and copied over (about 12 ms a 1080p frame on the H100's host). None once it decodes again."""
+    if _gpu_decode_refused is None:
+        return None
+    return f"nvJPEG could not decode the last JPEG ({_gpu_decode_refused}); it was decoded on the CPU instead"
 
 
 def decode_to_tensor(data: bytes, device, max_bytes: int, max_pixels: int, field: str = "image"):
@@ -206,6 +216,8 @@ def decode_to_tensor(data: bytes, device, max_bytes: int, max_pixels: int, field
 
     device = torch.device(device)
     header = read_header(data, max_bytes, max_pixels, field) if device.type == "cuda" else None
+    global _gpu_decode_refused, _warned_gpu_decode
+    refused = None
     if header is not None and header.format in ("JPEG", "MPO"):
         try:
             from torchvision.io import ImageReadMode, decode_jpeg
@@ -213,13 +225,17 @@ def decode_to_tensor(data: bytes, device, max_bytes: int, max_pixels: int, field
             encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8)
             chw = orient(decode_jpeg(encoded, mode=ImageReadMode.RGB, device=device), header.orientation)
             if tuple(chw.shape) == (3, header.height, header.width):
+                _gpu_decode_refused = None
                 return chw
+            refused = f"it gave a {tuple(chw.shape)} image for a {header.width} x {header.height} JPEG"
         except Exception as exc:  # noqa: BLE001 - the CPU decoder below gives the user's error, if any
-            global _warned_gpu_decode
-            if not _warned_gpu_decode:
-                log.warning("nvJPEG could not decode a JPEG (%s); such images are decoded on the CPU", exc)
-                _warned_gpu_decode = True
+            refused = f"{type(exc).__name__}: {exc}"[:300]
     chw = torch.from_numpy(decode_image(data, max_bytes, max_pixels, field)).permute(2, 0, 1)
+    if refused:  # a JPEG the CPU decodes: nvJPEG's failure, not the user's (a broken file raised above)
+        _gpu_decode_refused = refused
+        if not _warned_gpu_decode:
+            log.warning("nvJPEG could not decode a JPEG (%s); such images are decoded on the CPU", refused)
+            _warned_gpu_decode = True
     if device.type == "cuda":  # from pinned memory: a pageable copy would first wait for all the GPU's queued work
         return chw.pin_memory().to(device, non_blocking=True)
     return chw

@@ -13,6 +13,7 @@ import io
 import os
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -255,6 +256,55 @@ def test_tensor_decoding_refuses_what_decode_image_refuses():
         decode_to_tensor(b"not an image", "cpu", BIG, BIG)
     with pytest.raises(InputError, match="MAX_IMAGE_PIXELS"):
         decode_to_tensor(encode(np.zeros((40, 40, 3), np.uint8), "PNG"), "cpu", BIG, 100)
+
+
+def test_a_jpeg_nvjpeg_refuses_is_decoded_on_the_cpu_and_said_in_the_steps_warnings(monkeypatch):
+    """A JPEG nvJPEG refuses (e.g. where the card's JPEG decoder is unavailable to the process) but the CPU decodes:
+    the frame is decoded on the CPU, and the GPU steps' descriptions carry a warning (their /info records and every
+    response's `warnings`) until nvJPEG decodes again. nvJPEG and the card are stand-ins here (no GPU): torchvision's
+    decode_jpeg and the pinned copy to the device."""
+    import torchvision.io
+
+    from anomaly import images
+    from anomaly.pipeline import warnings_for
+    from anomaly.serving.triton_io import with_gpu_decode_warning
+
+    class Pinned:  # the host-to-device copy, which needs a GPU
+        def __init__(self, tensor):
+            self.tensor = tensor
+
+        def to(self, device, non_blocking=False):
+            return self.tensor
+
+    monkeypatch.setattr(torch.Tensor, "pin_memory", lambda self: Pinned(self))
+    monkeypatch.setattr(images, "_gpu_decode_refused", None)
+    data = (SAMPLES / "bridge_deck.jpg").read_bytes()
+    exact = decode_image(data, BIG, BIG)
+
+    def refusing(encoded, mode, device):
+        raise RuntimeError("Error while decoding JPEG images: hardware decoder unavailable")
+
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", refusing)
+    chw = decode_to_tensor(data, "cuda", BIG, BIG)
+    assert np.array_equal(chw.permute(1, 2, 0).numpy(), exact)  # the frame itself is served, decoded on the CPU
+    warning = images.gpu_decode_warning()
+    assert warning and "hardware decoder unavailable" in warning and "decoded on the CPU" in warning
+    detector = with_gpu_decode_warning({"device": "cuda"})
+    segmenter = with_gpu_decode_warning({"device": "cuda", "warning": "an earlier warning"})
+    assert detector["warning"] == warning and segmenter["warning"] == f"an earlier warning; {warning}"
+    trained = types.SimpleNamespace(untrained=False, variant="medium")  # the banners aside
+    assert warnings_for(trained, segmenter, [], detector) == [warning, f"an earlier warning; {warning}"]
+
+    with pytest.raises(InputError):  # a broken file is the user's error, not nvJPEG's: no warning from it
+        monkeypatch.setattr(images, "_gpu_decode_refused", None)
+        decode_to_tensor(data[: len(data) // 3], "cuda", BIG, BIG)
+    assert images.gpu_decode_warning() is None
+
+    monkeypatch.setattr(images, "_gpu_decode_refused", "RuntimeError: earlier")
+    decoded = torch.from_numpy(exact).permute(2, 0, 1)
+    monkeypatch.setattr(torchvision.io, "decode_jpeg", lambda encoded, mode, device: decoded)  # nvJPEG decodes again
+    assert decode_to_tensor(data, "cuda", BIG, BIG) is not None
+    assert images.gpu_decode_warning() is None and with_gpu_decode_warning({"device": "cuda"}) == {"device": "cuda"}
 
 
 @pytest.mark.parametrize("shape", [(1080, 1920), (800, 600), (37, 41)])

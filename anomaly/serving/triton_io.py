@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from anomaly import hardware
+from anomaly import hardware, images
 from anomaly.config import settings
 from anomaly.detector import DetectorMetadata, export_files
 from anomaly.errors import InputError
@@ -112,6 +112,16 @@ def release_gpu_cache_after_load(step: str) -> None:
     held = hardware.torch_gpu_memory()
     if held is not None:
         log.info(AFTER_LOAD, step, held[1] / 2**20, held[0] / 2**20)
+
+
+def with_gpu_decode_warning(info: dict) -> dict:
+    """A GPU step's description (its /info record, its responses' `models`) with images.gpu_decode_warning() added
+    to its `warning` while nvJPEG refuses this process's JPEGs: a GPU path fallen back to the CPU, said where the
+    detector on the CPU is said (every response's `warnings`, /info)."""
+    warning = images.gpu_decode_warning()
+    if warning is None:
+        return info
+    return info | {"warning": "; ".join(filter(None, [info.get("warning"), warning]))}
 
 
 def answer_each(requests, handle: Callable) -> list:

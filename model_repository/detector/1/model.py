@@ -28,8 +28,9 @@ class TritonPythonModel(triton_io.BatchedStage):
         return {"detector": self.described(), "metadata": asdict(self.meta)}
 
     def described(self) -> dict:
-        """What runs RF-DETR and why (anomaly.detector.DetectorRunner), and how its batches run."""
-        return self.runner.info | {"batches": self.batching}
+        """What runs RF-DETR and why (anomaly.detector.DetectorRunner), how its batches run, and whether nvJPEG
+        refuses its frames."""
+        return triton_io.with_gpu_decode_warning(self.runner.info | {"batches": self.batching})
 
     def prepare(self, request):
         plan = step_inputs.tile_plan("TILING", triton_io.array(request, "TILING"), settings().max_image_pixels)

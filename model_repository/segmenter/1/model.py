@@ -36,9 +36,10 @@ class TritonPythonModel(triton_io.BatchedStage):
 
     def described(self) -> dict:
         """Which SAM, weights and device (anomaly.weights.segmenter_info, its runtime as it is now), how its batches
-        run, and whether the ensemble has it embed each frame early."""
+        run, whether the ensemble has it embed each frame early, and whether nvJPEG refuses its frames."""
         early = "on" if self.early else "off"
-        return segmenter_info(self.segmenter, self.spec) | {"batches": self.batching, "early_embedding": early}
+        info = segmenter_info(self.segmenter, self.spec) | {"batches": self.batching, "early_embedding": early}
+        return triton_io.with_gpu_decode_warning(info)
 
     def execute(self, requests):
         # early embeddings only where SAM has nothing else to do: under load they would only reorder its work
