@@ -119,11 +119,21 @@ def test_an_operators_mps_daemon_is_left_alone(stand_in, monkeypatch):
     assert lines(stand_in) == []
 
 
-def test_the_probe_needs_a_cuda_driver():
-    """The real CUDA client the launcher runs, here on a machine without a GPU driver: it fails, saying why."""
+def test_the_cuda_client_fails_saying_why_where_cuda_cannot_start():
+    """The real CUDA client the launcher runs: without a CUDA driver (this machine) it fails naming the missing
+    library; where a driver loads, it gets through or names the CUDA call that failed."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libcuda.so.1")
+        driver = True
+    except OSError:
+        driver = False
     done = subprocess.run([sys.executable, "-m", "anomaly.serving.mps"], cwd=REPO_ROOT, capture_output=True, text=True)
-    assert done.returncode == 1
-    assert "libcuda" in done.stderr or "CUDA error" in done.stderr
+    if not driver:
+        assert done.returncode == 1 and "no CUDA driver library (libcuda.so.1" in done.stderr
+    else:
+        assert done.returncode == 0 or "returned CUDA error" in done.stderr
 
 
 @pytest.mark.parametrize("gpu,setting,started", [(True, "on", True), (True, "off", False), (False, "on", False)])
