@@ -102,6 +102,19 @@ def test_mps_is_not_used_where_the_daemon_does_not_start(stand_in, monkeypatch):
     assert why == f"`{mps.CONTROL} -d` failed (3): cannot start: compute mode is prohibited"
 
 
+def test_mps_is_not_used_where_its_folders_cannot_be_made(stand_in, monkeypatch):
+    """A temp folder that cannot be written (a full disk, stood in for): MPS is skipped with the reason and nothing
+    is started; the launcher goes on to start Triton."""
+
+    def full(prefix):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(mps.tempfile, "mkdtemp", full)
+    daemon, why = mps.start(dict(os.environ))
+    assert daemon is None and why.startswith("no folder for the MPS daemon: ")
+    assert lines(stand_in) == []
+
+
 def test_mps_is_not_used_without_the_control_binary(monkeypatch, tmp_path):
     monkeypatch.setenv("PATH", str(tmp_path))
     monkeypatch.delenv(mps.ENV_PIPE, raising=False)

@@ -78,9 +78,12 @@ def start(env: dict, probe_timeout_s: float = 120.0) -> tuple[MpsDaemon | None, 
     binary = shutil.which(CONTROL, path=env.get("PATH"))
     if not binary:
         return None, f"{CONTROL} is not on PATH (it comes with NVIDIA's driver utilities)"
-    daemon = MpsDaemon(binary, Path(tempfile.mkdtemp(prefix="anomaly-mps-")))
-    for folder in daemon.env.values():
-        Path(folder).mkdir()
+    try:
+        daemon = MpsDaemon(binary, Path(tempfile.mkdtemp(prefix="anomaly-mps-")))
+        for folder in daemon.env.values():
+            Path(folder).mkdir()
+    except OSError as exc:  # e.g. a full or read-only temp folder: Triton starts without MPS all the same
+        return None, f"no folder for the MPS daemon: {exc}"
     try:
         # its output into a file, not a pipe: a daemon that kept the pipe open would hold run() until it exits
         said = daemon.folder / "start.txt"
