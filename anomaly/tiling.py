@@ -171,15 +171,31 @@ def _overlaps(a: Window, b: Window) -> bool:
     return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
 
 
+def linked_groups(n: int, first: np.ndarray, second: np.ndarray) -> tuple[int, np.ndarray]:
+    """Items 0..n-1 linked pairwise (first[k] with second[k]) -> (number of groups, each item's group), groups
+    numbered in the order of their lowest item. Plain numpy rather than scipy.sparse.csgraph: the lent GPU
+    machine's scipy, built for numpy 2, refuses numpy 1.26's arrays there (Triton's stub needs numpy 1)."""
+    root = np.arange(n)
+    first, second = np.asarray(first, np.int64), np.asarray(second, np.int64)
+    while True:
+        while not np.array_equal(jumped := root[root], root):  # every item points at its tree's root
+            root = jumped
+        a, b = root[first], root[second]
+        if np.array_equal(a, b):
+            break
+        # each link hangs both roots under the lower one: an item only ever points lower, so no cycles, and
+        # a tree's root ends as its lowest item
+        low = np.minimum(a, b)
+        np.minimum.at(root, a, low)
+        np.minimum.at(root, b, low)
+    roots, group = np.unique(root, return_inverse=True)
+    return len(roots), group.reshape(-1)
+
+
 def _union_of_groups(boxes, scores, classes, first: np.ndarray, second: np.ndarray) -> Detections:
     """Boxes linked pairwise (first[k] with second[k]) -> one box per connected group: the box around its
     members, the best member's score."""
-    from scipy.sparse import coo_matrix
-    from scipy.sparse.csgraph import connected_components
-
-    n = len(boxes)
-    graph = coo_matrix((np.ones(len(first), np.int8), (first, second)), shape=(n, n))
-    count, group = connected_components(graph, directed=False)
+    count, group = linked_groups(len(boxes), first, second)
     lo = np.full((count, 2), np.inf, np.float32)
     hi = np.full((count, 2), -np.inf, np.float32)
     best = np.full(count, -np.inf, np.float32)

@@ -144,6 +144,26 @@ def test_merge_keeps_apart_what_only_looks_alike():
     assert len(out) == 5  # and the two far-apart cracks, untouched
 
 
+def test_linked_groups_are_the_connected_components():
+    """The tile merge's grouping against scipy's connected components (the reference; the served code does
+    without scipy, see linked_groups): random links, long chains linked in reverse order, no links at all."""
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    from anomaly.tiling import linked_groups
+
+    rng = np.random.default_rng(7)
+    cases = [(n, rng.integers(0, n, k), rng.integers(0, n, k)) for n, k in ((1, 1), (12, 5), (60, 40), (300, 250))]
+    chain = np.arange(199, 0, -1)
+    cases += [(200, chain, chain - 1), (9, np.zeros(0, np.int64), np.zeros(0, np.int64))]
+    for n, first, second in cases:
+        graph = coo_matrix((np.ones(len(first), np.int8), (first, second)), shape=(n, n))
+        expected_count, expected = connected_components(graph, directed=False)
+        count, group = linked_groups(n, first, second)
+        assert count == expected_count
+        assert group.tolist() == expected.tolist()  # the same numbering: groups in order of their lowest item
+
+
 def test_whole_image_pass_adds_only_what_tiles_missed():
     from anomaly.detector import Detections
 
