@@ -679,6 +679,33 @@ def compare_setting(change: tuple[str, str], run) -> dict:
         return {"setting": "=".join(change), "error": error, "ensemble": []}
 
 
+def problems(result: dict) -> list[str]:
+    """What went wrong in a run's JSON, a line each: not finished, failed requests (any part), a compared
+    setting whose server failed, WARNING or ERROR lines of our steps in Triton's log. Empty for a clean run
+    (what `bench/offline_gpu.sh rehearse` asks of its stand-in GPU machine)."""
+    found = [] if result.get("complete") else ["the run did not finish (complete: false)"]
+
+    def walk(node, where: str) -> None:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                here = f"{where}.{key}" if where else key
+                if key == "errors" and value:
+                    found.append(f"{here}: {value[0]}" + (f" (and {len(value) - 1} more)" if len(value) > 1 else ""))
+                elif key == "error" and value:
+                    found.append(f"{here}: {value}")
+                elif key == "log_warnings" and value:
+                    found.append(f"{here}: " + "; ".join(f"{n}x {line}" for line, n in value.items()))
+                else:
+                    walk(value, here)
+        elif isinstance(node, list):
+            for i, value in enumerate(node):
+                label = value.get("setting") or value.get("concurrency") if isinstance(value, dict) else None
+                walk(value, f"{where}[{label if label is not None else i}]")
+
+    walk(result, "")
+    return found
+
+
 def save(path: Path, result: dict, complete: bool) -> None:
     """The result so far as JSON (`complete` false until the end): a run stopped by a time limit keeps what it
     measured."""

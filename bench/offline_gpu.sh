@@ -10,6 +10,10 @@
 #          bench/offline_gpu.sh sam3 [ARGS]  SAM3 as served, memory and times, against Meta's path (bench.sam3_gpu)
 #          bench/offline_gpu.sh compile [ARGS]  SAM's encoder and decoder as served against torch.compile'd
 #                                               (bench.compile_check; needs a C compiler there)
+#   here:  bench/offline_gpu.sh rehearse [ARGS]  `run` on a stand-in of that machine before a GPU session spends
+#                                               its minutes: a Python 3.12 venv with the machine's packages
+#                                               (numpy 2, scipy 1.18 ...; CPU torch), a copy of HEAD and .gpu/,
+#                                               SAM2.1 tiny; fails on any failed request or step warning
 #
 # Triton's Python stub imports numpy from the python on PATH and garbles BYTES tensors under numpy 2, so
 # `run` makes a venv whose own site-packages (numpy 1.26.4, our dependencies, the repo) come first and the
@@ -62,7 +66,7 @@ setup_env() {
 }
 
 machine_env() {
-    env=/tmp/anomaly-env
+    env=${ANOMALY_OFFLINE_ENV:-/tmp/anomaly-env}
     local py_version image_site site
     py_version=$(python3 -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')
     image_site=$(python3 -c 'import site; print(site.getsitepackages()[0])')
@@ -110,11 +114,37 @@ coldstart() {
     done
 }
 
+rehearse() {
+    # What the lent machine has (../shared/DESIGN.md, "The GPU machine") as far as this machine's registries
+    # give it: torch at this machine's cap, no CUDA; psutil and requests, which it had too.
+    local standin=${GPU_STANDIN:-/tmp/gpu-machine-standin} python312 copy
+    python312=$(for p in python3.12 "$(pyenv root 2>/dev/null)"/versions/3.12*/bin/python3.12; do
+        "$p" -c 'import sysconfig; assert sysconfig.get_config_var("Py_ENABLE_SHARED")' 2>/dev/null && echo "$p" && break
+    done || true)
+    [ -n "$python312" ] || { echo "rehearse: needs a Python 3.12 built with libpython3.12.so (Triton's stub links it)" >&2; exit 2; }
+    [ -d .gpu ] || { echo "rehearse: run bench/offline_gpu.sh pack first" >&2; exit 2; }
+    if [ ! -x "$standin/bin/python3" ]; then
+        "$python312" -m venv "$standin"
+        "$standin/bin/pip" install -q torch==2.14.1 torchvision==0.29.1 "numpy>=2" scipy==1.18.1 scikit-image \
+            opencv-python-headless onnx onnxruntime transformers grpcio protobuf pillow psutil requests
+    fi
+    copy=$(mktemp -d /tmp/gpu-rehearsal.XXXXXX)
+    git archive HEAD | tar -x -C "$copy"
+    cp -r .gpu "$copy/"
+    echo "rehearsal in $copy (HEAD $(git rev-parse --short HEAD); uncommitted changes are not in it)"
+    (cd "$copy" && PATH="$standin/bin:$PATH" ANOMALY_OFFLINE_ENV="$copy/.env" SAM2_VARIANT=tiny OMP_NUM_THREADS=1 \
+        bench/offline_gpu.sh run --out "$copy/gpu.json" "$@")
+    cd "$copy" && .env/bin/python -c 'import json, sys; from bench.gpu import problems
+found = problems(json.load(open(sys.argv[1])))
+print("\n".join(["rehearsal: " + p for p in found] or ["rehearsal: clean"])); sys.exit(1 if found else 0)' gpu.json
+}
+
 case "${1:-}" in
 pack) pack ;;
 run) shift; run "$@" ;;
 coldstart) coldstart ;;
+rehearse) shift; rehearse "$@" ;;
 sam3) shift; sam3 "$@" ;;
 compile) shift; compile_check "$@" ;;
-*) echo "usage: $0 pack | run [bench.gpu arguments] | coldstart | sam3 [bench.sam3_gpu arguments] | compile [bench.compile_check arguments]" >&2; exit 2 ;;
+*) echo "usage: $0 pack | rehearse [bench.gpu arguments] | run [bench.gpu arguments] | coldstart | sam3 [bench.sam3_gpu arguments] | compile [bench.compile_check arguments]" >&2; exit 2 ;;
 esac

@@ -207,6 +207,33 @@ def test_bench_gpu_records_a_setting_that_fails_and_goes_on(capsys, tmp_path):
     assert json.loads((tmp_path / "gpu.json").read_text()) == {"ensemble": [], "complete": False}
 
 
+def test_bench_gpu_problems_name_every_failure_of_a_run():
+    """What a rehearsal of the offline GPU run fails on: each failed part named where it failed, nothing for a
+    clean run (the UNTRAINED warnings the responses carry are no failure)."""
+    from bench import gpu
+
+    def row(concurrency, errors=()):
+        return {"concurrency": concurrency, "errors": list(errors), "warnings": ["UNTRAINED WEIGHTS: ..."]}
+
+    compared = [{"setting": "CUDA_MPS=on", "ensemble": [row(1)], "log_warnings": {}}]
+    clean = {"ensemble": [row(1), row(2)], "tiled": row(1) | {"photo": "1600x1200"}, "log_warnings": {},
+             "compared": compared, "complete": True}  # fmt: skip
+    assert gpu.problems(clean) == []
+    broken = json.loads(json.dumps(clean))
+    broken["complete"] = False
+    broken["tiled"]["errors"] = ["internal error 70e5 (the server log has the details)", "internal error 8a1f"]
+    broken["compared"][0]["ensemble"][0]["errors"] = ["deadline exceeded"]
+    broken["compared"].append({"setting": "SAM_COMPILE=all", "ensemble": [], "error": "RuntimeError: not ready"})
+    broken["log_warnings"] = {"ERROR anomaly.triton: internal error 70e5: Traceback": 2}
+    found = gpu.problems(broken)
+    assert len(found) == 5
+    assert "the run did not finish (complete: false)" in found
+    assert "tiled.errors: internal error 70e5 (the server log has the details) (and 1 more)" in found
+    assert "compared[CUDA_MPS=on].ensemble[1].errors: deadline exceeded" in found
+    assert "compared[SAM_COMPILE=all].error: RuntimeError: not ready" in found
+    assert "log_warnings: 2x ERROR anomaly.triton: internal error 70e5: Traceback" in found
+
+
 def test_bench_gpu_reads_what_each_gpu_step_held_after_loading(monkeypatch, tmp_path):
     """What a GPU step logs once loaded (torch's share of its GPU memory; nvidia-smi's rest is the CUDA context
     and the libraries) comes back into make bench-gpu's memory, the latest start's line per step. No GPU here:
