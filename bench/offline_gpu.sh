@@ -137,6 +137,7 @@ rehearse() {
     cd "$copy" && .env/bin/python -c 'import json, sys; from bench.gpu import problems
 found = problems(json.load(open(sys.argv[1])))
 print("\n".join(["rehearsal: " + p for p in found] or ["rehearsal: clean"])); sys.exit(1 if found else 0)' gpu.json
+    cd / && rm -rf "$copy"  # kept for a look when it failed
 }
 
 case "${1:-}" in
