@@ -231,6 +231,7 @@ def models_in_service(model_repository: Path) -> dict:
         "meta": meta,
         "models": models,
         "warnings": warnings_for(meta, segmenter["segmenter"], [], detector["detector"]),
+        "cuda_mps": segmenter.get("cuda_mps", "off"),  # both GPU steps run in the one environment the launcher set
     }
 
 
@@ -271,6 +272,7 @@ def info():
             "detector": detector.get("device"),
             "detector_backend": detector.get("backend"),
             "detector_runtime": detector.get("runtime"),
+            "cuda_mps": loaded["cuda_mps"],
         },
         "versions": versions,
         "defaults": {

@@ -35,6 +35,8 @@ def test_records_follow_a_triton_restart_with_other_weights(exported, tmp_path, 
         ).items():
             monkeypatch.setenv(key, str(value))
         server = TritonServer(load_settings(), model_repository=repo, log_path=tmp_path / f"{name}.log")
+        if seen:  # the second start as the launcher says it after starting an MPS daemon (no GPU here for one)
+            server.mps_state = "on (MPS server 4242)"
         server.start(ready_timeout=600)
         try:
             loaded = models_in_service(repo)
@@ -46,5 +48,6 @@ def test_records_follow_a_triton_restart_with_other_weights(exported, tmp_path, 
         assert detector["batches"] == segmenter["batches"] == "one at a time"  # OVERLAP_BATCHES=auto on a CPU
         assert segmenter["early_embedding"] == "off"  # EARLY_EMBEDDING=auto on a CPU
         assert any(w.startswith("UNTRAINED") and "detector" in w for w in loaded["warnings"])
+        assert loaded["cuda_mps"] == ("on (MPS server 4242)" if seen else "off")  # what the GPU steps were told
         seen.append(segmenter["weights"])
     assert seen == ["sam2.1_hiera_tiny.first.pt", "sam2.1_hiera_tiny.second.pt"]

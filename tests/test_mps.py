@@ -164,6 +164,7 @@ def test_launcher_runs_triton_as_clients_of_its_mps_daemon(stand_in, monkeypatch
     env = server.environment()
     assert (mps.ENV_PIPE in env) == started
     assert server.mps_state == ("on (MPS server 4242)" if started else "off")
+    assert env[mps.ENV_STATE] == server.mps_state  # what the GPU steps record and /info shows
     if started:
         assert env[mps.ENV_PIPE] == server.mps.env[mps.ENV_PIPE]
         assert env["CUDA_VISIBLE_DEVICES"] == "" and env[HIDDEN_GPUS] == "0"  # tritonserver: no context of its own
@@ -187,6 +188,7 @@ def test_launcher_says_why_it_starts_without_mps(stand_in, monkeypatch, caplog):
     assert server.mps is None
     assert mps.ENV_PIPE not in server.environment()
     assert server.mps_state.startswith("not started: ") and "no GPU in this container" in server.mps_state
+    assert server.environment()[mps.ENV_STATE] == server.mps_state
     assert "Triton starts without MPS" in caplog.text and "no GPU in this container" in caplog.text
 
 

@@ -28,6 +28,7 @@ log = logging.getLogger("anomaly.serving")
 CONTROL = "nvidia-cuda-mps-control"
 ENV_PIPE = "CUDA_MPS_PIPE_DIRECTORY"
 ENV_LOG = "CUDA_MPS_LOG_DIRECTORY"
+ENV_STATE = "ANOMALY_CUDA_MPS"  # the launcher's MPS state as its model processes see it (/info shows it)
 PROBE = [sys.executable, "-m", "anomaly.serving.mps"]  # a CUDA client (`probe` below) in a process of its own
 
 

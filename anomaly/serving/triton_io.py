@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import traceback
 import uuid
 from collections.abc import Callable
@@ -22,6 +23,7 @@ from anomaly.errors import InputError
 from anomaly.logs import setup_logging
 from anomaly.options import RequestOptions, parse_options
 from anomaly.serving import in_service
+from anomaly.serving.mps import ENV_STATE as ENV_MPS_STATE
 from anomaly.serving.overlap import Answered, NoResponseSenders, OverlappedBatches
 from anomaly.serving.step_inputs import encoded_image
 
@@ -122,6 +124,12 @@ def with_gpu_decode_warning(info: dict) -> dict:
     if warning is None:
         return info
     return info | {"warning": "; ".join(filter(None, [info.get("warning"), warning]))}
+
+
+def cuda_mps_state() -> str:
+    """Whether this GPU step runs as a client of the launcher's MPS server (CUDA_MPS): `on (MPS server <pid>)`,
+    `off`, or `not started: <why>`, as the launcher passed it (anomaly.serving.mps)."""
+    return os.environ.get(ENV_MPS_STATE, "off")
 
 
 def answer_each(requests, handle: Callable) -> list:

@@ -170,8 +170,8 @@ class TritonServer:
 
     def environment(self) -> dict:
         """tritonserver's environment (its model processes inherit it): the GPU hidden where it hides it, and
-        pointed at our MPS daemon where one runs."""
-        env = self.model_environment() | (self.mps.env if self.mps else {})
+        pointed at our MPS daemon where one runs, and told whether it does (their records, /info)."""
+        env = self.model_environment() | (self.mps.env if self.mps else {}) | {mps.ENV_STATE: self.mps_state}
         return hide_gpus(env) if self.hides_gpu else env
 
     def model_environment(self) -> dict:

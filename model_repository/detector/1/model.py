@@ -25,7 +25,7 @@ class TritonPythonModel(triton_io.BatchedStage):
         self.start_batches(args, on_gpu=self.runner.choice.device == "cuda")
 
     def record(self):
-        return {"detector": self.described(), "metadata": asdict(self.meta)}
+        return {"detector": self.described(), "metadata": asdict(self.meta), "cuda_mps": triton_io.cuda_mps_state()}
 
     def described(self) -> dict:
         """What runs RF-DETR and why (anomaly.detector.DetectorRunner), how its batches run, and whether nvJPEG

@@ -32,7 +32,7 @@ class TritonPythonModel(triton_io.BatchedStage):
         self.start_batches(args, on_gpu=self.segmenter.device == "cuda")
 
     def record(self):
-        return {"segmenter": self.described()}
+        return {"segmenter": self.described(), "cuda_mps": triton_io.cuda_mps_state()}
 
     def described(self) -> dict:
         """Which SAM, weights and device (anomaly.weights.segmenter_info, its runtime as it is now), how its batches
