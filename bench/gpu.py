@@ -760,6 +760,8 @@ def print_table(result: dict) -> None:
     warned = sorted({w for row in result["ensemble"] for w in row["warnings"] if "UNTRAINED" not in w})
     for warning in warned:  # the untrained banners are expected here; anything else changes what was measured
         print(f"responses warned: {warning}")
+    if result.get("seconds"):
+        print("\nseconds: " + ", ".join(f"{part} {took}" for part, took in result["seconds"].items()))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -793,6 +795,14 @@ def main(argv: list[str] | None = None) -> int:
     from anomaly.pipeline import InProcessPipeline
     from anomaly.serving.triton_server import running_server
 
+    clock = time.monotonic()
+    seconds: dict[str, float] = {}  # what each part took: how a GPU session's few minutes are spent
+
+    def lap(part: str) -> None:
+        nonlocal clock
+        seconds[part] = round(time.monotonic() - clock, 1)
+        clock = time.monotonic()
+
     settings = load_settings()
     if not settings.triton_trace_file:  # for a server started here: where Triton may trace the timeline's frames
         trace_file = REPO_ROOT / "bench_output" / "triton_trace.json"
@@ -802,13 +812,15 @@ def main(argv: list[str] | None = None) -> int:
     threshold, defects = threshold_for(local, data, args.defects)
     workload = f"{args.image}, threshold {threshold:.4f} -> {defects} defects segmented"
     print(f"{device}: {workload}", flush=True)
-    result: dict = {"device": device, "gpu": gpu, "workload": workload, "threshold": threshold}
+    result: dict = {"device": device, "gpu": gpu, "workload": workload, "threshold": threshold, "seconds": seconds}
+    lap("in-process pipeline loaded, threshold found")
 
     log_path = REPO_ROOT / "bench_output" / "triton.log"
     log_start = log_size(log_path)
     with running_server(settings, log_path) as server:
         stats_client = grpcclient.InferenceServerClient(server.grpc_url)
         load(server.grpc_url, data, threshold, 1, 2)  # warm-up: first-call costs stay out of the numbers
+        lap("server started, warmed up")
         result["ensemble"], result["steps_by_concurrency"] = [], {}
         metrics_url = f"http://{server.client_host}:{settings.triton_metrics_port}/metrics"
         for level in args.concurrency:
@@ -823,10 +835,12 @@ def main(argv: list[str] | None = None) -> int:
             result["steps_by_concurrency"][str(level)] = step_table(before, after) | threads
             result["steps"] = result["steps_by_concurrency"][str(level)]  # the table shows the highest level
             print(json.dumps(result["ensemble"][-1]), flush=True)
+            lap(f"c={level}")
             save(args.out, result, complete=False)
         threaded = set(thread_stats(metrics_url))  # the steps answering from a batch thread
         result["timeline"] = frame_timeline(server.grpc_url, data, threshold, args.timeline_frames, threaded)
         print(json.dumps({"timeline": result["timeline"]}), flush=True)
+        lap("timeline")
         # a large photo, tiled: what a drone frame costs (README, "Large photos: tiling")
         width, height = (int(v) for v in args.tiled_size.split("x"))
         big = large_photo(REPO_ROOT / "samples" / args.image, (width, height))
@@ -835,6 +849,7 @@ def main(argv: list[str] | None = None) -> int:
         tiled |= {"photo": args.tiled_size, "ms_per_megapixel": round(tiled["p50_ms"] * 1e6 / (width * height), 1)}
         result["tiled"] = tiled
         print(json.dumps({"tiled": tiled}), flush=True)
+        lap("tiled")
         save(args.out, result, complete=False)
         result["memory"] = gpu_memory_mib(server) | {
             "tritonserver_sees_gpu": server.gpu and not server.hides_gpu,
@@ -843,23 +858,31 @@ def main(argv: list[str] | None = None) -> int:
         }
         stats_client.close()
     result["log_warnings"] = log_warnings(log_path, log_start) if server.process else {}  # a server it started
+    lap("server stopped")
     save(args.out, result, complete=False)
-    result["compared"] = []
-    for change in changes:  # saved after each: a compile-heavy setting may run into the machine's time limit
-        result["compared"].append(
-            compare_setting(change, lambda c: levels_with(c, data, threshold, args.concurrency, args.requests))
-        )
-        save(args.out, result, complete=False)
+    # the baselines before the compared settings: a setting that compiles may run into the machine's time limit
     if gpu:
         result["gpu_checks"] = gpu_checks(settings, local.meta, export_files(settings.model_repository)[0], data)
         print(json.dumps(result["gpu_checks"]), flush=True)
+        lap("gpu_checks")
     result["in_process"] = timed(lambda: local(data, RequestOptions(threshold)), args.repeats)
+    lap("in_process")
     result["pieces"] = pieces(local, data, threshold, args.repeats, gpu)
     print(json.dumps(result["pieces"]), flush=True)
+    lap("pieces")
     save(args.out, result, complete=False)
     meta = local.meta
     local = None  # its GPU memory goes before the plain script loads the same models again
     result["plain_script"] = plain_script(settings, meta, data, threshold, args.repeats, gpu)
+    lap("plain_script")
+    save(args.out, result, complete=False)
+    result["compared"] = []
+    for change in changes:  # in the order given, saved after each
+        result["compared"].append(
+            compare_setting(change, lambda c: levels_with(c, data, threshold, args.concurrency, args.requests))
+        )
+        lap("=".join(change))
+        save(args.out, result, complete=False)
     print_table(result)
     save(args.out, result, complete=True)
     print(f"\nwrote {args.out}")

@@ -161,6 +161,12 @@ def test_bench_gpu_runs_on_a_cpu_with_small_settings(triton, tmp_path):
     assert all(row["requests"] == 2 and not row["errors"] and row["frames_per_s"] > 0 for row in other["ensemble"])
     assert all(row["early_embedding"] == {} for row in other["ensemble"])  # EARLY_EMBEDDING auto: off on a CPU
     assert other["memory"]["resident"]["total_mib"] > 0
+    # what each part took, in the order run: the baselines before the compared settings (a GPU session's minutes
+    # may end during one that compiles)
+    parts = list(result["seconds"])
+    assert parts[:4] == ["in-process pipeline loaded, threshold found", "server started, warmed up", "c=1", "c=2"]
+    assert parts[-4:] == ["in_process", "pieces", "plain_script", "OVERLAP_BATCHES=off"]
+    assert all(took >= 0 for took in result["seconds"].values()) and result["seconds"]["server started, warmed up"] > 0
 
 
 def test_bench_gpu_table_puts_each_batch_thread_under_its_step(capsys):
