@@ -706,6 +706,17 @@ def problems(result: dict) -> list[str]:
     return found
 
 
+def guarded(name: str, fn):
+    """fn(), or {"error": ...} when it fails, printed: a baseline that breaks (a GPU-only branch never run on this
+    machine) must not cost the compared settings after it their turn in a GPU session's minutes."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 - reported in the table and the JSON (bench.gpu.problems)
+        error = f"{type(exc).__name__}: {exc}"[:2000]
+        print(json.dumps({name: {"error": error}}), flush=True)
+        return {"error": error}
+
+
 def save(path: Path, result: dict, complete: bool) -> None:
     """The result so far as JSON (`complete` false until the end): a run stopped by a time limit keeps what it
     measured."""
@@ -734,8 +745,12 @@ def print_table(result: dict) -> None:
     for other in result.get("compared", []):
         if "error" not in other:  # a failed setting has no levels: its line above says why
             print(f"{'    with ' + other['setting']:<34}  {early_summary(other['ensemble'])}")
-    print(f"{'same stages in one process':<34}{result['in_process']['p50_ms']:>10}")
-    print(f"{'plain script (rfdetr + SAM2 pred.)':<34}{result['plain_script']['p50_ms']:>10}")
+    for label, key in (
+        ("same stages in one process", "in_process"),
+        ("plain script (rfdetr + SAM2 pred.)", "plain_script"),
+    ):
+        part = result.get(key, {})
+        print(f"{label:<34}{part['p50_ms']:>10}" if "p50_ms" in part else f"{label:<34}  failed: {part.get('error')}")
     print(f"\n{'step (at the highest concurrency)':<34}{'queue ms':>10}{'compute ms':>12}{'batch':>8}")
     steps = result["steps"]  # a GPU step's batch thread right under it: Triton's row then times only its intake
 
@@ -862,18 +877,23 @@ def main(argv: list[str] | None = None) -> int:
     save(args.out, result, complete=False)
     # the baselines before the compared settings: a setting that compiles may run into the machine's time limit
     if gpu:
-        result["gpu_checks"] = gpu_checks(settings, local.meta, export_files(settings.model_repository)[0], data)
+        onnx_path = export_files(settings.model_repository)[0]
+        result["gpu_checks"] = guarded("gpu_checks", lambda: gpu_checks(settings, local.meta, onnx_path, data))
         print(json.dumps(result["gpu_checks"]), flush=True)
         lap("gpu_checks")
-    result["in_process"] = timed(lambda: local(data, RequestOptions(threshold)), args.repeats)
+    result["in_process"] = guarded(
+        "in_process", lambda: timed(lambda: local(data, RequestOptions(threshold)), args.repeats)
+    )
     lap("in_process")
-    result["pieces"] = pieces(local, data, threshold, args.repeats, gpu)
+    result["pieces"] = guarded("pieces", lambda: pieces(local, data, threshold, args.repeats, gpu))
     print(json.dumps(result["pieces"]), flush=True)
     lap("pieces")
     save(args.out, result, complete=False)
     meta = local.meta
     local = None  # its GPU memory goes before the plain script loads the same models again
-    result["plain_script"] = plain_script(settings, meta, data, threshold, args.repeats, gpu)
+    result["plain_script"] = guarded(
+        "plain_script", lambda: plain_script(settings, meta, data, threshold, args.repeats, gpu)
+    )
     lap("plain_script")
     save(args.out, result, complete=False)
     result["compared"] = []
@@ -888,6 +908,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {args.out}")
     rows = result["ensemble"] + [row for other in result["compared"] for row in other["ensemble"]]
     failed = [other["setting"] for other in result["compared"] if "error" in other]
+    failed += [key for key in ("gpu_checks", "in_process", "pieces", "plain_script") if "error" in result.get(key, {})]
     return 0 if all(not row["errors"] for row in rows) and not failed else 1
 
 

@@ -209,6 +209,18 @@ def test_bench_gpu_records_a_setting_that_fails_and_goes_on(capsys, tmp_path):
     assert "SAM_COMPILE=all: failed: RuntimeError: tritonserver was not ready" in table
     assert "EARLY_EMBEDDING=off, c=1" in table and "(0.50x frames/s)" in table
     assert "with EARLY_EMBEDDING=off" in table and "with SAM_COMPILE=all" not in table  # no empty levels line
+
+    # a baseline that breaks is recorded the same way and the run goes on to the compared settings after it
+    def broken():
+        raise KeyError("sam_decoder_ms_by_boxes")
+
+    assert gpu.guarded("pieces", broken) == {"error": "KeyError: 'sam_decoder_ms_by_boxes'"}
+    assert gpu.guarded("pieces", lambda: {"p50_ms": 4.0}) == {"p50_ms": 4.0}
+    gpu.print_table(result | {"plain_script": gpu.guarded("plain_script", broken)})
+    table = capsys.readouterr().out
+    line = next(line for line in table.splitlines() if line.startswith("plain script"))
+    assert line.endswith("failed: KeyError: 'sam_decoder_ms_by_boxes'")
+    assert "plain_script.error: KeyError" in " ".join(gpu.problems(result | {"plain_script": {"error": "KeyError"}}))
     gpu.save(tmp_path / "gpu.json", {"ensemble": []}, complete=False)
     assert json.loads((tmp_path / "gpu.json").read_text()) == {"ensemble": [], "complete": False}
 
