@@ -12,7 +12,8 @@
 #                                               (bench.compile_check; needs a C compiler there)
 #   here:  bench/offline_gpu.sh rehearse [ARGS]  `run` on a stand-in of that machine before a GPU session spends
 #                                               its minutes: a Python 3.12 venv with the machine's packages
-#                                               (numpy 2, scipy 1.18 ...; CPU torch), a copy of HEAD and .gpu/,
+#                                               (numpy 2, scipy 1.18 ...; torch on the CPU, its CUDA build
+#                                               downloaded once, 6 GB), a copy of HEAD and .gpu/,
 #                                               SAM2.1 tiny; fails on any failed request or step warning
 #
 # Triton's Python stub imports numpy from the python on PATH and garbles BYTES tensors under numpy 2, so
