@@ -15,6 +15,9 @@
 #                                               (numpy 2, scipy 1.18 ...; torch on the CPU, its CUDA build
 #                                               downloaded once, 6 GB), a copy of HEAD and .gpu/,
 #                                               SAM2.1 tiny; fails on any failed request or step warning
+#                                               (GPU_STANDIN: where the stand-in venv is kept, default
+#                                               /tmp/gpu-machine-standin; ANOMALY_OFFLINE_ENV: the venv `run`
+#                                               makes, default /tmp/anomaly-env)
 #
 # Triton's Python stub imports numpy from the python on PATH and garbles BYTES tensors under numpy 2, so
 # `run` makes a venv whose own site-packages (numpy 1.26.4, our dependencies, the repo) come first and the

@@ -118,7 +118,7 @@ class TritonServer:
         self.shm_prefix = f"anomaly_{os.getpid()}_{int(time.time() * 1000) % 10**8}_"
         self._log_file = None
         self.mps: mps.MpsDaemon | None = None  # our MPS daemon while the server runs (CUDA_MPS)
-        self.mps_state = "off"  # for make bench-gpu: off, on (server pids), or why it could not start
+        self.mps_state = "off"  # off, on (server pids), or why not: the GPU steps get it for /info; make bench-gpu
 
     @property
     def client_host(self) -> str:
