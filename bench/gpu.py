@@ -540,12 +540,12 @@ def gpu_memory_mib(server) -> dict:
 
 
 def torch_memory_after_load(log_path) -> dict[str, dict]:
-    """What each GPU step said torch held once it had loaded (triton_io.AFTER_LOAD in Triton's log, the last
+    """What each GPU step said torch held once it had loaded (reporting.AFTER_LOAD in Triton's log, the last
     such line per step: the log may hold earlier starts): {step: {"torch_mib", "tensors_mib"}}. Beside nvidia-smi's
     count for the step's process, the difference is the CUDA context and the libraries' own memory."""
     import re
 
-    from anomaly.serving.triton_io import AFTER_LOAD
+    from anomaly.serving.reporting import AFTER_LOAD
 
     if not log_path or not Path(log_path).exists():
         return {}

@@ -132,9 +132,9 @@ def test_an_answer_prepare_gives_is_sent_at_once_and_nothing_is_run():
 def test_one_batch_at_a_time_sends_what_prepare_answered_and_runs_the_rest(monkeypatch):
     """The same without overlapped batches (answer_batch, inside Triton's execute; a CPU's default). Triton's
     response type exists only inside its stub process, so the responses are stood in for here."""
-    from anomaly.serving import triton_io
+    from anomaly.serving import steps
 
-    monkeypatch.setattr(triton_io, "respond", lambda outputs: ("outputs", outputs))
+    monkeypatch.setattr(steps, "respond", lambda outputs: ("outputs", outputs))
     ran = []
 
     def run(items):
@@ -142,7 +142,7 @@ def test_one_batch_at_a_time_sends_what_prepare_answered_and_runs_the_rest(monke
         return [{"ran": v} for v in items]
 
     prepare = lambda r: Answered({"declined": r}) if r == "declined" else r  # noqa: E731
-    responses = triton_io.answer_batch([1, "declined", 2], prepare, run)
+    responses = steps.answer_batch([1, "declined", 2], prepare, run)
     assert responses == [("outputs", {"ran": 1}), ("outputs", {"declined": "declined"}), ("outputs", {"ran": 2})]
     assert ran == [[1, 2]]
 

@@ -267,7 +267,7 @@ def test_a_jpeg_nvjpeg_refuses_is_decoded_on_the_cpu_and_said_in_the_steps_warni
 
     from anomaly import images
     from anomaly.pipeline import warnings_for
-    from anomaly.serving.triton_io import with_gpu_decode_warning
+    from anomaly.serving.reporting import with_gpu_decode_warning
 
     class Pinned:  # the host-to-device copy, which needs a GPU
         def __init__(self, tensor):
@@ -821,14 +821,14 @@ def test_only_the_gpu_steps_see_the_hidden_gpu_again(monkeypatch, uses_gpu):
     """A Triton step's initialize gives the GPU back (before its setup loads a model) only where the step runs a
     model on it: the CPU steps keep it hidden, so no CUDA context can open there."""
     from anomaly.hardware import HIDDEN_GPUS, hide_gpus
-    from anomaly.serving import triton_io
+    from anomaly.serving import steps
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
     for name, value in hide_gpus({"CUDA_VISIBLE_DEVICES": "0"}).items():
         monkeypatch.setenv(name, value)
     seen = []
 
-    class Step(triton_io.StageModel):
+    class Step(steps.StageModel):
         def setup(self, args):
             seen.append(os.environ["CUDA_VISIBLE_DEVICES"])
 

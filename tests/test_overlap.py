@@ -170,7 +170,7 @@ def test_a_run_that_answers_too_few_fails_its_batch_instead_of_leaving_a_request
 def test_a_triton_without_response_senders_takes_nothing_in_and_the_step_answers_the_old_way(monkeypatch, tmp_path):
     """Triton before 24.06 gives models that are not decoupled no response senders: the batch is then answered
     by execute's return value, the step stays one batch at a time from then on, and its record (/info) says so."""
-    from anomaly.serving import overlap, triton_io
+    from anomaly.serving import overlap, steps
     from anomaly.serving.in_service import read_record
 
     class OldRequest(Request):
@@ -179,7 +179,7 @@ def test_a_triton_without_response_senders_takes_nothing_in_and_the_step_answers
 
     ran = []
 
-    class Step(triton_io.BatchedStage):
+    class Step(steps.BatchedStage):
         def prepare(self, request):
             return request.value
 
@@ -197,7 +197,7 @@ def test_a_triton_without_response_senders_takes_nothing_in_and_the_step_answers
     with pytest.raises(overlap.NoResponseSenders, match="non-decoupled"):
         step.batches.execute([OldRequest(1)], step.prepare)
     assert ran == []  # nothing was taken in
-    monkeypatch.setattr(triton_io, "respond", lambda outputs: ("response", outputs))
+    monkeypatch.setattr(steps, "respond", lambda outputs: ("response", outputs))
     requests = [OldRequest(1), OldRequest(2)]
     assert step.execute(requests) == [("response", {"v": 1}), ("response", {"v": 2})]
     assert step.batches is None and ran == [[1, 2]]
@@ -209,18 +209,18 @@ def test_a_step_whose_runtime_changes_while_serving_writes_its_record_again(monk
     """What a step serves can change at a request (SAM_COMPILE on a CPU compiles at the first frame, and a failed
     compile leaves that part eager): its record (/info) is then written again, from the batch thread or the step,
     keeping when the step loaded; a batch that changes nothing writes nothing."""
-    from anomaly.serving import in_service, overlap, triton_io
+    from anomaly.serving import in_service, overlap, steps
     from anomaly.serving.in_service import read_record
 
     clock = iter(f"2026-11-30T10:00:0{i}+0000" for i in range(10))
     monkeypatch.setattr(in_service.time, "strftime", lambda _: next(clock))
     writes = []
     write = in_service.write_record
-    monkeypatch.setattr(triton_io.in_service, "write_record", lambda *a: writes.append(a[1]) or write(*a))
-    monkeypatch.setattr(triton_io, "respond", lambda outputs: ("response", outputs))
+    monkeypatch.setattr(steps.in_service, "write_record", lambda *a: writes.append(a[1]) or write(*a))
+    monkeypatch.setattr(steps, "respond", lambda outputs: ("response", outputs))
     runtimes = iter(["compiled", "compiled", "eager (torch.compile failed)", "eager", "eager"])
 
-    class Step(triton_io.BatchedStage):
+    class Step(steps.BatchedStage):
         runtime = "compiled"
 
         def prepare(self, request):

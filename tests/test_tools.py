@@ -259,7 +259,7 @@ def test_bench_gpu_reads_what_each_gpu_step_held_after_loading(monkeypatch, tmp_
     import logging
 
     from anomaly import hardware
-    from anomaly.serving import triton_io
+    from anomaly.serving import reporting
     from bench import gpu
 
     log_file = tmp_path / "triton.log"
@@ -273,9 +273,9 @@ def test_bench_gpu_reads_what_each_gpu_step_held_after_loading(monkeypatch, tmp_
     try:
         for step, held in (("segmenter", (100, 900)), ("detector", (130, 500)), ("segmenter", (1000, 2500))):
             monkeypatch.setattr(hardware, "torch_gpu_memory", lambda held=held: (held[0] << 20, held[1] << 20))
-            triton_io.release_gpu_cache_after_load(step)
+            reporting.release_gpu_cache_after_load(step)
         monkeypatch.setattr(hardware, "torch_gpu_memory", lambda: None)  # a process that never started CUDA
-        triton_io.release_gpu_cache_after_load("preprocess")
+        reporting.release_gpu_cache_after_load("preprocess")
     finally:
         logger.removeHandler(handler)
         logger.setLevel(level)

@@ -10,7 +10,7 @@ through its response sender: Triton's Python backend allows that for models that
 `execute` blocks, so further frames wait in Triton's queue, where its limits and statistics see them.
 
 Triton's statistics then time only the intake as the step's compute. What the thread does is counted here
-(`counts`) and, inside Triton, in metrics on its metrics port (`triton_io.StepMetrics`, read by `make bench-gpu`).
+(`counts`) and, inside Triton, in metrics on its metrics port (`reporting.StepMetrics`, read by `make bench-gpu`).
 """
 
 from __future__ import annotations

@@ -140,11 +140,3 @@ def write_serving_configs(repository: Path, plan: ServingPlan) -> list[Path]:
         target.write_text(header + text)
         written.append(target)
     return written
-
-
-def config_parameter(args: dict, key: str, default: str) -> str:
-    """A `parameters` entry of the model's own config, inside a Triton Python model's initialize()."""
-    import json
-
-    params = json.loads(args.get("model_config", "{}")).get("parameters", {})
-    return params.get(key, {}).get("string_value", default)

@@ -16,14 +16,14 @@ import numpy as np
 from anomaly import masks
 from anomaly.config import Settings
 from anomaly.errors import InputError
-from anomaly.serving import step_inputs, triton_io
+from anomaly.serving import step_inputs, tensors
 from anomaly.serving.embeddings import EarlyEmbeddings, EarlyImage
 from anomaly.serving.overlap import Answered
 
 
 def strings(items: list[bytes]) -> np.ndarray:
     """A (1, N) tensor of bytes objects: a string output of a step with a batch axis."""
-    return triton_io.bytes_tensor(items).reshape(1, len(items))
+    return tensors.bytes_tensor(items).reshape(1, len(items))
 
 
 def pack_crops(crops: list) -> dict[str, np.ndarray]:

@@ -7,19 +7,17 @@ from anomaly.config import settings
 from anomaly.detector import Detections
 from anomaly.result import Findings, build_response
 from anomaly.scale import with_scale
-from anomaly.serving import step_inputs, triton_io
+from anomaly.serving import step_inputs, steps, tensors
 from anomaly.tiling import describe
 
 
-class TritonPythonModel(triton_io.StageModel):
+class TritonPythonModel(steps.StageModel):
     needs_detector_metadata = True  # its classes and their roles
 
     def handle(self, request):
         s = settings()
-        got = step_inputs.result_inputs(
-            lambda name: triton_io.array(request, name), s.max_image_pixels, s.max_detections
-        )
-        options = with_scale(triton_io.options_of(request), got["scale"])  # as the preprocess step decided
+        got = step_inputs.result_inputs(lambda name: tensors.array(request, name), s.max_image_pixels, s.max_detections)
+        options = with_scale(tensors.options_of(request), got["scale"])  # as the preprocess step decided
         typed, mask_boxes = got["typed"], got["mask_boxes"]
         findings = Findings(
             detections=Detections(typed["BOXES"], typed["SCORES"], typed["CLASS_IDS"]),

@@ -3,17 +3,17 @@ to segment (anomaly.pipeline.select)."""
 
 from anomaly import pipeline
 from anomaly.config import settings
-from anomaly.serving import step_inputs, triton_io
+from anomaly.serving import step_inputs, steps, tensors
 
 
-class TritonPythonModel(triton_io.StageModel):
+class TritonPythonModel(steps.StageModel):
     needs_detector_metadata = True  # its classes and their roles
 
     def handle(self, request):
-        options = triton_io.options_of(request)
+        options = tensors.options_of(request)
         s = settings()
-        plan = step_inputs.tile_plan("TILING", triton_io.array(request, "TILING"), s.max_image_pixels)
-        boxes, logits = step_inputs.window_detections(lambda name: triton_io.array(request, name), plan)
+        plan = step_inputs.tile_plan("TILING", tensors.array(request, "TILING"), s.max_image_pixels)
+        boxes, logits = step_inputs.window_detections(lambda name: tensors.array(request, name), plan)
         det, seg_index, notes = pipeline.select(
             boxes, logits, plan, options.confidence_threshold, self.meta, s.max_detections
         )
@@ -23,5 +23,5 @@ class TritonPythonModel(triton_io.StageModel):
             "CLASS_IDS": det.class_ids,
             "SEG_BOXES": det.boxes[seg_index].reshape(-1, 4),
             "SEG_INDEX": seg_index,
-            "NOTES": triton_io.bytes_tensor([n.encode() for n in notes]),
+            "NOTES": tensors.bytes_tensor([n.encode() for n in notes]),
         }
