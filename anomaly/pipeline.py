@@ -6,8 +6,6 @@ compute the same thing, which is what the parity tests and the latency baseline 
 
 from __future__ import annotations
 
-import json
-import re
 import time
 from pathlib import Path
 
@@ -20,10 +18,9 @@ from anomaly.geometry import GEOMETRY_FIELDS
 from anomaly.geometry_workers import GeometryWorkers
 from anomaly.images import read_header
 from anomaly.options import RequestOptions
-from anomaly.result import Findings, build_response
+from anomaly.result import Findings, frame_response
 from anomaly.scale import resolve_scale
-from anomaly.tiling import TilePlan, describe, merge_windows, plan_tiles, select_windows
-from anomaly.weights import UNTRAINED_BANNER, segmenter_title
+from anomaly.tiling import TilePlan, merge_windows, plan_tiles, select_windows
 
 
 def select(
@@ -70,56 +67,6 @@ def geometry_dicts(table: np.ndarray) -> list[dict]:
         g["area_pixels"] = int(round(g["area_pixels"]))
         out.append(g)
     return out
-
-
-def warnings_for(meta: DetectorMetadata, segmenter_info: dict, notes: list[str], detector_info: dict) -> list[str]:
-    found = []
-    if meta.untrained:
-        found.append(UNTRAINED_BANNER.format(what=f"the detector (RF-DETR {meta.variant})"))
-    if segmenter_info.get("untrained"):
-        title = segmenter_title(segmenter_info.get("kind", "sam2.1"), segmenter_info.get("variant", ""))
-        found.append(UNTRAINED_BANNER.format(what=f"the segmenter ({title})"))
-    for info in (detector_info, segmenter_info):  # a GPU machine whose model runs on the CPU, say
-        if info.get("warning"):
-            found.append(info["warning"])
-    return found + list(notes)
-
-
-_ABSOLUTE_PATH = re.compile(r"/(?:[^/\s;,()'\"]+/)*([^/\s;,()'\"]+)")
-
-
-def file_names_only(text: str) -> str:
-    """Absolute paths in a note -> their file names: responses travel to strangers; the log and /info keep the
-    full paths for the operator."""
-    return _ABSOLUTE_PATH.sub(r"\1", text)
-
-
-def models_info(meta: DetectorMetadata, segmenter: dict, detector: dict) -> dict:
-    """Which models and weights produced a response, and what ran them: an inspection record must say."""
-    return {
-        "detector": {
-            "name": f"rf-detr-{meta.variant}",
-            "weights": Path(meta.weights).name if meta.weights != "coco" else "coco",
-            "untrained": meta.untrained,
-            "resolution": meta.resolution,
-            "backend": detector.get("backend", ""),
-            "device": detector.get("device", ""),
-            "precision": detector.get("precision", ""),
-            "runtime": detector.get("runtime", ""),
-            "reason": detector.get("reason", ""),
-            "batches": detector.get("batches", ""),
-        },
-        "segmenter": {
-            "name": "-".join(filter(None, [segmenter.get("kind", "sam2.1"), segmenter.get("variant")])),
-            "weights": Path(segmenter.get("checkpoint", "")).name,
-            "untrained": bool(segmenter.get("untrained")),
-            "device": segmenter.get("device", ""),
-            "runtime": segmenter.get("runtime", ""),
-            "note": file_names_only(segmenter.get("note", "")),
-            "batches": segmenter.get("batches", ""),
-            "early_embedding": segmenter.get("early_embedding", "off"),
-        },
-    }
 
 
 def unpack_crops(mask_boxes: np.ndarray, packed: np.ndarray) -> list[np.ndarray]:
@@ -179,27 +126,16 @@ class InProcessPipeline:
             mask_scores=np.asarray([c.score for c in crops], np.float32),
             geometries=geometry_dicts(table),
         )
-        segmenter = self.segmenter_info()
-        response = build_response(
+        return frame_response(
             image_hw=image_hw,
             findings=findings,
             metadata=self.meta,
             options=options,
             severity_thresholds_mm=s.severity_thresholds_mm,
-            warnings=warnings_for(self.meta, segmenter, notes, self.detector.info),
-            processing_time_ms=0.0,  # stamped once the response is built (finished)
-            models=models_info(self.meta, segmenter, self.detector.info),
-            tiling=describe(plan, np.asarray([f.window for f in sam_frames]), self.segmenter.resolution),
+            notes=notes,
+            detector=self.detector.info,
+            segmenter=self.segmenter_info(),
+            plan=plan,
+            sam_windows=np.asarray([f.window for f in sam_frames]),
+            start_ns=start,
         )
-        return finished(response, start)
-
-
-def finished(response: dict, start_ns: int) -> dict:
-    """The response with its processing_time_ms stamped now: from the frame's start (time.monotonic_ns() when the
-    first step took it) to its response built, the building included."""
-    response["processing_time_ms"] = round((time.monotonic_ns() - start_ns) / 1e6, 2)
-    return response
-
-
-def to_json(response: dict) -> bytes:
-    return json.dumps(response, separators=(",", ":")).encode("utf-8")

@@ -7,8 +7,12 @@ segmentation, combined}), anomaly_count, structures[], processing_time_ms. Extra
 
 from __future__ import annotations
 
+import json
 import os
+import re
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -18,6 +22,8 @@ from anomaly.masks import crop_to_rle
 from anomaly.options import RequestOptions
 from anomaly.scale import scale_record
 from anomaly.segmenter import pixel_windows
+from anomaly.tiling import TilePlan, describe
+from anomaly.weights import UNTRAINED_BANNER, segmenter_title
 
 # A structure is the one an anomaly lies on when its box covers at least this share of the anomaly's box.
 MIN_STRUCTURE_COVERAGE = 0.5
@@ -171,3 +177,90 @@ def build_response(
     if models:
         response["models"] = models
     return response
+
+
+def warnings_for(meta: DetectorMetadata, segmenter_info: dict, notes: list[str], detector_info: dict) -> list[str]:
+    found = []
+    if meta.untrained:
+        found.append(UNTRAINED_BANNER.format(what=f"the detector (RF-DETR {meta.variant})"))
+    if segmenter_info.get("untrained"):
+        title = segmenter_title(segmenter_info.get("kind", "sam2.1"), segmenter_info.get("variant", ""))
+        found.append(UNTRAINED_BANNER.format(what=f"the segmenter ({title})"))
+    for info in (detector_info, segmenter_info):  # a GPU machine whose model runs on the CPU, say
+        if info.get("warning"):
+            found.append(info["warning"])
+    return found + list(notes)
+
+
+_ABSOLUTE_PATH = re.compile(r"/(?:[^/\s;,()'\"]+/)*([^/\s;,()'\"]+)")
+
+
+def file_names_only(text: str) -> str:
+    """Absolute paths in a note -> their file names: responses travel to strangers; the log and /info keep the
+    full paths for the operator."""
+    return _ABSOLUTE_PATH.sub(r"\1", text)
+
+
+def models_info(meta: DetectorMetadata, segmenter: dict, detector: dict) -> dict:
+    """Which models and weights produced a response, and what ran them: an inspection record must say."""
+    return {
+        "detector": {
+            "name": f"rf-detr-{meta.variant}",
+            "weights": Path(meta.weights).name if meta.weights != "coco" else "coco",
+            "untrained": meta.untrained,
+            "resolution": meta.resolution,
+            "backend": detector.get("backend", ""),
+            "device": detector.get("device", ""),
+            "precision": detector.get("precision", ""),
+            "runtime": detector.get("runtime", ""),
+            "reason": detector.get("reason", ""),
+            "batches": detector.get("batches", ""),
+        },
+        "segmenter": {
+            "name": "-".join(filter(None, [segmenter.get("kind", "sam2.1"), segmenter.get("variant")])),
+            "weights": Path(segmenter.get("checkpoint", "")).name,
+            "untrained": bool(segmenter.get("untrained")),
+            "device": segmenter.get("device", ""),
+            "runtime": segmenter.get("runtime", ""),
+            "note": file_names_only(segmenter.get("note", "")),
+            "batches": segmenter.get("batches", ""),
+            "early_embedding": segmenter.get("early_embedding", "off"),
+        },
+    }
+
+
+def frame_response(
+    *,
+    image_hw: tuple[int, int],
+    findings: Findings,
+    metadata: DetectorMetadata,
+    options: RequestOptions,
+    severity_thresholds_mm: tuple[float, float, float],
+    notes: list[str],
+    detector: dict,
+    segmenter: dict,
+    plan: TilePlan,
+    sam_windows: np.ndarray,
+    start_ns: int,
+) -> dict:
+    """One frame's whole response, as the result step and the in-process pipeline both answer it: the findings,
+    the warnings and `models` from what the detector and the segmenter said of themselves (`detector`, `segmenter`:
+    their descriptions), how the frame was tiled, and processing_time_ms stamped once it is built, from `start_ns`
+    (time.monotonic_ns() when the first step took the frame)."""
+    response = build_response(
+        image_hw=image_hw,
+        findings=findings,
+        metadata=metadata,
+        options=options,
+        severity_thresholds_mm=severity_thresholds_mm,
+        warnings=warnings_for(metadata, segmenter, notes, detector),
+        processing_time_ms=0.0,
+        models=models_info(metadata, segmenter, detector),
+        tiling=describe(plan, sam_windows, int(segmenter.get("resolution", 1024))),
+    )
+    response["processing_time_ms"] = round((time.monotonic_ns() - start_ns) / 1e6, 2)
+    return response
+
+
+def to_json(response: dict) -> bytes:
+    return json.dumps(response, separators=(",", ":")).encode("utf-8")

@@ -37,7 +37,7 @@ from anomaly.config import settings
 from anomaly.detector import DetectorMetadata
 from anomaly.errors import InputError
 from anomaly.options import OPTION_NAMES, parse_options
-from anomaly.pipeline import models_info, warnings_for
+from anomaly.result import models_info, warnings_for
 from anomaly.serving import in_service
 from client import AnomalyClient, AnomalyServiceError
 from runpod_handler.jobs import Job, parse_batch, parse_single, run_job

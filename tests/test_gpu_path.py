@@ -266,7 +266,7 @@ def test_a_jpeg_nvjpeg_refuses_is_decoded_on_the_cpu_and_said_in_the_steps_warni
     import torchvision.io
 
     from anomaly import images
-    from anomaly.pipeline import warnings_for
+    from anomaly.result import warnings_for
     from anomaly.serving.reporting import with_gpu_decode_warning
 
     class Pinned:  # the host-to-device copy, which needs a GPU
@@ -857,7 +857,7 @@ def test_a_gpu_torch_cannot_see_is_a_warning_for_both_models(monkeypatch, export
     """nvidia-smi lists a GPU but torch sees none in the step's process (a GPU hidden and not shown again, a
     CPU-only torch): the detector and SAM run on the CPU and say so in their info, hence /info and responses."""
     from anomaly import hardware
-    from anomaly.pipeline import warnings_for
+    from anomaly.result import warnings_for
     from anomaly.segmenter import resolve_device
 
     settings = load_settings()

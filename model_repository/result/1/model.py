@@ -1,14 +1,13 @@
-"""Triton step 6: the response JSON (anomaly.result.build_response) and the ensemble's typed outputs."""
+"""Triton step 6: the response JSON (anomaly.result.frame_response) and the ensemble's typed outputs."""
 
 import numpy as np
 
 from anomaly import pipeline
 from anomaly.config import settings
 from anomaly.detector import Detections
-from anomaly.result import Findings, build_response
+from anomaly.result import Findings, frame_response, to_json
 from anomaly.scale import with_scale
 from anomaly.serving import step_inputs, steps, tensors
-from anomaly.tiling import describe
 
 
 class TritonPythonModel(steps.StageModel):
@@ -27,16 +26,17 @@ class TritonPythonModel(steps.StageModel):
             mask_scores=typed["MASK_SCORES"],
             geometries=pipeline.geometry_dicts(typed["GEOMETRY"]),
         )
-        response = build_response(
+        response = frame_response(
             image_hw=got["image_hw"],
             findings=findings,
             metadata=self.meta,
             options=options,
             severity_thresholds_mm=s.severity_thresholds_mm,
-            warnings=pipeline.warnings_for(self.meta, got["segmenter"], got["notes"], got["detector"]),
-            processing_time_ms=0.0,  # stamped once the response is built (pipeline.finished)
-            models=pipeline.models_info(self.meta, got["segmenter"], got["detector"]),
-            tiling=describe(got["plan"], got["sam_windows"], int(got["segmenter"].get("resolution", 1024))),
+            notes=got["notes"],
+            detector=got["detector"],
+            segmenter=got["segmenter"],
+            plan=got["plan"],
+            sam_windows=got["sam_windows"],
+            start_ns=got["start_ns"],
         )
-        response = pipeline.finished(response, got["start_ns"])
-        return {"RESULT_JSON": np.array([pipeline.to_json(response)], dtype=np.object_)} | typed
+        return {"RESULT_JSON": np.array([to_json(response)], dtype=np.object_)} | typed
