@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from anomaly.options import OPTION_NAMES
+
 MODEL = "anomaly_pipeline"
 TYPED_OUTPUTS = ("BOXES", "SCORES", "CLASS_IDS", "SEG_INDEX", "MASK_SCORES", "GEOMETRY")
 
@@ -89,31 +91,17 @@ class AnomalyClient:
                 raise AnomalyServiceError(f"Triton at {self.url} ({self.protocol}) was not ready after {timeout_s} s")
             time.sleep(0.5)
 
-    def detect_full(
-        self,
-        image: bytes,
-        *,
-        frame_id: str | None = None,
-        include_masks: bool | None = None,
-        confidence_threshold: float | None = None,
-        mm_per_pixel: float | None = None,
-        tiling: str | None = None,
-    ) -> Detection:
+    def detect_full(self, image: bytes, **options) -> Detection:
+        """Image bytes and request options (anomaly.options.OPTIONS: confidence_threshold, include_masks, frame_id,
+        mm_per_pixel, tiling; None leaves one to the server's default) -> the response and the typed outputs."""
         from tritonclient.utils import InferenceServerException
 
+        unknown = sorted(set(options) - set(OPTION_NAMES))
+        if unknown:
+            raise TypeError(f"unknown option {unknown[0]!r}; the options are {', '.join(OPTION_NAMES)}")
         tensor = self._tc.InferInput("IMAGE", [1], "BYTES")
         tensor.set_data_from_numpy(np.array([image], dtype=np.object_))
-        params = {
-            k: v
-            for k, v in (
-                ("frame_id", frame_id),
-                ("include_masks", include_masks),
-                ("confidence_threshold", confidence_threshold),
-                ("mm_per_pixel", mm_per_pixel),
-                ("tiling", tiling),
-            )
-            if v is not None
-        }
+        params = {k: v for k, v in options.items() if v is not None}
         outputs = [self._tc.InferRequestedOutput(name) for name in ("RESULT_JSON", *TYPED_OUTPUTS)]
         kwargs = {"client_timeout": self.timeout_s} if self.protocol == "grpc" else {}
         try:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hmac
 import importlib.metadata
+import inspect
 import logging
 import threading
 import time
@@ -29,14 +30,14 @@ from fastapi import FastAPI, File, Form, Request, UploadFile
 from fastapi.exception_handlers import http_exception_handler, request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from anomaly.config import settings
 from anomaly.detector import DetectorMetadata
 from anomaly.errors import InputError
-from anomaly.options import OPTION_NAMES, parse_options
+from anomaly.options import OPTION_NAMES, OPTIONS, parse_options
 from anomaly.result import models_info, warnings_for
 from anomaly.serving import in_service
 from client import AnomalyClient, AnomalyServiceError
@@ -52,24 +53,24 @@ app = FastAPI(
 )
 
 
-class DetectRequest(BaseModel):
-    image: str = Field(description="base64 of a JPEG, PNG, WebP, BMP or TIFF image (a data: URL also works)")
-    frame_id: str | None = Field(None, description="echoed back; generated when absent")
-    include_masks: bool = Field(False, description="add each anomaly's mask as COCO RLE")
-    confidence_threshold: float | None = Field(None, description="detection threshold in [0, 1]")
-    mm_per_pixel: float | None = Field(None, description="pixel size: adds *_mm fields and crack severity")
-    tiling: str | None = Field(None, description="auto, off or on: detect a large photo in tiles at its own scale")
-    model_config = {"extra": "forbid"}
+def _body_model(name: str, fields: dict, options) -> type[BaseModel]:
+    """A JSON body's model: its own fields, then the request options (anomaly.options.OPTIONS) it takes, each
+    optional; fields it does not know are refused."""
+    for o in options:
+        fields[o.name] = (o.kind | None, Field(None, description=o.doc))
+    return create_model(name, __config__=ConfigDict(extra="forbid"), **fields)
 
 
-class BatchRequest(BaseModel):
-    images: list[str] = Field(description="base64 images")
-    frame_ids: list[str] | None = Field(None, description="one per image")
-    include_masks: bool = False
-    confidence_threshold: float | None = None
-    mm_per_pixel: float | None = None
-    tiling: str | None = None
-    model_config = {"extra": "forbid"}
+IMAGE_DOC = "base64 of a JPEG, PNG, WebP, BMP or TIFF image (a data: URL also works)"
+DetectRequest = _body_model("DetectRequest", {"image": (str, Field(description=IMAGE_DOC))}, OPTIONS)
+BatchRequest = _body_model(  # a batch names its frames in frame_ids, one per image
+    "BatchRequest",
+    {
+        "images": (list[str], Field(description="base64 images")),
+        "frame_ids": (list[str] | None, Field(None, description="one per image")),
+    },
+    [o for o in OPTIONS if o.name != "frame_id"],
+)
 
 
 _local = threading.local()
@@ -302,29 +303,39 @@ def detect_batch(body: BatchRequest):
 UPLOAD_FIELDS = ("file", *OPTION_NAMES)
 
 
-@app.post("/detect/upload", summary="multipart image upload -> the response object")
-async def detect_upload(
-    request: Request,
-    file: Annotated[UploadFile, File(description="the image file")],
-    include_masks: Annotated[bool, Form()] = False,
-    confidence_threshold: Annotated[float | None, Form()] = None,
-    frame_id: Annotated[str | None, Form()] = None,
-    mm_per_pixel: Annotated[float | None, Form()] = None,
-    tiling: Annotated[str | None, Form()] = None,
-):
+async def detect_upload(request: Request, file: UploadFile, **fields):
     unknown = sorted(set((await request.form()).keys()) - set(UPLOAD_FIELDS))  # the form FastAPI already parsed
     if unknown:  # a misspelt confidence_treshold must not fall back to the default silently
         raise InputError(unknown[0], f"is not a known form field; expected {', '.join(UPLOAD_FIELDS)}")
     s = settings()
-    params = {"include_masks": include_masks, "confidence_threshold": confidence_threshold, "frame_id": frame_id,
-              "mm_per_pixel": mm_per_pixel, "tiling": tiling}  # fmt: skip
-    options = parse_options({k: v for k, v in params.items() if v is not None}, s.confidence_threshold, s.mm_per_pixel)
+    options = parse_options(fields, s.confidence_threshold, s.mm_per_pixel)
     data = await file.read(s.max_image_bytes + 1)
     if len(data) > s.max_image_bytes:
         raise InputError("file", f"is more than the {s.max_image_bytes} bytes allowed (MAX_IMAGE_BYTES)")
     if not data:
         raise InputError("file", "is empty")
     return await run_in_threadpool(_run, Job([(options.frame_id, data)], options, batch=False))
+
+
+# The form's fields are the request options, as FastAPI reads them from the signature (and lists them in /docs).
+detect_upload.__signature__ = inspect.Signature(
+    [
+        inspect.Parameter("request", inspect.Parameter.KEYWORD_ONLY, annotation=Request),
+        inspect.Parameter(
+            "file", inspect.Parameter.KEYWORD_ONLY, annotation=Annotated[UploadFile, File(description="the image file")]
+        ),
+        *(
+            inspect.Parameter(
+                o.name,
+                inspect.Parameter.KEYWORD_ONLY,
+                default=None,
+                annotation=Annotated[o.kind | None, Form(description=o.doc)],
+            )
+            for o in OPTIONS
+        ),
+    ]
+)
+app.post("/detect/upload", summary="multipart image upload -> the response object")(detect_upload)
 
 
 @app.get("/", include_in_schema=False)

@@ -103,14 +103,7 @@ def parse_job_input(payload, settings: Settings, max_images: int) -> Job:
 
 
 def _call(client: AnomalyClient, frame_id: str | None, data: bytes, options: RequestOptions) -> dict:
-    return client.detect(
-        data,
-        frame_id=frame_id,
-        include_masks=options.include_masks,
-        confidence_threshold=options.confidence_threshold,
-        mm_per_pixel=options.mm_per_pixel,
-        tiling=options.tiling,
-    )
+    return client.detect(data, **(options.given() | {"frame_id": frame_id}))
 
 
 def run_job(client: AnomalyClient, job: Job, parallel: int = 4) -> dict:

@@ -38,3 +38,31 @@ def test_errors_name_the_field(params, field, words):
     with pytest.raises(InputError) as err:
         parse_options(params, 0.3)
     assert err.value.field == field and words in str(err.value)
+
+
+def test_only_what_the_request_set_is_passed_on():
+    """The gateway and the handler send Triton only the options the request set, so Triton's own defaults apply
+    to the rest and say so (a pixel size from the MM_PER_PIXEL setting is `setting`, not `request`)."""
+    assert parse_options({}, 0.3, 0.05).given() == {}
+    got = parse_options({"include_masks": "1", "tiling": "OFF", "frame_id": ""}, 0.3, 0.05)
+    assert got.given() == {"include_masks": True, "tiling": "off"}
+
+
+def test_every_way_in_takes_the_declared_options():
+    """The gateway's JSON bodies and upload form and the Python client's keywords are read off OPTIONS."""
+    from anomaly.options import OPTION_NAMES
+    from client.triton_client import AnomalyClient
+    from runpod_handler.gateway import app
+
+    schemas = app.openapi()["components"]["schemas"]
+    assert list(schemas["DetectRequest"]["properties"]) == ["image", *OPTION_NAMES]
+    assert list(schemas["BatchRequest"]["properties"]) == [
+        "images",
+        "frame_ids",
+        *(n for n in OPTION_NAMES if n != "frame_id"),
+    ]
+    form = next(v for k, v in schemas.items() if k.startswith("Body_detect_upload"))
+    assert list(form["properties"]) == ["file", *OPTION_NAMES]
+    client = AnomalyClient.__new__(AnomalyClient)  # no server needed: the keywords are checked before any call
+    with pytest.raises(TypeError, match="confidence_treshold"):
+        client.detect_full(b"", confidence_treshold=0.2)
