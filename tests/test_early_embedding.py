@@ -18,7 +18,7 @@ from anomaly.config import load_settings
 from anomaly.errors import InputError
 from anomaly.serving.embeddings import EarlyEmbeddings, EarlyImage, EmbeddingStore
 from anomaly.serving.overlap import Answered, OverlappedBatches
-from anomaly.serving.plan import render_config, serving_plan
+from anomaly.serving.plan import parse_config, render_config, serving_plan
 from tests.conftest import encode
 
 REPO = Path(__file__).resolve().parent.parent
@@ -150,30 +150,25 @@ def test_one_batch_at_a_time_sends_what_prepare_answered_and_runs_the_rest(monke
 # --- the ensemble the launcher writes ----------------------------------------------------------------------------
 
 
-def early_parameter(config: str) -> str:
-    (value,) = re.findall(r'^parameters \{ key: "early_embedding" value: \{ string_value: "(\w+)" \} \}$', config, re.M)
-    return value
-
-
 def test_the_plan_adds_the_early_step_to_the_ensemble_where_it_embeds_early(monkeypatch):
     text = (REPO / "model_repository/anomaly_pipeline/config.pbtxt").read_text()
     segmenter = (REPO / "model_repository/segmenter/config.pbtxt").read_text()
     settings = load_settings()
-    assert serving_plan(settings, gpu=True, cores=16).early_embedding  # auto: on a GPU machine
-    assert not serving_plan(settings, gpu=False, cores=2).early_embedding  # auto: not on a CPU (README)
     off = serving_plan(settings, gpu=False, cores=2)
-    assert render_config(text, "anomaly_pipeline", off) == text
-    assert early_parameter(render_config(segmenter, "segmenter", off)) == "off"
+    assert parse_config(render_config(text, "anomaly_pipeline", off)) == parse_config(text)
+    assert parse_config(render_config(segmenter, "segmenter", off)).parameters["early_embedding"].string_value == "off"
 
     monkeypatch.setenv("EARLY_EMBEDDING", "on")
     on = serving_plan(load_settings(), gpu=False, cores=2)
-    rendered = render_config(text, "anomaly_pipeline", on)
-    steps = re.findall(r"model_name: \"(\w+)\"", rendered)
-    assert steps == ["preprocess", "segmenter", "detector", "select_detections", "segmenter", "geometry", "result"]
-    early, boxes = [s for s in rendered.split("    {\n") if 'model_name: "segmenter"' in s]
-    assert "SEG_BOXES" not in early and 'output_map { key: "EMBEDDING_KEY" value: "sam_embedding_key" }' in early
-    assert 'input_map { key: "KEPT_EMBEDDING" value: "sam_embedding_key" }' in boxes
-    assert early_parameter(render_config(segmenter, "segmenter", on)) == "on"
+    steps = parse_config(render_config(text, "anomaly_pipeline", on)).ensemble_scheduling.step
+    assert [s.model_name for s in steps] == [
+        "preprocess", "segmenter", "detector", "select_detections", "segmenter", "geometry", "result"
+    ]  # fmt: skip
+    early, boxes = steps[1], steps[4]
+    assert dict(early.input_map) == {"ENCODED": "encoded", "TILING": "tiling"}
+    assert dict(early.output_map) == {"EMBEDDING_KEY": "sam_embedding_key"}
+    assert boxes.input_map["KEPT_EMBEDDING"] == "sam_embedding_key" and boxes.input_map["SEG_BOXES"] == "seg_boxes"
+    assert parse_config(render_config(segmenter, "segmenter", on)).parameters["early_embedding"].string_value == "on"
     monkeypatch.setenv("EARLY_EMBEDDING", "sometimes")
     with pytest.raises(Exception, match="EARLY_EMBEDDING"):
         load_settings()

@@ -42,7 +42,7 @@ from anomaly.images import (
     rfdetr_preprocess,
     sam_input,
 )
-from anomaly.serving.plan import render_config, serving_plan, write_serving_configs
+from anomaly.serving.plan import parse_config, serving_plan, write_serving_configs
 from tests.conftest import REPO, SAMPLES, encode
 
 BIG = 1 << 30
@@ -714,19 +714,22 @@ def test_rendered_configs_carry_the_plan(tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(REPO / "model_repository", repo, ignore=shutil.ignore_patterns("*.onnx", "configs"))
     plan = serving_plan(load_settings(), gpu=True, cores=16)
-    written = {p.parent.parent.name: p.read_text() for p in write_serving_configs(repo, plan)}
+    written = {p.parent.parent.name: parse_config(p.read_text()) for p in write_serving_configs(repo, plan)}
     assert set(written) == {
         "preprocess", "detector", "select_detections", "segmenter", "geometry", "result", "anomaly_pipeline"
     }  # fmt: skip
-    assert "KEPT_EMBEDDING" in written["anomaly_pipeline"]  # EARLY_EMBEDDING=auto on a GPU machine
-    assert "max_batch_size: 2" in written["segmenter"] and "max_batch_size: 8" in written["detector"]
-    assert "max_queue_delay_microseconds: 0" in written["segmenter"]
-    assert "count: 4" in written["geometry"] and 'string_value: "4"' in written["geometry"]
-    assert "count: 1" in written["detector"]  # one copy of the weights on the card
+    assert (written["segmenter"].max_batch_size, written["detector"].max_batch_size) == (2, 8)
+    assert written["segmenter"].dynamic_batching.max_queue_delay_microseconds == 0
+    assert [g.count for g in written["geometry"].instance_group] == [4]
+    assert written["geometry"].parameters["workers"].string_value == "4"
+    assert [g.count for g in written["detector"].instance_group] == [1]  # one copy of the weights on the card
     for model in ("detector", "segmenter"):  # batched frames' bytes differ in length: a ragged batch
-        assert 'name: "ENCODED", data_type: TYPE_UINT8, dims: [-1], allow_ragged_batch: true' in written[model]
-    with pytest.raises(ValueError, match="expected one line"):
-        render_config("name: x\n", "geometry", plan)
+        encoded = next(i for i in written[model].input if i.name == "ENCODED")
+        assert encoded.allow_ragged_batch and list(encoded.dims) == [-1]
+    # everything else is the committed config's, field for field
+    committed = parse_config((REPO / "model_repository/detector/config.pbtxt").read_text())
+    committed.max_batch_size = 8
+    assert written["detector"] == committed
 
 
 def test_bench_gpu_checks_on_the_cpu(exported):

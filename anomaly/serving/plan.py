@@ -5,7 +5,8 @@ The committed `config.pbtxt` files hold the CPU layout (one instance of everythi
 the settings (BATCH_FRAMES, BATCH_DELAY_US, STEP_INSTANCES, GEOMETRY_WORKERS, each `auto` by default) for
 the machine it runs on and writes `<model>/configs/serving.pbtxt` beside each step, which Triton loads
 with `--model-config-name=serving`. It writes the ensemble's too: the committed one, with one more step where SAM
-embeds early (EARLY_EMBEDDING, `auto`: on a GPU machine; `render_ensemble`).
+embeds early (EARLY_EMBEDDING: `add_early_embedding`). The configs are read and written as Triton's own
+ModelConfig message (the protobuf tritonclient ships), so a change is a field set, not a text edit.
 
 GPU machine defaults: the detector batches up to 8 concurrent frames and the segmenter up to 2 (the SAM
 image encoder runs them as one batch; on an H100, batch 2 served as many frames/s at concurrency 8 as batch 4,
@@ -18,7 +19,6 @@ everything and no segmenter batching, since SAM's encoder already uses every cor
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,17 +28,6 @@ BATCHED_STEPS = ("detector", "segmenter")
 CPU_STEPS = ("preprocess", "select_detections", "geometry", "result")
 ENSEMBLE = "anomaly_pipeline"
 CONFIG_NAME = "serving"
-
-# EARLY_EMBEDDING: the segmenter called on the image alone as soon as preprocess has passed it, in parallel with
-# the detector; its key joins the boxes' call (anomaly.serving.embeddings).
-EARLY_STEP = """    {
-      model_name: "segmenter"
-      model_version: -1
-      input_map { key: "ENCODED" value: "encoded" }
-      input_map { key: "TILING" value: "tiling" }
-      output_map { key: "EMBEDDING_KEY" value: "sam_embedding_key" }
-    },
-"""
 
 
 @dataclass(frozen=True)
@@ -66,64 +55,53 @@ def serving_plan(settings: Settings, gpu: bool, cores: int | None = None) -> Ser
     )
 
 
-def _replace(text: str, pattern: str, replacement, model: str) -> str:
-    new, count = re.subn(pattern, replacement, text, flags=re.M)
-    if count != 1:
-        raise ValueError(f"{model}/config.pbtxt: expected one line matching {pattern!r}, found {count}")
-    return new
+def parse_config(text: str):
+    """A config.pbtxt as Triton's own ModelConfig message."""
+    from google.protobuf import text_format
+    from tritonclient.grpc.model_config_pb2 import ModelConfig
+
+    return text_format.Parse(text, ModelConfig())
 
 
 def render_config(text: str, model: str, plan: ServingPlan) -> str:
     """A step's committed config.pbtxt with this machine's instances, batching and geometry workers; the
     ensemble's with the early embedding step where the plan has it."""
-    if model == ENSEMBLE:
-        return render_ensemble(text, plan)
+    from google.protobuf import text_format
+    from tritonclient.grpc.model_config_pb2 import ModelInstanceGroup
+
+    config = parse_config(text)
+    if model == ENSEMBLE and plan.early_embedding:
+        add_early_embedding(config)
     if model in BATCHED_STEPS:
-        batch = plan.detector_batch if model == "detector" else plan.segmenter_batch
-        text = _replace(text, r"^max_batch_size: \d+$", f"max_batch_size: {batch}", model)
-        text = _replace(
-            text,
-            r"^dynamic_batching \{.*\}$",
-            f"dynamic_batching {{ max_queue_delay_microseconds: {plan.batch_delay_us} }}",
-            model,
-        )
+        config.max_batch_size = plan.detector_batch if model == "detector" else plan.segmenter_batch
+        config.dynamic_batching.max_queue_delay_microseconds = plan.batch_delay_us
     if model in CPU_STEPS:
-        text = _replace(
-            text,
-            r"^instance_group \[.*\]$",
-            f"instance_group [{{ kind: KIND_CPU, count: {plan.step_instances} }}]",
-            model,
-        )
+        del config.instance_group[:]
+        config.instance_group.add(kind=ModelInstanceGroup.KIND_CPU, count=plan.step_instances)
     if model == "segmenter":
-        early = "on" if plan.early_embedding else "off"
-        text = _replace(
-            text,
-            r'^parameters \{ key: "early_embedding".*\}$',
-            f'parameters {{ key: "early_embedding" value: {{ string_value: "{early}" }} }}',
-            model,
-        )
+        config.parameters["early_embedding"].string_value = "on" if plan.early_embedding else "off"
     if model == "geometry":
-        text = _replace(
-            text,
-            r'^parameters \{ key: "workers".*\}$',
-            f'parameters {{ key: "workers" value: {{ string_value: "{plan.geometry_workers}" }} }}',
-            model,
-        )
-    return text
+        config.parameters["workers"].string_value = str(plan.geometry_workers)
+    return text_format.MessageToString(config)
 
 
-def render_ensemble(text: str, plan: ServingPlan) -> str:
-    """The ensemble's committed config.pbtxt, with EARLY_STEP before the detector's step and its key passed to
-    the segmenter's boxes step where the plan embeds early."""
-    if not plan.early_embedding:
-        return text
-    text = _replace(text, r'^(    \{\n      model_name: "detector"\n)', lambda m: EARLY_STEP + m[1], ENSEMBLE)
-    return _replace(
-        text,
-        r'^(      input_map \{ key: "SEG_BOXES" value: "seg_boxes" \})$',
-        r'\1\n      input_map { key: "KEPT_EMBEDDING" value: "sam_embedding_key" }',
-        ENSEMBLE,
-    )
+def add_early_embedding(ensemble) -> None:
+    """EARLY_EMBEDDING: the segmenter called on the image alone as soon as preprocess has passed it on, in parallel
+    with the detector (a step before the detector's); its key joins the boxes' call (anomaly.serving.embeddings)."""
+    steps = ensemble.ensemble_scheduling.step
+    boxes = next(s for s in steps if s.model_name == "segmenter" and "SEG_BOXES" in s.input_map)
+    boxes.input_map["KEPT_EMBEDDING"] = "sam_embedding_key"
+    early = type(boxes)(model_name="segmenter", model_version=-1)
+    early.input_map["ENCODED"] = boxes.input_map["ENCODED"]
+    early.input_map["TILING"] = boxes.input_map["TILING"]
+    early.output_map["EMBEDDING_KEY"] = "sam_embedding_key"
+    ordered = list(steps)
+    ordered.insert(next(i for i, s in enumerate(ordered) if s.model_name == "detector"), early)
+    copies = [type(early)() for _ in ordered]
+    for copy, step in zip(copies, ordered):
+        copy.CopyFrom(step)
+    del steps[:]
+    steps.extend(copies)
 
 
 def write_serving_configs(repository: Path, plan: ServingPlan) -> list[Path]:
