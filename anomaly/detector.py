@@ -122,6 +122,9 @@ def top_above(prob: np.ndarray, threshold: float, k: int) -> np.ndarray:
     return above[np.argsort(-prob[above], kind="stable")][:k]
 
 
+VARIANT_OF_MODEL_NAME = {"RFDETRNano": "nano", "RFDETRSmall": "small", "RFDETRMedium": "medium", "RFDETRLarge": "large"}
+
+
 def rfdetr_class(variant: str):
     import rfdetr
 

@@ -1,4 +1,5 @@
-"""Where model weights come from: given files, official downloads, or (only when allowed) untrained models.
+"""Where model weights come from, for the segmenter and the detector: given files, official downloads, or (only
+when allowed) untrained models; and for the detector, the names and roles of its classes.
 
 Untrained models are written to files once (seeded), so the server, the tests and the in-process
 baselines all load the very same weights, through the same loading code as real checkpoints.
@@ -6,13 +7,15 @@ baselines all load the very same weights, through the same loading code as real 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+from anomaly import taxonomy
 from anomaly.config import Settings
-from anomaly.errors import WeightsMissingError
+from anomaly.errors import ConfigError, WeightsMissingError
 from anomaly.segmenter import SAM2_CHECKPOINTS, SAM2_CONFIGS, SAM2_URL
 
 log = logging.getLogger(__name__)
@@ -238,3 +241,182 @@ def prepare_segmenter_weights(settings: Settings) -> SegmenterSpec:
     if spec.untrained:
         make_untrained(spec)
     return spec
+
+
+# --- the detector ---------------------------------------------------------------------------------------------
+
+UNTRAINED_NOISE_STD = 0.02  # untrained box heads start at zero; noise makes boxes and classes vary
+UNTRAINED_CLASS_BIAS = -2.6
+# What `anomaly train` adds to a checkpoint beside rfdetr's own keys: its classes' names and roles.
+CHECKPOINT_CLASSES_KEY = "anomaly_classes"
+
+
+def untrained_detector_path(settings: Settings) -> Path:
+    return untrained_dir(settings) / f"rfdetr-{settings.detector_variant}.untrained.pth"
+
+
+def make_untrained_detector(settings: Settings) -> Path:
+    """A seeded untrained RF-DETR with the default taxonomy, saved as an rfdetr checkpoint."""
+    import torch
+
+    from anomaly.detector import rfdetr_class
+
+    path = untrained_detector_path(settings)
+    if path.exists():
+        return path
+    names = list(taxonomy.DEFAULT_CLASSES)
+    torch.manual_seed(UNTRAINED_SEED)  # rfdetr initialises from the global generator
+    model = rfdetr_class(settings.detector_variant)(pretrain_weights=None, num_classes=len(names))
+    generator = torch.Generator().manual_seed(UNTRAINED_SEED)
+    with torch.no_grad():
+        for p in model.model.model.parameters():
+            p.add_(torch.randn(p.shape, generator=generator) * UNTRAINED_NOISE_STD)
+        # The class prior (sigmoid -> 0.01) would keep every score under any useful threshold; a prior
+        # near 0.25 lets the demo show a handful of boxes at the default threshold.
+        head = model.model.model.class_embed.bias
+        head.copy_(UNTRAINED_CLASS_BIAS + 0.05 * torch.randn(head.shape, generator=generator))
+    checkpoint = {"model": model.model.model.state_dict(), "args": {"class_names": names, "num_classes": len(names)}}
+    return save_untrained(checkpoint, path, f"RF-DETR {settings.detector_variant}")
+
+
+def read_labels(path: Path) -> tuple[list[str], list[str | None]]:
+    """Labels file -> (names, roles; None where the file names none). JSON: a list of names, or {"classes":
+    [{"name", "role"}]}; text: one class a line, optionally `name,role`."""
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+        items = data["classes"] if isinstance(data, dict) else data
+        names = [c["name"] if isinstance(c, dict) else str(c) for c in items]
+        roles = [c.get("role") if isinstance(c, dict) else None for c in items]
+    else:
+        rows = [line.split(",") for line in text.splitlines() if line.strip()]
+        names = [r[0].strip() for r in rows]
+        roles = [r[1].strip() if len(r) > 1 else None for r in rows]
+    bad = sorted({r for r in roles if r} - set(taxonomy.ROLES))
+    if bad:
+        raise ConfigError(f"{path}: unknown roles {bad}; use {taxonomy.ROLES}")
+    return names, roles
+
+
+def find_labels(settings: Settings) -> Path | None:
+    """DETECTOR_LABELS, else a labels file beside DETECTOR_WEIGHTS."""
+    if settings.detector_labels:
+        path = Path(settings.detector_labels)
+        if not path.is_file():
+            raise ConfigError(f"DETECTOR_LABELS={path} does not exist")
+        return path
+    if settings.detector_weights:
+        weights = Path(settings.detector_weights)
+        for candidate in (
+            weights.with_suffix(".labels.json"),
+            weights.parent / "labels.json",
+            weights.parent / "labels.txt",
+            weights.parent / "classes.txt",
+        ):
+            if candidate.is_file():
+                return candidate
+    return None
+
+
+def fingerprint(path: Path) -> str:
+    stat = path.stat()
+    return hashlib.sha1(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def resolve_detector_weights(settings: Settings) -> tuple[str, bool]:
+    """(checkpoint path or "coco", untrained?) without loading anything."""
+    if settings.detector_weights:
+        path = Path(settings.detector_weights)
+        if not path.is_file():
+            raise WeightsMissingError(
+                f"DETECTOR_WEIGHTS={path} does not exist. Point it at a fine-tuned RF-DETR checkpoint "
+                "(.pth), or unset it to use the official COCO weights."
+            )
+        return str(path), False
+    if untrained_detector_path(settings).is_file() and settings.allow_untrained:
+        return str(untrained_detector_path(settings)), True
+    return "coco", False
+
+
+def checkpoint_facts(path: Path) -> tuple[str | None, dict[str, str]]:
+    """What a detector checkpoint says of itself besides its weights: the RF-DETR size (`model_name`, written by
+    rfdetr's training; None where absent) and the roles `anomaly train` kept, by class name ({} where none)."""
+    import torch
+
+    from anomaly.detector import VARIANT_OF_MODEL_NAME
+
+    entries = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    kept = entries.get(CHECKPOINT_CLASSES_KEY) or []
+    roles = {c["name"]: c["role"] for c in kept if c.get("role") in taxonomy.ROLES}
+    return VARIANT_OF_MODEL_NAME.get(str(entries.get("model_name", ""))), roles
+
+
+def load_detector(settings: Settings):
+    """-> (rfdetr model, its variant, slot class names, slot roles, weights description, untrained). A checkpoint
+    that names its architecture (one rfdetr trained) is loaded as what it is, whatever DETECTOR_VARIANT says."""
+    from anomaly.detector import load_rfdetr
+
+    weights, untrained = resolve_detector_weights(settings)
+    variant = settings.detector_variant
+    if weights == "coco":
+        try:
+            model = load_rfdetr(variant, "coco")  # rfdetr downloads the official checkpoint
+        except Exception as exc:
+            if not settings.allow_untrained:
+                raise WeightsMissingError(
+                    f"The official RF-DETR {variant} COCO weights could not be downloaded "
+                    f"({type(exc).__name__}). Put the file in ~/.roboflow/models/ (or RF_HOME), set "
+                    "DETECTOR_WEIGHTS to a fine-tuned checkpoint, or set ALLOW_UNTRAINED_WEIGHTS=1 to export "
+                    "an untrained model (tests and demos only)."
+                ) from exc
+            log.warning("COCO weights unavailable (%s); using untrained weights", type(exc).__name__)
+            weights, untrained = str(make_untrained_detector(settings)), True
+    kept_roles: dict[str, str] = {}
+    if weights != "coco":
+        named, kept_roles = checkpoint_facts(Path(weights))
+        variant = named or variant
+        if variant != settings.detector_variant:
+            log.warning(
+                "%s is an RF-DETR %s checkpoint; serving it as such (DETECTOR_VARIANT=%s is for other weights)",
+                Path(weights).name,
+                variant,
+                settings.detector_variant,
+            )
+        model = load_rfdetr(variant, weights, settings.detector_num_classes)
+    names, roles = slot_classes(model, settings, kept_roles)
+    return model, variant, names, roles, weights, untrained
+
+
+def slot_classes(model, settings: Settings, kept_roles: dict[str, str]) -> tuple[list[str], list[str]]:
+    """One name and role per logit slot of the model. Names: a labels file (DETECTOR_LABELS or beside the weights),
+    else the checkpoint's own. Roles: the labels file's, else those `anomaly train` kept in the checkpoint, else by
+    name (anomaly.taxonomy.role_of)."""
+    from rfdetr.assets.coco_classes import COCO_CLASS_NAMES, COCO_CLASSES
+
+    slots = model.model_config.num_classes + 1
+    labels = find_labels(settings)
+    names, roles = read_labels(labels) if labels else (list(model.class_names), [None] * len(model.class_names))
+    roles = [r or kept_roles.get(n) or taxonomy.role_of(n) for n, r in zip(names, roles)]
+    if slots > len(names) and names == COCO_CLASS_NAMES:
+        # Official COCO checkpoints: slot k is COCO category id k (sparse, 1..90).
+        by_slot = dict(COCO_CLASSES)
+        names = [by_slot.get(k, "") for k in range(slots)]
+        roles = [taxonomy.role_of(n) for n in names]
+    names = (names + [""] * slots)[:slots]
+    roles = (roles + ["ignore"] * slots)[:slots]
+    return names, roles
+
+
+def detector_source(settings: Settings) -> dict:
+    """What an export is made from (weights, labels, the knobs that change it), to tell when it is stale."""
+    weights, untrained = resolve_detector_weights(settings)
+    labels = find_labels(settings)
+    return {
+        "variant": settings.detector_variant,
+        "weights": weights,
+        "weights_fingerprint": fingerprint(Path(weights)) if weights != "coco" else "",
+        "num_classes": settings.detector_num_classes,
+        "labels": str(labels) if labels else "",
+        "labels_fingerprint": fingerprint(labels) if labels else "",
+        "untrained": untrained,
+    }

@@ -12,7 +12,7 @@ from rfdetr.models.postprocess import PostProcess
 from anomaly import taxonomy
 from anomaly.detector import DetectorMetadata, select_detections
 from anomaly.errors import ConfigError
-from export.detector import read_labels
+from anomaly.weights import read_labels
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -56,12 +56,12 @@ def test_labels_files(tmp_path):
     (tmp_path / "labels.txt").write_text("crack\nrust stain\ngirder\nvegetation,ignore\n")
     assert read_labels(tmp_path / "labels.txt") == (
         ["crack", "rust stain", "girder", "vegetation"],
-        ["defect", "defect", "structure", "ignore"],
+        [None, None, None, "ignore"],  # roles by name where the file names none: anomaly.weights.slot_classes
     )
     (tmp_path / "labels.json").write_text(
         json.dumps({"classes": [{"name": "abutment"}, {"name": "x", "role": "structure"}]})
     )
-    assert read_labels(tmp_path / "labels.json") == (["abutment", "x"], ["structure", "structure"])
+    assert read_labels(tmp_path / "labels.json") == (["abutment", "x"], [None, "structure"])
     (tmp_path / "bad.json").write_text(json.dumps([{"name": "a", "role": "maybe"}]))
     with pytest.raises(ConfigError, match="unknown roles"):
         read_labels(tmp_path / "bad.json")
@@ -103,32 +103,6 @@ def test_export_refuses_untrained_without_permission(tmp_path, monkeypatch):
     monkeypatch.setenv("DETECTOR_WEIGHTS", str(tmp_path / "missing.pth"))
     with pytest.raises(WeightsMissingError, match="missing.pth does not exist"):
         export_detector(load_settings())
-
-
-def test_native_onnxruntime_config_matches_the_exported_graph(exported):
-    """Triton's own onnxruntime backend cannot run here; what it would check can: the config's tensor
-    names, types and shapes against the ONNX file."""
-    import re
-
-    import onnxruntime as ort
-
-    from anomaly.config import load_settings
-
-    repo = load_settings().model_repository / "detector"
-    config = (repo / "configs" / "onnxruntime.pbtxt").read_text()
-    session = ort.InferenceSession(str(repo / "1" / "model.onnx"), providers=["CPUExecutionProvider"])
-    declared = {
-        m.group(1): [int(d) for d in m.group(2).split(",")]
-        for m in re.finditer(r'name: "(\w+)", data_type: TYPE_FP32, dims: \[([\d, ]+)\]', config)
-    }
-    graph = {t.name: t.shape[1:] for t in [*session.get_inputs(), *session.get_outputs()]}
-    assert declared == graph
-    from anomaly.hardware import has_gpu
-    from anomaly.serving.plan import serving_plan
-
-    plan = serving_plan(load_settings(), has_gpu())  # the same batching as the Python-backend detector's
-    assert 'backend: "onnxruntime"' in config and f"max_batch_size: {plan.detector_batch}\n" in config
-    assert f"max_queue_delay_microseconds: {plan.batch_delay_us} }}" in config
 
 
 @pytest.mark.parametrize("seed", range(20))
