@@ -186,7 +186,7 @@ class Sam3Segmenter(Sam2Segmenter):
         self.model = self.predictor.model  # the SAM-style prompt encoder and mask decoder every box goes through
         self.resolution = SAM3_RESOLUTION
 
-    def model_input(self, chw):
+    def _model_input(self, chw):
         """Upright RGB uint8 (3, H, W) -> the image encoder's input as Sam3Processor.set_image makes it: resized
         as uint8 with antialiasing, then scaled to [0, 1] and normalised with mean 0.5, std 0.5."""
         from torchvision.transforms.v2 import functional as F
@@ -209,7 +209,7 @@ class Sam3Segmenter(Sam2Segmenter):
         feats = [feat.permute(1, 2, 0).view(k, -1, *size) for feat, size in zip(vision_feats[::-1], sizes[::-1])][::-1]
         return {"image_embed": feats[-1], "high_res_feats": feats[:-1]}
 
-    def postprocess_logits(self, low_res):
+    def _postprocess_logits(self, low_res):
         """SAM3InteractiveImagePredictor fills background holes up to max_hole_area (256 low-res pixels) before
         upsampling; the same, with sam3's own connected components."""
         from sam3.perflib.connected_components import connected_components

@@ -173,7 +173,13 @@ def store_in_bf16(module) -> int:
 
 class Sam2Segmenter:
     """SAM2.1 prompted with boxes: frames are embedded in batches (the image encoder, once per frame), then
-    every box of every frame is decoded from its frame's embedding."""
+    every box of every frame is decoded from its frame's embedding.
+
+    What its callers use: `prepare_windows` (a frame and its boxes -> what SAM embeds: the frame, or a tiled
+    photo's windows), `segment_windows` (those frames -> a mask crop per box); for early embedding `image_to_embed`,
+    `embed_images` and `embedded_windows`; `use_cuda_graphs`, `compile_encoder` and `compile_decoder` to set it up
+    for serving (ready_for_serving); and `runtime`, `device`, `warning`, `resolution` to describe it. The rest is
+    its own (benchmarks and tests time and check those pieces)."""
 
     name = "sam2.1"
 
@@ -240,7 +246,7 @@ class Sam2Segmenter:
         sizes = graph_batch_sizes(max_batch)
         self._encoder.capture(shape, torch.float32, self.device, sizes, "SAM image encoder", pool=pool)
         with torch.inference_mode(), self._autocast():
-            features = self.embed(torch.zeros((1, *shape), device=self.device))
+            features = self._encode(torch.zeros((1, *shape), device=self.device))
         frame = (features["image_embed"], *features["high_res_feats"])
         self._decoder.capture(
             (2, 2), torch.float32, self.device, list(DECODER_GRAPH_SIZES), "SAM mask decoder", frame, pool=pool
@@ -260,13 +266,13 @@ class Sam2Segmenter:
         )
 
     # --- preparing frames ---
-    def prepare(self, data: bytes, max_bytes: int, max_pixels: int, field: str = "image"):
+    def _prepare(self, data: bytes, max_bytes: int, max_pixels: int, field: str = "image"):
         """Encoded image -> (SAM input (3, S, S) on this segmenter's device, (height, width)); decoded on the
         GPU when there is one (images.decode_to_tensor)."""
         from anomaly.images import decode_to_tensor
 
         chw = decode_to_tensor(data, self.device, max_bytes, max_pixels, field)
-        return self.model_input(chw), (int(chw.shape[1]), int(chw.shape[2]))
+        return self._model_input(chw), (int(chw.shape[1]), int(chw.shape[2]))
 
     def prepare_windows(self, data: bytes, boxes: np.ndarray, tiled: bool, max_bytes: int, max_pixels: int,
                         field: str = "image") -> list[SamFrame]:  # fmt: skip
@@ -279,11 +285,11 @@ class Sam2Segmenter:
         height, width = int(chw.shape[1]), int(chw.shape[2])
         boxes = np.asarray(boxes, np.float32).reshape(-1, 4)
         if not tiled:
-            return [SamFrame((0, 0, width, height), list(range(len(boxes))), lambda: self.model_input(chw), boxes)]
+            return [SamFrame((0, 0, width, height), list(range(len(boxes))), lambda: self._model_input(chw), boxes)]
         out = []
         for (x0, y0, x1, y1), held in sam_windows(boxes, (height, width), self.resolution):
             local = boxes[held] - np.array([x0, y0, x0, y0], np.float32)
-            make = functools.partial(self.model_input, chw[:, y0:y1, x0:x1])  # a view: nothing copied yet
+            make = functools.partial(self._model_input, chw[:, y0:y1, x0:x1])  # a view: nothing copied yet
             out.append(SamFrame((x0, y0, x1, y1), held, make, local))
         return out
 
@@ -293,7 +299,7 @@ class Sam2Segmenter:
         from anomaly.images import decode_to_tensor
 
         chw = decode_to_tensor(data, self.device, max_bytes, max_pixels, field)
-        return functools.partial(self.model_input, chw), (int(chw.shape[1]), int(chw.shape[2]))
+        return functools.partial(self._model_input, chw), (int(chw.shape[1]), int(chw.shape[2]))
 
     @staticmethod
     def embedded_windows(embedding: Embedding, boxes: np.ndarray) -> list[SamFrame]:
@@ -310,7 +316,7 @@ class Sam2Segmenter:
         crops: list[list[MaskCrop]] = []
         for start in range(0, len(flat), max(1, max_batch)):
             chunk = flat[start : start + max(1, max_batch)]
-            crops += self.segment_batch([(f.embedded or f.make_input(), f.hw, f.boxes) for f in chunk])
+            crops += self._segment_batch([(f.embedded or f.make_input(), f.hw, f.boxes) for f in chunk])
         found = iter(crops)
         out = []
         for image in frames:
@@ -323,19 +329,19 @@ class Sam2Segmenter:
             out.append(ordered)
         return out
 
-    def prepare_rgb(self, rgb: np.ndarray):
+    def _prepare_rgb(self, rgb: np.ndarray):
         """RGB uint8 (H, W, 3) -> (SAM input, (height, width)), as SAM2ImagePredictor.set_image prepares it."""
         chw = self._torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1).to(self.device)
-        return self.model_input(chw), rgb.shape[:2]
+        return self._model_input(chw), rgb.shape[:2]
 
-    def model_input(self, chw):
+    def _model_input(self, chw):
         """Upright RGB uint8 (3, H, W) -> the image encoder's input, as SAM2ImagePredictor.set_image makes it."""
         from anomaly.images import sam_input
 
         return sam_input(chw, self.resolution)
 
     # --- the model ---
-    def embed(self, inputs) -> dict:
+    def _encode(self, inputs) -> dict:
         """(K, 3, S, S) prepared frames -> their features, as SAM2ImagePredictor.set_image_batch computes them."""
         return self._encoder(inputs)
 
@@ -351,13 +357,13 @@ class Sam2Segmenter:
         ][::-1]
         return {"image_embed": feats[-1], "high_res_feats": feats[:-1]}
 
-    def box_coords(self, boxes: np.ndarray, image_hw):
+    def _box_coords(self, boxes: np.ndarray, image_hw):
         """Boxes (N, 4) xyxy in pixels of a frame of `image_hw` -> (N, 2, 2) corner points in SAM input
         pixels, as SAM2Transforms.transform_boxes(normalize=True) makes them (the same float32 division and
         product, done on the host), on this segmenter's device."""
-        return self.to_device(host_box_coords(boxes, image_hw, self.resolution))
+        return self._to_device(host_box_coords(boxes, image_hw, self.resolution))
 
-    def to_device(self, array: np.ndarray):
+    def _to_device(self, array: np.ndarray):
         """A small host array on this segmenter's device without waiting for the GPU: copied from pinned memory
         asynchronously. A copy from ordinary memory waits until everything queued on the GPU has run (torch
         synchronises it), which after the image encoder's launch would leave the CPU idle for its whole run
@@ -385,12 +391,12 @@ class Sam2Segmenter:
         )
         return low_res.float(), iou[:, 0].float()
 
-    def decode(self, features: dict, frame: int, coords):
+    def _decode(self, features: dict, frame: int, coords):
         """The boxes `coords` (from box_coords) of frame `frame` of `features` (from embed)."""
         return self._decoder(coords, *frame_features(features, frame))
 
-    # --- what the pipeline calls ---
-    def segment_batch(self, frames: list[tuple]) -> list[list[MaskCrop]]:
+    # --- a batch of frames ---
+    def _segment_batch(self, frames: list[tuple]) -> list[list[MaskCrop]]:
         """[(prepared input or its Embedding, (height, width), boxes (N, 4) xyxy)] -> one MaskCrop list per frame.
         Frames without boxes cost nothing; the others that are not embedded yet are embedded as one batch, then
         each frame's boxes are decoded from its own embedding: on a GPU as many at once as the largest
@@ -403,11 +409,11 @@ class Sam2Segmenter:
         with torch.inference_mode(), self._autocast():
             # the boxes go to the device before the encoder is launched: nothing after it waits for the GPU
             # until the masks come back in one copy
-            all_coords = [self.box_coords(frames[i][2], frames[i][1]) for i in busy]
+            all_coords = [self._box_coords(frames[i][2], frames[i][1]) for i in busy]
             own = {i: frames[i][0].tensors for i in busy if isinstance(frames[i][0], Embedding)}
             to_embed = [i for i in busy if i not in own]
             if to_embed:
-                features = self.embed(torch.stack([frames[i][0] for i in to_embed]).to(self.device))
+                features = self._encode(torch.stack([frames[i][0] for i in to_embed]).to(self.device))
                 own.update((i, frame_features(features, k)) for k, i in enumerate(to_embed))
             low_res, ious = [], []
             for i, coords in zip(busy, all_coords):
@@ -420,7 +426,7 @@ class Sam2Segmenter:
             windows = [[tuple(w) for w in pixel_windows(b, frames[i][1]).tolist()] for b, i in zip(boxes32, busy)]
             sizes = [frames[i][1] for i, frame_windows in zip(busy, windows) for _ in frame_windows]
             flat_windows = [w for frame_windows in windows for w in frame_windows]
-            masks = self.upsample_crops(self.postprocess_logits(torch.cat(low_res)), flat_windows, sizes)
+            masks = self._upsample_crops(self._postprocess_logits(torch.cat(low_res)), flat_windows, sizes)
             scores = np.clip(torch.cat(ious).cpu().numpy(), 0.0, 1.0)
         crops = iter(MaskCrop(w, m, float(s)) for w, m, s in zip(flat_windows, masks, scores))
         for i, frame_windows in zip(busy, windows):
@@ -436,24 +442,17 @@ class Sam2Segmenter:
         with torch.inference_mode(), self._autocast():
             for start in range(0, len(images), step):
                 chunk = images[start : start + step]
-                features = self.embed(torch.stack([make() for make, _ in chunk]).to(self.device))
+                features = self._encode(torch.stack([make() for make, _ in chunk]).to(self.device))
                 for k, (_, hw) in enumerate(chunk):
                     out.append(Embedding(tuple(t.clone() for t in frame_features(features, k)), hw))
         return out
 
-    def segment(self, rgb: np.ndarray, boxes: np.ndarray) -> list[MaskCrop]:
-        """RGB uint8 (H, W, 3) and float boxes (N, 4) xyxy -> one MaskCrop per box."""
-        if len(boxes) == 0:
-            return []
-        prepared, hw = self.prepare_rgb(rgb)
-        return self.segment_batch([(prepared, hw, boxes)])[0]
-
-    def postprocess_logits(self, low_res):
+    def _postprocess_logits(self, low_res):
         """The reference predictor's clean-up of low-resolution logits before upsampling: none for SAM2.1
         (SAM2ImagePredictor's hole and sprinkle areas default to 0)."""
         return low_res
 
-    def upsample_crops(self, low_res, windows: list, sizes: list, budget: int = 1 << 23) -> list[np.ndarray]:
+    def _upsample_crops(self, low_res, windows: list, sizes: list, budget: int = 1 << 23) -> list[np.ndarray]:
         """Bilinear samples of the (N, 1, h, w) logits at each window's pixel centres, thresholded at 0:
         box j's crop of what F.interpolate of its logits to its frame's (height, width) would give.
 
@@ -481,7 +480,7 @@ class Sam2Segmenter:
             box = np.asarray([windows[j] for j in group], np.float32)
             # the per-pixel scale 2 / size as float32 of the float64 quotient, as a Python scalar would give
             scale = np.asarray([(2.0 / sizes[j][1], 2.0 / sizes[j][0]) for j in group], np.float32)
-            scale, corner = (self.to_device(a).to(device) for a in (scale, box[:, :2]))
+            scale, corner = (self._to_device(a).to(device) for a in (scale, box[:, :2]))
             xs = (corner[:, :1] + torch.arange(wide, device=device, dtype=torch.float32) + 0.5) * scale[:, :1] - 1.0
             ys = (corner[:, 1:] + torch.arange(tall, device=device, dtype=torch.float32) + 0.5) * scale[:, 1:] - 1.0
             grid = torch.stack([xs[:, None, :].expand(-1, tall, -1), ys[:, :, None].expand(-1, -1, wide)], dim=-1)

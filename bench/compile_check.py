@@ -43,11 +43,11 @@ def compare(segmenter, prepared, coords, repeats: int) -> dict:
 
     out: dict = {}
     with torch.inference_mode(), segmenter._autocast():
-        features = segmenter.embed(prepared[None])
+        features = segmenter._encode(prepared[None])
         frame = (features["image_embed"], *features["high_res_feats"])
-        logits, _ = segmenter.decode(features, 0, coords)
-        out["encoder_ms"] = ms(lambda: segmenter.embed(prepared[None]))
-        out["decoder_ms"] = ms(lambda: segmenter.decode(features, 0, coords))
+        logits, _ = segmenter._decode(features, 0, coords)
+        out["encoder_ms"] = ms(lambda: segmenter._encode(prepared[None]))
+        out["decoder_ms"] = ms(lambda: segmenter._decode(features, 0, coords))
         for name, forward, x, fixed in (
             ("encoder", segmenter._embed, prepared[None], ()),
             ("decoder", segmenter._decode_boxes, coords, frame),
@@ -90,8 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     if settings.cuda_graphs:
         segmenter.use_cuda_graphs(1)
     data = (REPO_ROOT / "samples" / args.image).read_bytes()
-    prepared, hw = segmenter.prepare(data, settings.max_image_bytes, settings.max_image_pixels)
-    coords = segmenter.box_coords(grid_boxes(hw, args.boxes), hw)
+    prepared, hw = segmenter._prepare(data, settings.max_image_bytes, settings.max_image_pixels)
+    coords = segmenter._box_coords(grid_boxes(hw, args.boxes), hw)
     result = {"segmenter": f"{spec.kind} {spec.variant}", "runtime": segmenter.runtime, "boxes": args.boxes}
     result |= compare(segmenter, prepared, coords, args.repeats)
     print(json.dumps(result, indent=2))

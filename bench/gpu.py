@@ -369,34 +369,34 @@ def pieces(local, data: bytes, threshold: float, repeats: int, gpu: bool) -> dic
     boxes, logits = det.run([x])
     detections, seg_index, _ = select(boxes, logits, untiled(hw), threshold, local.meta, s.max_detections)
     seg_boxes = detections.boxes[seg_index]
-    prepared, hw = seg.prepare(data, s.max_image_bytes, s.max_image_pixels)
+    prepared, hw = seg._prepare(data, s.max_image_bytes, s.max_image_pixels)
     windows = [tuple(w) for w in pixel_windows(np.asarray(seg_boxes, np.float32), hw).tolist()]
     with torch.inference_mode(), seg._autocast():
-        features = seg.embed(prepared[None])
-        coords = seg.box_coords(seg_boxes, hw)
-        low_res, _ = seg.decode(features, 0, coords)
+        features = seg._encode(prepared[None])
+        coords = seg._box_coords(seg_boxes, hw)
+        low_res, _ = seg._decode(features, 0, coords)
         repeated = {n: coords[:1].expand(n, 2, 2).contiguous() for n in ((1, 2, 4, 8, 12, 16) if gpu else (1, 4))}
         out = {
             "detector_prepare": ms(lambda: det.prepare(data)),
             "detector_forward_b1": ms(lambda: det.run([x])),
             "detector_forward_b8_per_frame": ms(lambda: det.run([x] * 8), 8),
-            "sam_prepare": ms(lambda: seg.prepare(data, s.max_image_bytes, s.max_image_pixels)),
-            "sam_encoder_b1": ms(lambda: seg.embed(prepared[None])),
-            f"sam_encoder_b{batch}_per_frame": ms(lambda: seg.embed(torch.stack([prepared] * batch)), batch),
-            f"sam_decoder_{len(seg_boxes)}_boxes": ms(lambda: seg.decode(features, 0, coords)),
+            "sam_prepare": ms(lambda: seg._prepare(data, s.max_image_bytes, s.max_image_pixels)),
+            "sam_encoder_b1": ms(lambda: seg._encode(prepared[None])),
+            f"sam_encoder_b{batch}_per_frame": ms(lambda: seg._encode(torch.stack([prepared] * batch)), batch),
+            f"sam_decoder_{len(seg_boxes)}_boxes": ms(lambda: seg._decode(features, 0, coords)),
             # how the decoder's time grows with the boxes (each replays the graph of its count): padding's cost
-            "sam_decoder_ms_by_boxes": {n: ms(lambda c=c: seg.decode(features, 0, c)) for n, c in repeated.items()},
+            "sam_decoder_ms_by_boxes": {n: ms(lambda c=c: seg._decode(features, 0, c)) for n, c in repeated.items()},
             f"sam_mask_crops_{len(seg_boxes)}_boxes": ms(
-                lambda: seg.upsample_crops(low_res, windows, [hw] * len(windows))
+                lambda: seg._upsample_crops(low_res, windows, [hw] * len(windows))
             ),
         }
-    out["sam_whole_frame"] = ms(lambda: seg.segment_batch([(prepared, hw, seg_boxes)]))
+    out["sam_whole_frame"] = ms(lambda: seg._segment_batch([(prepared, hw, seg_boxes)]))
     if gpu:  # where the CPU waits for the card in a frame's SAM work: only the masks' copy back should
-        out["sam_whole_frame_gpu_waits"] = gpu_waits(lambda: seg.segment_batch([(prepared, hw, seg_boxes)]))
+        out["sam_whole_frame_gpu_waits"] = gpu_waits(lambda: seg._segment_batch([(prepared, hw, seg_boxes)]))
         # decoding and the model inputs: none (nvJPEG waits on a stream of its own)
         out["detector_prepare_gpu_waits"] = gpu_waits(lambda: det.prepare(data))
-        out["sam_prepare_gpu_waits"] = gpu_waits(lambda: seg.prepare(data, s.max_image_bytes, s.max_image_pixels))
-    masks = [c.mask for c in seg.segment_batch([(prepared, hw, seg_boxes)])[0]]
+        out["sam_prepare_gpu_waits"] = gpu_waits(lambda: seg._prepare(data, s.max_image_bytes, s.max_image_pixels))
+    masks = [c.mask for c in seg._segment_batch([(prepared, hw, seg_boxes)])[0]]
     out[f"geometry_{len(masks)}_masks_one_core"] = ms(lambda: measure_all(masks))
     processes = serving_plan(s, gpu).geometry_workers
     if processes > 1:  # what the geometry step does with the serving plan's workers

@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = (REPO_ROOT / "samples" / args.image).read_bytes()
     rgb = decode_image(data, settings.max_image_bytes, settings.max_image_pixels)
-    prepared, hw = seg.prepare(data, settings.max_image_bytes, settings.max_image_pixels)
+    prepared, hw = seg._prepare(data, settings.max_image_bytes, settings.max_image_pixels)
     boxes = grid_boxes(hw, args.boxes)
 
     def ms(fn, per: int = 1) -> float:
@@ -106,16 +106,16 @@ def main(argv: list[str] | None = None) -> int:
         return round(float(np.median(times)) * 1000 / per, 2)
 
     with torch.inference_mode(), seg._autocast():
-        features = seg.embed(prepared[None])
-        coords = seg.box_coords(boxes, hw)
+        features = seg._encode(prepared[None])
+        coords = seg._box_coords(boxes, hw)
         result["pieces_ms"] = {
-            "prepare": ms(lambda: seg.prepare(data, settings.max_image_bytes, settings.max_image_pixels)),
-            "encoder_b1": ms(lambda: seg.embed(prepared[None])),
-            "encoder_b2_per_frame": ms(lambda: seg.embed(torch.stack([prepared] * 2)), 2),
-            f"decoder_{len(boxes)}_boxes": ms(lambda: seg.decode(features, 0, coords)),
+            "prepare": ms(lambda: seg._prepare(data, settings.max_image_bytes, settings.max_image_pixels)),
+            "encoder_b1": ms(lambda: seg._encode(prepared[None])),
+            "encoder_b2_per_frame": ms(lambda: seg._encode(torch.stack([prepared] * 2)), 2),
+            f"decoder_{len(boxes)}_boxes": ms(lambda: seg._decode(features, 0, coords)),
         }
-    result["pieces_ms"]["whole_frame"] = ms(lambda: seg.segment_batch([(prepared, hw, boxes)]))
-    crops = seg.segment_batch([(prepared, hw, boxes)])[0]
+    result["pieces_ms"]["whole_frame"] = ms(lambda: seg._segment_batch([(prepared, hw, boxes)]))
+    crops = seg._segment_batch([(prepared, hw, boxes)])[0]
     result["memory_after_frames"] = memory(device)
 
     # Meta's path on the same weights and boxes (its builder and loader, its processor; bf16 on a GPU)

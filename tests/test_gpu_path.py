@@ -434,14 +434,14 @@ def test_batched_segmenter_equals_frame_by_frame(exported):
     pier_boxes = np.array([[100, 50, 300, 200], [10, 10, 60, 90]], np.float32)
     wall_boxes = np.array([[50, 60, 300, 500]], np.float32)
     frames = [
-        (*segmenter.prepare_rgb(pier), pier_boxes),
-        (*segmenter.prepare_rgb(wall), np.zeros((0, 4), np.float32)),  # a frame without defects costs nothing
-        (*segmenter.prepare_rgb(wall), wall_boxes),
+        (*segmenter._prepare_rgb(pier), pier_boxes),
+        (*segmenter._prepare_rgb(wall), np.zeros((0, 4), np.float32)),  # a frame without defects costs nothing
+        (*segmenter._prepare_rgb(wall), wall_boxes),
     ]
-    together = segmenter.segment_batch(frames)
+    together = segmenter._segment_batch(frames)
     assert [len(c) for c in together] == [2, 0, 1]
     for crops, (rgb, boxes) in zip((together[0], together[2]), ((pier, pier_boxes), (wall, wall_boxes))):
-        for batched, alone in zip(crops, segmenter.segment(rgb, boxes)):
+        for batched, alone in zip(crops, segmenter._segment_batch([(*segmenter._prepare_rgb(rgb), boxes)])[0]):
             assert batched.box == alone.box
             assert (batched.mask == alone.mask).mean() >= 0.999
             assert batched.score == pytest.approx(alone.score, abs=1e-4)
@@ -549,21 +549,21 @@ def test_one_decoder_call_for_the_boxes_of_a_frame(exported):
     segmenter, _ = load_segmenter(load_settings())
     pier = decode_image((SAMPLES / "pier_spalling.png").read_bytes(), BIG, BIG)
     wall = decode_image((SAMPLES / "tunnel_wall_exif.jpg").read_bytes(), BIG, BIG)
-    prepared = [segmenter.prepare_rgb(pier), segmenter.prepare_rgb(wall)]
+    prepared = [segmenter._prepare_rgb(pier), segmenter._prepare_rgb(wall)]
     boxes = np.array([[100, 50, 300, 200], [10, 10, 60, 90], [0, 0, 600, 800]], np.float32)
     with torch.inference_mode():
-        features = segmenter.embed(torch.stack([p for p, _ in prepared]))
-        coords = segmenter.box_coords(boxes, prepared[1][1])
-        together, iou_together = segmenter.decode(features, 1, coords)
+        features = segmenter._encode(torch.stack([p for p, _ in prepared]))
+        coords = segmenter._box_coords(boxes, prepared[1][1])
+        together, iou_together = segmenter._decode(features, 1, coords)
         padded = torch.cat([coords, torch.zeros(5, 2, 2)])  # what a replayed 8-box graph computes
-        with_padding, iou_padded = segmenter.decode(features, 1, padded)
+        with_padding, iou_padded = segmenter._decode(features, 1, padded)
         for i in range(len(boxes)):
-            alone, iou_alone = segmenter.decode(features, 1, coords[i : i + 1])
+            alone, iou_alone = segmenter._decode(features, 1, coords[i : i + 1])
             assert torch.allclose(together[i], alone[0], atol=1e-4)
             assert torch.allclose(with_padding[i], alone[0], atol=1e-4)
             assert float(iou_together[i]) == pytest.approx(float(iou_alone[0]), abs=1e-5)
             assert float(iou_padded[i]) == pytest.approx(float(iou_alone[0]), abs=1e-5)
-        other, _ = segmenter.decode(features, 0, coords[:1])
+        other, _ = segmenter._decode(features, 0, coords[:1])
     assert not torch.allclose(together[0], other[0], atol=1e-3)
 
 
@@ -592,10 +592,10 @@ def test_sam_compile_serves_the_encoder_compiled_with_the_same_masks(exported, m
     boxes = np.array([[100, 80, 700, 400], [900, 500, 1500, 1000]], np.float32)
     results = []
     for segmenter in (eager, compiled):
-        prepared, hw = segmenter.prepare(data, BIG, BIG)
+        prepared, hw = segmenter._prepare(data, BIG, BIG)
         with torch.inference_mode():
-            features = segmenter.embed(prepared[None])
-        results.append((features, segmenter.segment_batch([(prepared, hw, boxes)])[0]))
+            features = segmenter._encode(prepared[None])
+        results.append((features, segmenter._segment_batch([(prepared, hw, boxes)])[0]))
     (want, want_crops), (got, got_crops) = results
     scale = float(want["image_embed"].abs().max())
     assert float((got["image_embed"] - want["image_embed"]).abs().max()) < 1e-4 * scale
@@ -614,15 +614,15 @@ def test_sam_compile_all_compiles_the_decoder_once_for_every_box_count(exported,
 
     eager, compiled = eager_and_compiled("all", monkeypatch, tmp_path)
     assert compiled.runtime.count("compiled by inductor") == 2 and "compiled" not in eager.runtime
-    prepared, hw = eager.prepare((SAMPLES / "bridge_deck.jpg").read_bytes(), BIG, BIG)
+    prepared, hw = eager._prepare((SAMPLES / "bridge_deck.jpg").read_bytes(), BIG, BIG)
     boxes = np.array([[100, 80, 700, 400], [900, 500, 1500, 1000], [50, 600, 400, 1050], [1200, 60, 1900, 300],
                       [700, 300, 1100, 700]], np.float32)  # fmt: skip
     with torch.inference_mode():
-        features = eager.embed(prepared[None])
+        features = eager._encode(prepared[None])
         graphs = counters["stats"]["unique_graphs"]
         for n in (1, 2, 3, 5):
-            coords = eager.box_coords(boxes[:n], hw)
-            (want, want_iou), (got, got_iou) = eager.decode(features, 0, coords), compiled.decode(features, 0, coords)
+            coords = eager._box_coords(boxes[:n], hw)
+            (want, want_iou), (got, got_iou) = eager._decode(features, 0, coords), compiled._decode(features, 0, coords)
             assert got.shape == want.shape == (n, 1, 256, 256)
             assert float(((got > 0) != (want > 0)).float().mean()) < 1e-3
             assert torch.allclose(got_iou, want_iou, atol=1e-4)
@@ -638,13 +638,13 @@ def test_a_failed_compile_leaves_sam_eager_and_says_so(exported, monkeypatch, tm
     from torch._inductor.utils import fresh_cache
 
     eager, compiled = eager_and_compiled("all", monkeypatch, tmp_path)
-    prepared, hw = eager.prepare((SAMPLES / "bridge_deck.jpg").read_bytes(), BIG, BIG)
+    prepared, hw = eager._prepare((SAMPLES / "bridge_deck.jpg").read_bytes(), BIG, BIG)
     boxes = np.array([[100, 80, 700, 400], [900, 500, 1500, 1000]], np.float32)
-    want = eager.segment_batch([(prepared, hw, boxes)])[0]
+    want = eager._segment_batch([(prepared, hw, boxes)])[0]
     torch._dynamo.reset()
     # fresh caches: nothing an earlier test of this process compiled is reused, so inductor must build
     with fresh_cache(), inductor.patch({"cpp.cxx": ("/nonexistent/c++",)}):
-        got = compiled.segment_batch([(prepared, hw, boxes)])[0]
+        got = compiled._segment_batch([(prepared, hw, boxes)])[0]
     assert [c.box for c in got] == [c.box for c in want]
     assert all(np.array_equal(a.mask, b.mask) and a.score == b.score for a, b in zip(want, got))
     assert compiled.runtime.count("eager (torch.compile failed: InductorError)") == 2, compiled.runtime
@@ -680,7 +680,7 @@ def test_mask_crops_are_the_full_frame_upsample_cut_to_the_box(exported):
     windows = [(0, 0, 1920, 1080), (100, 200, 130, 900), (5, 7, 300, 400), (5000, 3000, 6000, 4000), (0, 0, 23, 17),
                (1919, 1079, 1920, 1080)]  # fmt: skip
     for budget in (1 << 23, 200_000):
-        crops = segmenter.upsample_crops(low_res, windows, sizes, budget=budget)
+        crops = segmenter._upsample_crops(low_res, windows, sizes, budget=budget)
         for j, ((x0, y0, x1, y1), (h, w)) in enumerate(zip(windows, sizes)):
             full = torch.nn.functional.interpolate(low_res[j : j + 1], (h, w), mode="bilinear", align_corners=False)
             expected = (full[0, 0] > 0).numpy()[y0:y1, x0:x1]
