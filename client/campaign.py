@@ -1,5 +1,5 @@
-"""An inspection campaign through the service: folders, globs and videos in; JSON Lines, COCO, CSV and
-annotated images out (`anomaly detect PATH... --out DIR`, README "Inspection campaigns").
+"""An inspection campaign through the service: folders, globs and videos in; JSON Lines, annotated images and
+the exports (client.exports: COCO, CSV) out (`anomaly detect PATH... --out DIR`, docs/campaigns.md).
 
 Frames are read lazily (a video frame by frame at the asked rate), sent with a bounded number of requests in
 flight, and written as they come back. `results.jsonl` is the record: a re-run skips every frame_id already
@@ -9,7 +9,6 @@ server refuses is reported on stderr and in `errors.jsonl`, and the run goes on.
 
 from __future__ import annotations
 
-import csv
 import glob
 import hashlib
 import json
@@ -22,9 +21,11 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.exports import EXPORT_NAMES, write_exports
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".m4v", ".webm"}
-RESULTS, COCO, CSV, ERRORS, ANNOTATED = "results.jsonl", "coco.json", "defects.csv", "errors.jsonl", "annotated"
+RESULTS, ERRORS, ANNOTATED = "results.jsonl", "errors.jsonl", "annotated"
 
 
 @dataclass
@@ -135,9 +136,11 @@ class Progress:
 
 
 def run_campaign(paths: list[str], out: Path, *, url: str, protocol: str = "grpc", in_flight: int = 4,
-                 fps: float = 1.0, options: dict | None = None, annotate: bool = True) -> dict:  # fmt: skip
-    """Send every frame not yet in out/results.jsonl; write the outputs. -> counts (sent, skipped, failed).
-    Responses are kept whole, masks (COCO RLE) included: the COCO export is made from them."""
+                 fps: float = 1.0, options: dict | None = None, annotate: bool = True,
+                 exports: tuple[str, ...] = EXPORT_NAMES) -> dict:  # fmt: skip
+    """Send every frame not yet in out/results.jsonl; write the outputs, then the `exports` (client.exports) from
+    the whole record. -> counts (sent, skipped, failed). Responses are kept whole, masks (COCO RLE) included: the
+    COCO export is made from them."""
     from client import AnomalyClient, AnomalyServiceError
     from client.annotate import write_annotated
 
@@ -197,7 +200,7 @@ def run_campaign(paths: list[str], out: Path, *, url: str, protocol: str = "grpc
             wait([future])
             finish(pending.pop(future), future)
     progress.close()
-    write_exports(out)
+    write_exports(out, read_results(out), exports)
     return counts
 
 
@@ -215,86 +218,3 @@ def read_results(out: Path) -> list[dict]:
             except ValueError:
                 continue
     return responses
-
-
-def write_exports(out: Path) -> None:
-    """coco.json and defects.csv from results.jsonl (the whole campaign, this run's frames and earlier ones)."""
-    responses = read_results(out)
-    (out / COCO).write_text(json.dumps(coco(responses)) + "\n")
-    with open(out / CSV, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
-        writer.writeheader()
-        for row in defect_rows(responses):
-            writer.writerow(row)
-
-
-CSV_FIELDS = (
-    "frame_id", "source", "anomaly_id", "defect_type", "structure_type", "confidence", "x_min", "y_min", "x_max",
-    "y_max", "area_pixels", "length_pixels", "width_pixels", "max_width_pixels", "orientation_degrees",
-    "mm_per_pixel", "area_mm2", "length_mm", "width_mm", "max_width_mm", "severity", "untrained_weights",
-)  # fmt: skip
-
-
-def defect_rows(responses: list[dict]) -> Iterator[dict]:
-    """One CSV row per defect: where, what, on which structure, its measures (mm where the scale is known)."""
-    for response in responses:
-        for a in response["anomalies"]:
-            g = a["geometry"]
-            yield {
-                "frame_id": response["frame_id"],
-                "source": response.get("source", ""),
-                "anomaly_id": a["anomaly_id"],
-                "defect_type": a["defect_type"],
-                "structure_type": a["structure_type"],
-                "confidence": a["confidence"]["combined"],
-                **{k: a["bbox"][k] for k in ("x_min", "y_min", "x_max", "y_max")},
-                **{k: g.get(k, "") for k in CSV_FIELDS if k in g or k.endswith(("_mm", "_mm2"))},
-                "mm_per_pixel": response.get("mm_per_pixel", ""),
-                "severity": a.get("severity", ""),
-                "untrained_weights": response.get("untrained_weights", False),
-            }
-
-
-def coco(responses: list[dict]) -> dict:
-    """COCO instances: one image per frame, one category per defect type, one annotation per defect with its
-    RLE segmentation (full-image, as the service returns it), bbox [x, y, w, h], mask area, and the geometry,
-    severity, structure and confidences as `attributes` (FiftyOne reads them as fields)."""
-    from anomaly.masks import rle_to_mask
-
-    categories: dict[str, int] = {}
-    images, annotations = [], []
-    for image_id, response in enumerate(responses, start=1):
-        size = response["image_size"]
-        images.append({"id": image_id, "file_name": response["frame_id"], "width": size["width"],
-                       "height": size["height"], "source": response.get("source", "")})  # fmt: skip
-        for a in response["anomalies"]:
-            category = categories.setdefault(a["defect_type"], len(categories) + 1)
-            b = a["bbox"]
-            entry = {
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": category,
-                "bbox": [b["x_min"], b["y_min"], b["x_max"] - b["x_min"], b["y_max"] - b["y_min"]],
-                "iscrowd": 0,
-                "score": a["confidence"]["combined"],
-                "attributes": {
-                    "anomaly_id": a["anomaly_id"],
-                    "structure_type": a["structure_type"],
-                    "confidence": a["confidence"],
-                    "severity": a.get("severity"),
-                    **a["geometry"],
-                },
-            }
-            if "mask" in a:
-                entry["segmentation"] = a["mask"]
-                entry["area"] = int(rle_to_mask(a["mask"]).sum())
-            else:
-                entry["area"] = a["geometry"]["area_pixels"]
-            annotations.append(entry)
-    return {
-        "info": {"description": "Infrastructure defects (anomaly-inspection)", "untrained_weights":
-                 any(r.get("untrained_weights") for r in responses)},
-        "images": images,
-        "annotations": annotations,
-        "categories": [{"id": i, "name": name, "supercategory": "defect"} for name, i in categories.items()],
-    }  # fmt: skip

@@ -3,9 +3,9 @@
 anomaly detect IMAGE... [--url HOST:PORT] [--protocol grpc|http] [--threshold T] [--include-masks]
                         [--mm-per-pixel MM] [--annotate-dir DIR]
     Sends each image through Triton's anomaly_pipeline; prints one response JSON object per line.
-anomaly detect PATH... --out DIR [--in-flight N] [--fps F] [...]
-    A campaign: files, folders, globs and videos -> DIR/results.jsonl, coco.json, defects.csv, annotated/
-    (client.campaign); a re-run skips the frames DIR already holds.
+anomaly detect PATH... --out DIR [--in-flight N] [--fps F] [--exports coco,csv] [...]
+    A campaign: files, folders, globs and videos -> DIR/results.jsonl, annotated/ and the exports (coco.json,
+    defects.csv: client.exports) (client.campaign); a re-run skips the frames DIR already holds.
 anomaly report DIR
     DIR/report.html from a campaign's outputs (client.report).
 anomaly measure MASK.png... [--mm-per-pixel MM]
@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
+from client.exports import EXPORT_NAMES
+
 
 def _url(args: argparse.Namespace) -> str:
     from anomaly.config import settings
@@ -31,16 +33,18 @@ def _url(args: argparse.Namespace) -> str:
 
 def _campaign(args: argparse.Namespace) -> int:
     from client.campaign import run_campaign
+    from client.exports import WRITERS
 
     options = {"confidence_threshold": args.threshold, "mm_per_pixel": args.mm_per_pixel, "tiling": args.tiling}
     out = Path(args.out)
     counts = run_campaign(
         args.images, out, url=_url(args), protocol=args.protocol, in_flight=args.in_flight, fps=args.fps,
-        options={k: v for k, v in options.items() if v is not None},
+        options={k: v for k, v in options.items() if v is not None}, exports=args.exports,
     )  # fmt: skip
+    files = ", ".join(WRITERS[name][0] for name in args.exports)
     print(
         f"{counts['sent']} frames answered, {counts['skipped']} already in {out / 'results.jsonl'}, "
-        f"{counts['failed']} failed (errors.jsonl); wrote coco.json, defects.csv, annotated/",
+        f"{counts['failed']} failed (errors.jsonl); wrote {files + ', ' if files else ''}annotated/",
         file=sys.stderr,
     )
     return 2 if counts["failed"] else 0
@@ -124,6 +128,14 @@ def _measure(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
+def _exports(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in EXPORT_NAMES]
+    if unknown:
+        raise argparse.ArgumentTypeError(f"unknown export {unknown[0]!r}; known: {', '.join(EXPORT_NAMES)}")
+    return names
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -150,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--out", help="campaign mode: write results.jsonl, coco.json, defects.csv, annotated/ here")
     detect.add_argument("--in-flight", type=int, default=4, help="requests in flight to the server (campaign)")
     detect.add_argument("--fps", type=_positive, default=1.0, help="frames a second read from videos (campaign)")
+    detect.add_argument(
+        "--exports",
+        type=_exports,
+        default=EXPORT_NAMES,
+        help=f"campaign exports written from results.jsonl, comma-separated (default: {','.join(EXPORT_NAMES)})",
+    )
     detect.set_defaults(run=_detect)
     report = sub.add_parser("report", help="DIR/report.html from a campaign's outputs")
     report.add_argument("dir", metavar="DIR")

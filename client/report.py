@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from client.campaign import ANNOTATED, ERRORS, defect_rows, read_results, safe_name
+from client.campaign import ANNOTATED, ERRORS, read_results, safe_name
+from client.exports import defect_rows
 
 SORT_SCRIPT = """
 document.querySelectorAll('table.sortable th').forEach((th, col) => th.addEventListener('click', () => {

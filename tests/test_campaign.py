@@ -237,3 +237,32 @@ def test_file_names_become_frame_ids_the_service_accepts():
         assert frame_id_for(name) == frame_id
     assert frame_id_for("pier3/DJI_0042.JPG") == "pier3/DJI_0042.JPG"  # a clean name is kept as it is
     assert frame_id_for("a b.jpg") != frame_id_for("a_b.jpg")
+
+
+def test_exports_are_writers_picked_by_name(tmp_path, capsys):
+    """Each export is one writer (client.exports.WRITERS); --exports picks them, an unknown name is refused."""
+    from client.exports import WRITERS, write_exports
+
+    response = {
+        "frame_id": "a.jpg",
+        "image_size": {"width": 8, "height": 6},
+        "anomalies": [
+            {
+                "anomaly_id": "anom_1",
+                "defect_type": "crack",
+                "structure_type": "unknown",
+                "bbox": {"x_min": 1, "y_min": 1, "x_max": 4, "y_max": 3},
+                "geometry": {"area_pixels": 4, "length_pixels": 3.0, "width_pixels": 1.3, "orientation_degrees": 0.0},
+                "confidence": {"detection": 0.9, "segmentation": 0.8, "combined": 0.85},
+            }
+        ],
+    }
+    assert write_exports(tmp_path, [response], ("csv",)) == [tmp_path / "defects.csv"]
+    assert not (tmp_path / "coco.json").exists()
+    rows = list(csv.DictReader((tmp_path / "defects.csv").open()))
+    assert [(r["frame_id"], r["defect_type"], r["length_pixels"]) for r in rows] == [("a.jpg", "crack", "3.0")]
+    write_exports(tmp_path, [response])
+    assert {file for file, _ in WRITERS.values()} <= {p.name for p in tmp_path.iterdir()}
+    with pytest.raises(SystemExit):
+        cli(["detect", "x.jpg", "--out", str(tmp_path), "--exports", "coco,shapefile"])
+    assert "unknown export 'shapefile'" in capsys.readouterr().err
