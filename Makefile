@@ -15,7 +15,7 @@ REGISTRY ?= your-registry
 # Tests and the demo run untrained models (no weights can be downloaded here) and the smallest SAM.
 DEV_ENV := ALLOW_UNTRAINED_WEIGHTS=$${ALLOW_UNTRAINED_WEIGHTS:-1} SAM2_VARIANT=$${SAM2_VARIANT:-tiny}
 
-.PHONY: help venv triton browser models serve demo test unit perf bench bench-gpu soak lint lock image-lock hub docker-build docker-push clean
+.PHONY: help venv triton browser models serve demo test unit perf bench bench-gpu soak lint docs lock image-lock hub docker-build docker-push clean
 
 help:
 	@echo "make serve   pod mode: Triton (HTTP 8000, gRPC 8001, metrics 8002) + REST gateway (8080)"
@@ -31,6 +31,7 @@ help:
 	@echo "make browser chromium-headless-shell in .browser/ (the report test opens the report in it)"
 	@echo "make image-lock  resolve requirements-image.lock for the image's Python 3.12"
 	@echo "make hub     write .runpod/hub.json, .runpod/tests.json and test_input.json from the settings"
+	@echo "make docs    write docs/configuration.md from the settings table (anomaly/config.py)"
 	@echo "make docker-build / docker-push  the pod/serverless image (Dockerfile)"
 
 venv: $(VENV_STAMP)
@@ -119,6 +120,10 @@ lock: $(VENV_STAMP)
 # What the container image installs besides torch: resolved for the base image's Python 3.12 (runpod_handler/image.py).
 image-lock: $(VENV_STAMP)
 	$(PY) -m runpod_handler.image
+
+# docs/configuration.md from the settings table; tests/test_docs.py fails when it is stale.
+docs: $(VENV_STAMP)
+	$(PY) -m anomaly.config --markdown > docs/configuration.md
 
 # The RunPod Hub files (.runpod/hub.json, .runpod/tests.json) and test_input.json, from the settings table.
 hub: $(VENV_STAMP)

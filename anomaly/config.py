@@ -1,8 +1,9 @@
 """Every environment variable the service reads, with its default, in one place.
 
-Each Knob carries its parser, and `Settings` (its fields, their types, their checking) is derived from the
-KNOBS table, so a setting is written once. `settings()` reads them once per process. The README's table is
-checked against KNOBS by a test, so a knob added here without documentation fails the suite.
+Each Knob carries its default, its description and its parser; `Settings` has a typed field per knob, which an
+editor and a type checker see (a test holds the two together). `settings()` reads them once per process.
+docs/configuration.md is generated from KNOBS (`python -m anomaly.config --markdown`), and a test fails when it
+is stale.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
-from dataclasses import dataclass, make_dataclass
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ class Knob:
     choices: tuple[str, ...] = ()  # the values it accepts, where it is a choice (checked, and listed on the Hub)
     parse: Parser | None = None  # None: the text as it is
     field: str = ""  # its name in Settings (default: the knob's name in lower case)
+    section: str = ""  # set on the first knob of a group: the heading docs/configuration.md gives the group
 
     @property
     def setting(self) -> str:
@@ -153,7 +155,6 @@ def _auto_is_on(knob: Knob, raw: str, parsed: dict) -> bool:
 
 
 KNOBS: tuple[Knob, ...] = (
-    # --- the original RunPod API's variables (names and meanings kept) ---
     Knob(
         "RUNPOD_SERVERLESS",
         "false",
@@ -162,9 +163,15 @@ KNOBS: tuple[Knob, ...] = (
         ("false", "true", "lb"),
         parse=_runpod_mode,
         field="runpod_mode",
+        section="The deployment guide's variables (names and meanings kept)",
     ),
     Knob("DETECTOR_VARIANT", "medium", "RF-DETR size: `nano`, `small`, `medium` or `large`", VARIANTS, parse=_choice),
-    Knob("DETECTOR_WEIGHTS", "", "path to fine-tuned RF-DETR weights (.pth); empty: official COCO weights"),
+    Knob(
+        "DETECTOR_WEIGHTS",
+        "",
+        "path to fine-tuned RF-DETR weights (.pth; one that `anomaly train` or rfdetr wrote is served as the size and "
+        "with the classes it says); empty: official COCO weights",
+    ),
     Knob(
         "DETECTOR_NUM_CLASSES",
         "",
@@ -197,8 +204,12 @@ KNOBS: tuple[Knob, ...] = (
         "load-balancing mode: the port of `/ping` (RunPod sets it; default `PORT`)",
         parse=_port_health,
     ),
-    # --- detector ---
-    Knob("DETECTOR_LABELS", "", "labels file (JSON or one name per line) overriding the checkpoint's classes"),
+    Knob(
+        "DETECTOR_LABELS",
+        "",
+        "labels file (JSON or one name per line) overriding the checkpoint's classes",
+        section="Detector",
+    ),
     Knob(
         "ALLOW_UNTRAINED_WEIGHTS",
         "0",
@@ -207,17 +218,22 @@ KNOBS: tuple[Knob, ...] = (
         field="allow_untrained",
     ),
     Knob("MAX_DETECTIONS", "100", "most defects segmented per image; more are reported in `warnings`", parse=_int),
-    # --- segmenter ---
     Knob(
         "SAM2_VARIANT",
         "large",
         "SAM2.1 size when no checkpoint names it: `tiny`, `small`, `base_plus`, `large`",
         SAM2_VARIANTS,
         parse=_choice,
+        section="Segmenter",
     ),
     Knob("WEIGHTS_DIR", str(REPO_ROOT / "weights"), "where exported and untrained weights are kept", parse=_path),
-    # --- images ---
-    Knob("MAX_IMAGE_BYTES", str(40 * 1024 * 1024), "largest encoded image accepted, in bytes", parse=_int),
+    Knob(
+        "MAX_IMAGE_BYTES",
+        str(40 * 1024 * 1024),
+        "largest encoded image accepted, in bytes",
+        parse=_int,
+        section="Images",
+    ),
     Knob("MAX_IMAGE_PIXELS", str(50_000_000), "largest decoded image accepted, width x height", parse=_int),
     Knob(
         "TILING",
@@ -229,9 +245,12 @@ KNOBS: tuple[Knob, ...] = (
         parse=_choice,
     ),
     Knob("TILE_OVERLAP", "64", "pixels neighbouring detector tiles share (at most half a tile)", parse=_count),
-    # --- measurement ---
     Knob(
-        "MM_PER_PIXEL", "", "default pixel size in mm; adds `*_mm` fields and crack severity", parse=_optional_positive
+        "MM_PER_PIXEL",
+        "",
+        "default pixel size in mm; adds `*_mm` fields and crack severity",
+        parse=_optional_positive,
+        section="Measurement",
     ),
     Knob(
         "SEVERITY_THRESHOLDS_MM",
@@ -239,8 +258,13 @@ KNOBS: tuple[Knob, ...] = (
         "crack max-width band limits in mm (hairline/fine/medium/wide)",
         parse=_severity,
     ),
-    # --- Triton ---
-    Knob("MODEL_REPOSITORY", str(REPO_ROOT / "model_repository"), "Triton model repository", parse=_path),
+    Knob(
+        "MODEL_REPOSITORY",
+        str(REPO_ROOT / "model_repository"),
+        "Triton model repository",
+        parse=_path,
+        section="Triton, the REST gateway and the serverless worker",
+    ),
     Knob("TRITON_HOST", "127.0.0.1", "address Triton binds (a container sets 0.0.0.0)"),
     Knob("TRITON_HTTP_PORT", "8000", "Triton HTTP port", parse=_int),
     Knob("TRITON_GRPC_PORT", "8001", "Triton gRPC port", parse=_int),
@@ -282,7 +306,6 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob("COMPUTE_THREADS", "", "CPU threads for the detector and the segmenter (default: all cores)", parse=_threads),
     Knob("DEVICE", "auto", "`auto`, `cpu` or `cuda`", ("auto", "cpu", "cuda"), parse=_choice),
-    # --- serving on GPUs (README, "Concurrency") ---
     Knob(
         "DETECTOR_BACKEND",
         "auto",
@@ -290,6 +313,7 @@ KNOBS: tuple[Knob, ...] = (
         "provider, else torch on a GPU; onnxruntime on a CPU)",
         ("auto", "tensorrt", "onnxruntime", "torch"),
         parse=_choice,
+        section="Serving on GPUs",
     ),
     Knob(
         "DETECTOR_PRECISION",
@@ -326,10 +350,10 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "HIDE_GPU_FROM_TRITON",
-        "auto",
-        "`auto`: on a GPU machine tritonserver itself starts with the GPU hidden (its steps pass only CPU tensors, "
-        "and a CUDA context of its own held 0.5 GB on an H100); the detector's and SAM's processes see it again; "
-        "`off`: tritonserver sees the GPU (then Triton's /metrics include GPU metrics)",
+        "off",
+        "`off`: tritonserver sees the GPU (Triton's /metrics include GPU metrics); `auto` (on trial, docs/"
+        "performance.md): on a GPU machine tritonserver itself starts with the GPU hidden (its steps pass only CPU "
+        "tensors, and a CUDA context of its own held 0.5 GB on an H100), the detector's and SAM's processes see it",
         ("auto", "off"),
         parse=_auto_is_on,
     ),
@@ -344,19 +368,19 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "OVERLAP_BATCHES",
-        "auto",
-        "`auto`: the detector and SAM, where they run on a GPU, take the next batch in (checks, decoding) while the "
-        "card runs the last one, and answer from a thread of their own; `on`: on a CPU too; `off`: one batch at a "
-        "time inside Triton's execute",
+        "off",
+        "`off`: one batch at a time inside Triton's execute; `auto` (on trial, docs/performance.md): the detector "
+        "and SAM, where they run on a GPU, take the next batch in (checks, decoding) while the card runs the last "
+        "one, and answer from a thread of their own; `on`: on a CPU too",
         ("auto", "on", "off"),
         parse=_choice,
     ),
     Knob(
         "EARLY_EMBEDDING",
-        "auto",
-        "`auto`: on a GPU machine the ensemble asks SAM to embed each frame from its image alone, in parallel with "
-        "the detector, while SAM has nothing else to do, and its boxes are decoded from that embedding; `on`: on a "
-        "CPU too; `off`: SAM embeds each frame once its boxes are known",
+        "off",
+        "`off`: SAM embeds each frame once its boxes are known; `auto` (on trial, docs/performance.md): on a GPU "
+        "machine the ensemble asks SAM to embed each frame from its image alone, in parallel with the detector, "
+        "while SAM has nothing else to do, and its boxes are decoded from that embedding; `on`: on a CPU too",
         ("auto", "on", "off"),
         parse=_choice,
     ),
@@ -370,9 +394,9 @@ KNOBS: tuple[Knob, ...] = (
     ),
     Knob(
         "GEOMETRY_WORKERS",
-        "auto",
-        "processes measuring one frame's masks, the geometry step's own included (auto: cores / 4, at most 4, on a "
-        "GPU machine; 1 on a CPU)",
+        "1",
+        "processes measuring one frame's masks, the geometry step's own included; `auto` (on trial, docs/"
+        "performance.md): cores / 4, at most 4, on a GPU machine, 1 on a CPU",
         parse=_auto_int,
     ),
 )
@@ -388,25 +412,65 @@ def env(name: str) -> str:
     return value if value else _DEFAULTS[name]
 
 
-# One field per knob, typed by what its parser returns (plain text where it has none).
-Settings = make_dataclass(
-    "Settings",
-    [(k.setting, k.parse.__annotations__["return"] if k.parse else "str") for k in KNOBS],
-    frozen=True,
-)
-Settings.__doc__ = "Every knob, parsed: `settings().tiling`, `settings().max_detections`, ..."
-Settings.__module__ = __name__  # make_dataclass would leave `types`, and pickling (e.g. to a worker process) fail
+@dataclass(frozen=True)
+class Settings:
+    """Every knob, parsed: one field per KNOBS entry, in its order, named as its `setting` and typed as its parser
+    returns (tests/test_repository.py holds the two together)."""
 
-
-# Settings that were renamed: a deployment still setting the old name is told, not silently ignored.
-RENAMED = {"GEOMETRY_THREADS": "GEOMETRY_WORKERS (processes: the thinning holds the GIL, threads did not help)"}
+    runpod_mode: str
+    detector_variant: str
+    detector_weights: str
+    detector_num_classes: int | None
+    sam_model_path: str
+    segmenter: str
+    confidence_threshold: float
+    api_host: str
+    api_port: int
+    api_key: str
+    port: int
+    port_health: int
+    detector_labels: str
+    allow_untrained: bool
+    max_detections: int
+    sam2_variant: str
+    weights_dir: Path
+    max_image_bytes: int
+    max_image_pixels: int
+    tiling: str
+    tile_overlap: int
+    mm_per_pixel: float | None
+    severity_thresholds_mm: tuple[float, float, float]
+    model_repository: Path
+    triton_host: str
+    triton_http_port: int
+    triton_grpc_port: int
+    triton_metrics_port: int
+    triton_home: str
+    triton_trace_file: str
+    triton_url: str
+    max_batch_images: int
+    max_request_bytes: int
+    runpod_concurrency: int
+    triton_ready_timeout: int
+    shutdown_grace_s: float
+    compute_threads: int
+    device: str
+    detector_backend: str
+    detector_precision: str
+    batch_frames: int | None
+    cuda_graphs: bool
+    sam_compile: str
+    hide_gpu_from_triton: bool
+    cuda_mps: str
+    overlap_batches: str
+    early_embedding: str
+    batch_delay_us: int
+    step_instances: int | None
+    geometry_workers: int | None
 
 
 def load_settings() -> Settings:
     """Read every knob from the environment, raising ConfigError naming the first bad one."""
-    for old, new in RENAMED.items():
-        if os.environ.get(old):
-            raise ConfigError(f"{old} was renamed {new}; set that instead")
     parsed: dict[str, Any] = {}
     for knob in KNOBS:
         raw = env(knob.name)
@@ -418,3 +482,36 @@ def load_settings() -> Settings:
 def settings() -> Settings:
     """The process-wide settings, read once."""
     return load_settings()
+
+
+def configuration_markdown() -> str:
+    """docs/configuration.md: every knob, by section, with its default and what it does (`make docs` writes it)."""
+
+    def default(knob: Knob) -> str:
+        if knob.default.startswith(str(REPO_ROOT)):
+            return f"`{Path(knob.default).relative_to(REPO_ROOT)}/`"
+        return f"`{knob.default}`" if knob.default else ""
+
+    lines = [
+        "# Configuration",
+        "",
+        "<!-- Generated from anomaly/config.py (KNOBS) by `make docs`; tests/test_docs.py fails when it is stale. -->",
+        "",
+        "Every setting is an environment variable, read once per process by `anomaly/config.py`. A value that is",
+        "not valid stops the start with a message naming the variable (`CONFIDENCE_THRESHOLD=2 must be at most",
+        "1.0`); an empty value is the default. Per-request options (threshold, masks, pixel size, tiling) are in",
+        "[the API](api.md#request-options); how settings change speed and memory is in [performance](performance.md).",
+    ]
+    for knob in KNOBS:
+        if knob.section:
+            lines += ["", f"## {knob.section}", "", "| variable | default | meaning |", "|---|---|---|"]
+        lines.append(f"| `{knob.name}` | {default(knob)} | {knob.doc.replace('|', '/')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m anomaly.config --markdown   (prints docs/configuration.md)")
+    sys.stdout.write(configuration_markdown())

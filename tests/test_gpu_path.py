@@ -694,11 +694,16 @@ def test_mask_crops_are_the_full_frame_upsample_cut_to_the_box(exported):
 def test_serving_plan_defaults_for_gpu_and_cpu_machines(monkeypatch):
     settings = load_settings()
     gpu = serving_plan(settings, gpu=True, cores=16)
-    assert (gpu.detector_batch, gpu.segmenter_batch, gpu.step_instances, gpu.geometry_workers) == (8, 2, 4, 4)
+    assert (gpu.detector_batch, gpu.segmenter_batch, gpu.step_instances, gpu.geometry_workers) == (8, 2, 4, 1)
+    assert not gpu.early_embedding  # on trial until a GPU run measures it (docs/performance.md)
     cpu = serving_plan(settings, gpu=False, cores=2)
     assert (cpu.detector_batch, cpu.segmenter_batch, cpu.step_instances, cpu.geometry_workers) == (8, 1, 1, 1)
-    # geometry processes follow the cores (each CPU step has cores / 4 instances): 8 cores 2, 4 cores 1, 64 cores 4
-    assert [serving_plan(settings, gpu=True, cores=n).geometry_workers for n in (8, 4, 64)] == [2, 1, 4]
+    # GEOMETRY_WORKERS=auto (on trial): the processes follow the cores (each CPU step has cores / 4 instances)
+    monkeypatch.setenv("GEOMETRY_WORKERS", "auto")
+    monkeypatch.setenv("EARLY_EMBEDDING", "auto")
+    trial = load_settings()
+    assert [serving_plan(trial, gpu=True, cores=n).geometry_workers for n in (8, 4, 16, 64)] == [2, 1, 4, 4]
+    assert serving_plan(trial, gpu=True).early_embedding and not serving_plan(trial, gpu=False).early_embedding
     monkeypatch.setenv("BATCH_FRAMES", "4")
     monkeypatch.setenv("STEP_INSTANCES", "3")
     monkeypatch.setenv("GEOMETRY_WORKERS", "2")
@@ -721,7 +726,7 @@ def test_rendered_configs_carry_the_plan(tmp_path):
     assert (written["segmenter"].max_batch_size, written["detector"].max_batch_size) == (2, 8)
     assert written["segmenter"].dynamic_batching.max_queue_delay_microseconds == 0
     assert [g.count for g in written["geometry"].instance_group] == [4]
-    assert written["geometry"].parameters["workers"].string_value == "4"
+    assert written["geometry"].parameters["workers"].string_value == "1"  # GEOMETRY_WORKERS: on trial
     assert [g.count for g in written["detector"].instance_group] == [1]  # one copy of the weights on the card
     for model in ("detector", "segmenter"):  # batched frames' bytes differ in length: a ragged batch
         encoded = next(i for i in written[model].input if i.name == "ENCODED")

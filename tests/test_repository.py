@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from anomaly.config import KNOBS, ConfigError, load_settings
+from anomaly import config as config_module
+from anomaly.config import KNOBS, ConfigError, Settings, load_settings
 from tests.conftest import REPO
 
 README = (REPO / "README.md").read_text()
@@ -24,23 +25,6 @@ def test_dockerfile_shape():
     assert 'ENTRYPOINT ["python", "-m", "runpod_handler.entrypoint"]' in text
     for port in ("8000", "8001", "8002", "8080"):
         assert port in re.search(r"^EXPOSE (.*)$", text, re.M).group(1)
-
-
-def test_every_knob_has_a_readme_row_with_its_default():
-    """The README's settings table, row by row against anomaly.config.KNOBS: one row per setting, its default
-    as the code has it (paths inside the repository shown relative; an empty default as words or nothing)."""
-    table = README[README.index("## Environment variables") : README.index("## Performance")]
-    rows = {m.group(1): m.group(2).strip() for m in re.finditer(r"^\| `([A-Z0-9_]+)` \|([^|]*)\|", table, re.M)}
-    assert not [k.name for k in KNOBS if k.name not in rows], "README lacks rows"
-    assert not set(rows) - {k.name for k in KNOBS}, "README documents settings the code does not read"
-    for knob in KNOBS:
-        shown = rows[knob.name]
-        if knob.default.startswith(str(REPO)):
-            assert shown == f"`{Path(knob.default).relative_to(REPO)}/`", knob.name
-        elif knob.default:
-            assert shown == f"`{knob.default}`", knob.name
-        else:
-            assert "`" not in shown, knob.name
 
 
 def test_readme_make_targets_exist():
@@ -71,10 +55,16 @@ def test_bad_settings_name_the_variable(monkeypatch, name, value):
         load_settings()
 
 
-def test_a_renamed_setting_is_refused_with_its_new_name(monkeypatch):
-    monkeypatch.setenv("GEOMETRY_THREADS", "4")
-    with pytest.raises(ConfigError, match="GEOMETRY_THREADS was renamed GEOMETRY_WORKERS"):
-        load_settings()
+def test_settings_fields_are_the_knobs():
+    """Settings declares one typed field per knob, in the table's order, typed as the knob's parser returns."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(Settings)
+    assert [f.name for f in dataclasses.fields(Settings)] == [k.setting for k in KNOBS]
+    for knob in KNOBS:
+        parsed = knob.parse.__annotations__["return"] if knob.parse else "str"
+        assert hints[knob.setting] == eval(parsed, vars(config_module)), knob.name  # noqa: S307 - our own annotations
 
 
 def test_every_checked_setting_refuses_nonsense_by_name(monkeypatch):

@@ -10,10 +10,11 @@ ModelConfig message (the protobuf tritonclient ships), so a change is a field se
 
 GPU machine defaults: the detector batches up to 8 concurrent frames and the segmenter up to 2 (the SAM
 image encoder runs them as one batch; on an H100, batch 2 served as many frames/s at concurrency 8 as batch 4,
-39.3 vs 39.8, with the segmenter's GPU memory 3.5 GB instead of 5.4), one instance each (each
-holds its weights once on the card); every CPU step gets cores / 4 instances and geometry shares a frame's
-masks among cores / 4 processes, at most 4 (its own and up to 3 workers). CPU-only machine: one instance of
-everything and no segmenter batching, since SAM's encoder already uses every core.
+39.3 vs 39.8, with the segmenter's GPU memory 3.5 GB instead of 5.4), one instance each (each holds its weights
+once on the card), and every CPU step gets cores / 4 instances. On trial until a GPU run measures them
+(docs/performance.md): geometry shared among cores / 4 processes (GEOMETRY_WORKERS=auto) and the early
+embedding step (EARLY_EMBEDDING=auto). CPU-only machine: one instance of everything and no segmenter batching,
+since SAM's encoder already uses every core.
 """
 
 from __future__ import annotations
