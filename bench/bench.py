@@ -1,14 +1,13 @@
 """`make bench`: the numbers README's Performance section reports, each beside a baseline measured in the same run.
 
 1. geometry: 20 masks of a 1080p inspection frame (bench/scenes.py) measured on their box crops, against
-   the same masks measured on full 1080p frames (what a pipeline that upsamples every mask would do), and
-   against the geometry code of commit 98451c8 (loaded from git, same masks, same process).
+   the same masks measured on full 1080p frames (what a pipeline that upsamples every mask would do).
    Also one typical crack crop (~400 x 300 px, 5 px wide) alone, and 10 of them measured in this process
    against shared with worker processes (GEOMETRY_WORKERS 2 and 4; alternated, medians).
-   The response of one frame (10 defects, 227 structures) against anomaly/result.py of commit fa3b44d.
-2. preprocessing of one 1080p JPEG per frame: what 98451c8's preprocess step did (decode, exact resize)
-   against what the steps do now on a CPU (header check; decode + exact resize in the detector; decode +
-   SAM's transform in the segmenter) and against the same torch functions the GPU path runs, here on the CPU.
+   The response of one frame (10 defects, 227 structures) without masks against with them (include_masks).
+2. preprocessing of one 1080p JPEG per frame: decoded once for both models (one process) against what the
+   steps do on a CPU (header check; decode + exact resize in the detector; decode + SAM's transform in the
+   segmenter) and against the same torch functions the GPU path runs, here on the CPU.
 3. latency: one 1080p frame through the Triton ensemble (gRPC) against the same models and stages run
    in this process (anomaly.pipeline.InProcessPipeline), alternated, median of N.
 4. memory: resident set size of tritonserver and its model processes after the runs.
@@ -26,7 +25,6 @@ import os
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -36,10 +34,6 @@ from anomaly.geometry import measure
 from anomaly.options import RequestOptions
 from bench.scenes import inspection_masks, large_photo
 
-BASELINE_COMMIT = "98451c8"  # the commit measured on the H100 before the GPU path
-GEOMETRY_BEFORE = "74285a8"  # before the orientation from pixel coordinates, cheaper spur walks, banded distances
-RESPONSE_BASELINE = "fa3b44d"  # before the response's ids and structure records were made in bulk
-
 
 def best_of(fn, repeats: int) -> float:
     times = []
@@ -48,27 +42,6 @@ def best_of(fn, repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
-
-
-def _module_at(commit: str, path: str = "anomaly/geometry.py"):
-    """A module of the repository as it was at `commit` (None without git history); it imports today's others."""
-    import importlib.util
-    import subprocess
-    import tempfile
-
-    try:
-        source = subprocess.run(
-            ["git", "show", f"{commit}:{path}"], cwd=REPO_ROOT, capture_output=True, check=True
-        ).stdout
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    copy = Path(tempfile.mkdtemp()) / f"{Path(path).stem}_{commit}.py"
-    copy.write_bytes(source)
-    spec = importlib.util.spec_from_file_location(copy.stem, copy)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
 
 
 def typical_crack() -> np.ndarray:
@@ -105,43 +78,23 @@ def bench_geometry(repeats: int = 7) -> dict:
         "speedup_vs_full_frames": round(frame_s / crop_s, 2),
     } | bench_typical_crack()
     out |= bench_geometry_workers([crack] * 10)
-    old = _module_at(BASELINE_COMMIT)
-    if old is not None:
-        assert all(old.measure(m) == measure(m) for m in crops)  # same numbers, only faster
-        old_s = best_of(lambda: [old.measure(m) for m in crops], repeats)
-        out |= {
-            f"crops_ms_at_{BASELINE_COMMIT}": round(old_s * 1000, 1),
-            f"speedup_vs_{BASELINE_COMMIT}": round(old_s / crop_s, 2),
-        }
     return out
 
 
 def bench_typical_crack(rounds: int = 300) -> dict:
-    """One typical crack crop (the 1 ms per mask target) measured by today's geometry and by that of
-    GEOMETRY_BEFORE and BASELINE_COMMIT, alternated call by call so that the machine's noise falls on all;
-    best and median of each. The numbers must be the same. Alternating costs each some cache misses, so today's
-    is first timed alone too (best of `rounds` calls in a row, as the geometry step measures a frame's masks)."""
+    """One typical crack crop (the 1 ms per mask target), best and median of `rounds` calls in a row, as the
+    geometry step measures a frame's masks."""
     crack = typical_crack()
-    alone_s = best_of(lambda: measure(crack), rounds)
-    measures = {"today": measure}
-    for commit in (GEOMETRY_BEFORE, BASELINE_COMMIT):
-        old = _module_at(commit)
-        if old is not None:
-            assert old.measure(crack) == measure(crack)
-            measures[commit] = old.measure
-    times: dict[str, list[float]] = {name: [] for name in measures}
+    times = []
     for _ in range(rounds):
-        for name, fn in measures.items():
-            t = time.perf_counter()
-            fn(crack)
-            times[name].append(time.perf_counter() - t)
-    out = {"typical_crack_crop": list(crack.shape),
-           "typical_crack_alone_ms": round(alone_s * 1000, 3)}  # fmt: skip
-    for name, t in times.items():
-        at = "" if name == "today" else f"_at_{name}"
-        out |= {f"typical_crack_ms{at}": round(min(t) * 1000, 3),
-                f"typical_crack_median_ms{at}": round(statistics.median(t) * 1000, 3)}  # fmt: skip
-    return out
+        t = time.perf_counter()
+        measure(crack)
+        times.append(time.perf_counter() - t)
+    return {
+        "typical_crack_crop": list(crack.shape),
+        "typical_crack_ms": round(min(times) * 1000, 3),
+        "typical_crack_median_ms": round(statistics.median(times) * 1000, 3),
+    }
 
 
 def bench_geometry_workers(crops: list[np.ndarray], rounds: int = 30) -> dict:
@@ -169,46 +122,44 @@ def bench_geometry_workers(crops: list[np.ndarray], rounds: int = 30) -> dict:
 
 
 def bench_response(rounds: int = 200) -> dict:
-    """The result step's response for one frame with 10 defects on 227 structures (what untrained RF-DETR reports
-    on the deck frame), no masks: today's anomaly.result against the one of RESPONSE_BASELINE, alternated."""
+    """The result step's response for one frame with 10 crack masks on 227 structures (what untrained RF-DETR
+    reports on the deck frame), without masks against with them (include_masks: each mask's COCO RLE),
+    alternated; medians."""
     from anomaly.detector import Detections, DetectorMetadata, export_files
     from anomaly.result import Findings, build_response
 
     meta = DetectorMetadata.load(export_files(REPO_ROOT / "model_repository")[1])
     defect, structure = meta.roles.index("defect"), meta.roles.index("structure")
     rng = np.random.default_rng(0)
-    corners = rng.uniform(0, 1500, (237, 2))
-    boxes = np.concatenate([corners, corners + rng.uniform(10, 400, (237, 2))], axis=1).astype(np.float32)
+    crack = typical_crack()
+    corners = rng.uniform(0, 1000, (237, 2))
+    sizes = np.concatenate([np.tile(crack.shape[::-1], (10, 1)), rng.uniform(10, 400, (227, 2))])
+    boxes = np.concatenate([corners, corners + sizes], axis=1).astype(np.float32)
     class_ids = np.array([defect] * 10 + [structure] * 227, np.int32)
     det = Detections(boxes, rng.uniform(0.2, 0.9, 237).astype(np.float32), class_ids)
     mask_boxes = np.asarray(boxes[:10], np.int32)
     geometry = {"area_pixels": 900, "length_pixels": 300.0, "width_pixels": 3.0, "orientation_degrees": 40.0,
                 "max_width_pixels": 5.0}  # fmt: skip
     scores = np.full(10, 0.8, np.float32)
-    findings = Findings(det, np.arange(10, dtype=np.int32), mask_boxes, [], scores, [geometry] * 10)
-    kwargs = dict(image_hw=(1080, 1920), findings=findings, metadata=meta, options=RequestOptions(0.3),
-                  severity_thresholds_mm=(0.1, 0.3, 1.0), warnings=[], processing_time_ms=1.0)  # fmt: skip
-    builders = {"today": build_response}
-    old = _module_at(RESPONSE_BASELINE, "anomaly/result.py")
-    if old is not None:
-        builders[RESPONSE_BASELINE] = old.build_response
-    times: dict[str, list[float]] = {name: [] for name in builders}
+    findings = Findings(det, np.arange(10, dtype=np.int32), mask_boxes, [crack] * 10, scores, [geometry] * 10)
+    kwargs = dict(image_hw=(1500, 1500), findings=findings, metadata=meta, severity_thresholds_mm=(0.1, 0.3, 1.0),
+                  warnings=[], processing_time_ms=1.0)  # fmt: skip
+    options = {"no_masks": RequestOptions(0.3), "with_masks": RequestOptions(0.3, include_masks=True)}
+    times: dict[str, list[float]] = {name: [] for name in options}
     for _ in range(rounds):
-        for name, build in builders.items():
+        for name, option in options.items():
             t = time.perf_counter()
-            build(**kwargs)
+            build_response(options=option, **kwargs)
             times[name].append(time.perf_counter() - t)
     ms = {name: round(statistics.median(t) * 1000, 3) for name, t in times.items()}
-    out = {"defects": 10, "structures": 227, "response_ms": ms["today"]}
-    if old is not None:
-        out |= {f"response_ms_at_{RESPONSE_BASELINE}": ms[RESPONSE_BASELINE],
-                f"speedup_vs_{RESPONSE_BASELINE}": round(ms[RESPONSE_BASELINE] / ms["today"], 2)}  # fmt: skip
-    return out
+    return {"defects": 10, "structures": 227, "response_ms": ms["no_masks"], "with_masks_ms": ms["with_masks"],
+            "masks_over_no_masks": round(ms["with_masks"] / ms["no_masks"], 2)}  # fmt: skip
 
 
 def bench_preprocess(image: str, repeats: int = 7) -> dict:
-    """Per frame, ms: 98451c8's preprocess step; today's CPU path over all steps; the GPU path's torch code on
-    this CPU (on a GPU it decodes with nvJPEG and resizes there: not measurable here)."""
+    """Per frame, ms: decoded once for both models (as one process could); the CPU path over all steps (each
+    model's step decodes where it runs); the GPU path's torch code on this CPU (on a GPU it decodes with nvJPEG
+    and resizes there: not measurable here)."""
     import torch
 
     from anomaly.detector import DetectorMetadata, export_files
@@ -220,7 +171,7 @@ def bench_preprocess(image: str, repeats: int = 7) -> dict:
     big = 1 << 40
     torch.set_num_threads(settings.compute_threads)
 
-    def before():  # decode, RF-DETR input; SAM's own transform then ran on the RGB the segmenter received
+    def decoded_once():
         rgb = decode_image(data, big, big)
         rfdetr_preprocess(rgb, meta.resolution, meta.means, meta.stds)
         sam_input(torch.from_numpy(rgb).permute(2, 0, 1))
@@ -239,7 +190,7 @@ def bench_preprocess(image: str, repeats: int = 7) -> dict:
 
     return {
         "image": image,
-        f"at_{BASELINE_COMMIT}_ms": round(best_of(before, repeats) * 1000, 1),
+        "decoded_once_ms": round(best_of(decoded_once, repeats) * 1000, 1),
         "now_cpu_path_ms": round(best_of(now_cpu, repeats) * 1000, 1),
         "torch_path_on_this_cpu_ms": round(best_of(torch_path, repeats) * 1000, 1),
         "header_check_ms": round(best_of(lambda: read_header(data, big, big), repeats) * 1000, 2),
