@@ -110,14 +110,6 @@ def _skeleton_pixels(skeleton: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     return idx, ys, xs
 
 
-def skeleton_length(skeleton: np.ndarray) -> float:
-    """Length of a one-pixel-wide skeleton (every branch)."""
-    padded = np.pad(np.asarray(skeleton, bool), 1)
-    idx, ys, xs = _skeleton_pixels(padded)
-    codes = _pixel_codes(padded.view(np.uint8).ravel(), idx, padded.shape[1])
-    return _tangent_length(ys - 1, xs - 1, _LINK_COUNT[codes], skeleton.shape)
-
-
 def prune_spurs(
     skeleton: np.ndarray,
     distance: np.ndarray,
@@ -175,16 +167,10 @@ def prune_spurs(
     return skeleton, codes, (ys, xs)
 
 
-def orientation_degrees(mask: np.ndarray) -> float:
-    """Principal axis, counter-clockwise from +x with y up, in [0, 180)."""
-    ys, xs = np.divmod(np.flatnonzero(np.asarray(mask, bool)), np.shape(mask)[1])
-    return _principal_axis_degrees(ys, xs)
-
-
 def _principal_axis_degrees(ys: np.ndarray, xs: np.ndarray) -> float:
-    """orientation_degrees of the pixels at (ys, xs). The second moments are the ones cv2.moments gives for the
-    mask (exact integer sums, centred the same way), from the coordinates: a fifth of the time on a crack's
-    box, where nearly every pixel is background."""
+    """The principal axis of the pixels at (ys, xs), counter-clockwise from +x with y up, in [0, 180). The second
+    moments are the ones cv2.moments gives for the mask (exact integer sums, centred the same way), from the
+    coordinates: a fifth of the time on a crack's box, where nearly every pixel is background."""
     m00 = float(len(xs))
     if m00 == 0:
         return 0.0

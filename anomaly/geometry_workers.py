@@ -107,10 +107,6 @@ class GeometryWorkers:
         theirs.close()  # only the worker holds its end: each side sees end-of-file when the other dies
         return process, Connection(mine.detach())
 
-    @property
-    def pids(self) -> list[int]:
-        return [process.pid for process, _ in self._workers]
-
     def measure_all(self, crops: list[np.ndarray]) -> np.ndarray:
         """Mask crops -> (N, 5) float64 in GEOMETRY_FIELDS order, as anomaly.pipeline.measure_all."""
         rows: list = [None] * len(crops)

@@ -124,16 +124,6 @@ def normalise(name: str) -> str:
     return re.sub(r"[-_.]+", "-", name).lower()
 
 
-def read_lock(path: Path = LOCK) -> dict[str, str]:
-    pins = {}
-    for line in path.read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if line:
-            name, version = line.split("==")
-            pins[normalise(name)] = version
-    return pins
-
-
 def main() -> int:
     pins = resolve(serving_requirements())
     header = (

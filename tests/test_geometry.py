@@ -10,15 +10,28 @@ import numpy as np
 import pytest
 from skimage.morphology import skeletonize
 
-from anomaly.geometry import (
-    crack_severity,
-    measure,
-    orientation_degrees,
-    prune_spurs,
-    skeleton_length,
-    to_millimetres,
-)
+from anomaly import geometry
+from anomaly.geometry import crack_severity, measure, prune_spurs, to_millimetres
 from bench.synthetic import branches, segment, thick_arc, thick_segments
+
+
+def skeleton_length(skeleton: np.ndarray) -> float:
+    """The tangent-weighted length measure() gives a skeleton, on a one-pixel-wide line given as it is."""
+    padded = np.pad(np.asarray(skeleton, bool), 1)
+    idx, ys, xs = geometry._skeleton_pixels(padded)
+    codes = geometry._pixel_codes(padded.view(np.uint8).ravel(), idx, padded.shape[1])
+    return geometry._tangent_length(ys - 1, xs - 1, geometry._LINK_COUNT[codes], skeleton.shape)
+
+
+def worker_pids(workers) -> list[int]:
+    return [process.pid for process, _ in workers._workers]
+
+
+def orientation_degrees(mask: np.ndarray) -> float:
+    """The orientation measure() gives a mask, before rounding."""
+    ys, xs = np.divmod(np.flatnonzero(np.asarray(mask, bool)), np.shape(mask)[1])
+    return geometry._principal_axis_degrees(ys, xs)
+
 
 RNG_SEED = 12345
 
@@ -308,14 +321,14 @@ def test_a_dead_worker_is_replaced_and_its_masks_still_measured(workers, caplog)
     from bench.scenes import inspection_masks
 
     crops = inspection_masks(seed=3)[:8]
-    victim = workers.pids[0]
+    victim = worker_pids(workers)[0]
     psutil.Process(victim).kill()
     psutil.Process(victim).wait(5)
     with caplog.at_level("ERROR", logger="anomaly.geometry"):
         table = workers.measure_all(crops)
     assert np.array_equal(table, measure_all(crops))
     assert f"geometry worker {victim} " in caplog.text and "measured here" in caplog.text
-    assert victim not in workers.pids and all(psutil.Process(p).is_running() for p in workers.pids)
+    assert victim not in worker_pids(workers) and all(psutil.Process(p).is_running() for p in worker_pids(workers))
     assert np.array_equal(workers.measure_all(crops), table)  # the new worker takes its share again
 
 
@@ -344,7 +357,7 @@ def test_closing_ends_the_workers():
     from anomaly.geometry_workers import GeometryWorkers
 
     pool = GeometryWorkers(2)
-    (pid,) = pool.pids
+    (pid,) = worker_pids(pool)
     assert psutil.Process(pid).is_running()
     pool.close()
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
@@ -363,7 +376,7 @@ def test_workers_end_when_their_owner_is_killed():
             sys.executable,
             "-c",
             "import time\nfrom anomaly.geometry_workers import GeometryWorkers\n"
-            "w = GeometryWorkers(2)\nprint(w.pids[0], flush=True)\ntime.sleep(120)",
+            "w = GeometryWorkers(2)\nprint(w._workers[0][0].pid, flush=True)\ntime.sleep(120)",
         ],
         stdout=subprocess.PIPE,
         text=True,

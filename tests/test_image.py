@@ -23,18 +23,30 @@ from packaging.requirements import Requirement
 from runpod_handler import image
 from tests.conftest import REPO, SAMPLES, free_ports, wait_http
 
+
+def read_lock(path=image.LOCK) -> dict[str, str]:
+    """requirements-image.lock as {normalised name: version}."""
+    pins = {}
+    for line in path.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            name, version = line.split("==")
+            pins[image.normalise(name)] = version
+    return pins
+
+
 DOCKERFILE = (REPO / "Dockerfile").read_text()
 
 
 @pytest.mark.slow
 def test_the_image_lock_resolves_exactly_for_the_base_python():
-    locked = image.read_lock()
+    locked = read_lock()
     pins = [f"{name}=={v}" for name, v in locked.items()] + [f"{name}=={v}" for name, v in image.FROM_SOURCE.items()]
     assert image.resolve(pins) == locked  # complete (nothing added) and every pin has a 3.12 wheel
 
 
 def test_the_lock_holds_what_requirements_in_asks_for():
-    locked = image.read_lock() | {name: v for name, v in image.FROM_SOURCE.items()}
+    locked = read_lock() | {name: v for name, v in image.FROM_SOURCE.items()}
     locked |= {name: v for name, v in image.FROM_TORCH_INDEX.items()}
     for text in image.serving_requirements():
         requirement = Requirement(text)
@@ -84,7 +96,7 @@ def test_the_entrypoint_starts_with_only_what_the_image_installs(tmp_path):
     fails here, not in the image."""
     import requests
 
-    allowed = {*image.read_lock(), *image.FROM_SOURCE, *image.FROM_TORCH_INDEX, "onnxruntime"} - {"onnxruntime-gpu"}
+    allowed = {*read_lock(), *image.FROM_SOURCE, *image.FROM_TORCH_INDEX, "onnxruntime"} - {"onnxruntime-gpu"}
     allowed |= torch_index_dependencies()  # the image's first pip install brings torch's own dependencies
     env_dir = tmp_path / "image-env"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
