@@ -177,6 +177,7 @@ def test_the_plan_adds_the_early_step_to_the_ensemble_where_it_embeds_early(monk
 # --- SAM's core: boxes decoded from an embedding made before them --------------------------------------------------
 
 
+@pytest.mark.slow  # runs SAM's image encoder several times: make test, not make unit
 def test_boxes_decoded_from_an_early_embedding_are_the_same_masks(exported):
     import torch
 

@@ -424,6 +424,7 @@ def test_detector_windows_are_made_per_batch(runners, monkeypatch):
 # --- SAM: frames embedded together equal frames embedded alone ----------------------------------------------
 
 
+@pytest.mark.slow  # runs SAM's image encoder several times: make test, not make unit
 def test_batched_segmenter_equals_frame_by_frame(exported):
     from anomaly.weights import load_segmenter
 
@@ -539,6 +540,7 @@ def test_cached_gpu_memory_is_handed_back_after_load(monkeypatch):
     assert release_unused_gpu_memory() == 0 and torch_gpu_memory() is None
 
 
+@pytest.mark.slow  # runs SAM's image encoder several times: make test, not make unit
 def test_one_decoder_call_for_the_boxes_of_a_frame(exported):
     """The GPU path decodes a frame's boxes in one mask-decoder call, padded up to the box count of a captured
     CUDA graph. Run here on the CPU against one call per box (the CPU path): the same logits whether decoded
@@ -737,6 +739,7 @@ def test_rendered_configs_carry_the_plan(tmp_path):
     assert written["detector"] == committed
 
 
+@pytest.mark.slow  # runs SAM's image encoder several times: make test, not make unit
 def test_bench_gpu_checks_on_the_cpu(exported):
     """make bench-gpu's on-GPU checks (bench/gpu.py gpu_checks), run with device="cpu": the same code paths
     (torch decode/resize against the exact numpy path, the torch detector against onnxruntime), where both

@@ -196,6 +196,7 @@ def test_sam_windows_hold_every_box_once_at_full_resolution():
     assert len(windows) < len(boxes)  # neighbours share a window
 
 
+@pytest.mark.slow  # runs SAM's image encoder several times: make test, not make unit
 def test_sam_sees_the_hairline_at_the_photos_scale(photo):
     """The real SAM2.1 tiny: a tiled frame's window shows the 3-pixel line 3 pixels wide, and its mask crop is
     the box's own size in photo pixels; without tiling SAM's input shrinks the line below a pixel."""
