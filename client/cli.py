@@ -10,6 +10,17 @@ anomaly report DIR
     DIR/report.html from a campaign's outputs (client.report).
 anomaly measure MASK.png... [--mm-per-pixel MM]
     Geometry of binary mask images (nonzero = mask) with the server's own code; one JSON per line.
+anomaly train DATASET --variant V --epochs N --out RUN_DIR [...] | anomaly train --resume RUN_DIR
+    Fine-tune RF-DETR on a COCO or YOLO dataset (anomaly.training); RUN_DIR/checkpoint_best.pth is servable.
+anomaly evaluate DATASET --split test [--url HOST:PORT] --out DIR [--min-ap X]
+    The split through the served ensemble, scored (client.evaluate): DIR/eval.json, DIR/eval.html.
+anomaly check DATASET [--splits train,valid,test]
+    The dataset's problems, each with its file and annotation (what train and evaluate check first).
+anomaly synthesize OUT [--train N --valid N --test N --seed S]
+    A synthetic inspection dataset with its truth (anomaly.synthetic), COCO with masks.
+
+Exit status: 0 done; 1 something failed (a frame, a run, an AP under --min-ap); 2 the input is unusable (a
+dataset problem, named with its file).
 """
 
 from __future__ import annotations
@@ -21,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from anomaly.config import VARIANTS
 from client.exports import EXPORT_NAMES
 
 
@@ -136,6 +148,97 @@ def _exports(text: str) -> tuple[str, ...]:
     return names
 
 
+def _dataset_error(exc) -> int:
+    print(str(exc), file=sys.stderr)
+    return 2
+
+
+def _train(args: argparse.Namespace) -> int:
+    from anomaly.datasets import DatasetError
+    from anomaly.training import TrainingError, TrainRun, train
+
+    if args.resume:
+        out = Path(args.resume)
+        saved = out / "run.json"
+        if not saved.is_file():
+            print(f"--resume {out}: no run.json there (not a run folder of `anomaly train`)", file=sys.stderr)
+            return 2
+        run = TrainRun(**json.loads(saved.read_text()))
+        if args.epochs:
+            run.epochs = args.epochs  # continue to more epochs than first asked
+    else:
+        if not (args.dataset and args.out):
+            print("anomaly train: give DATASET and --out RUN_DIR (or --resume RUN_DIR)", file=sys.stderr)
+            return 2
+        out = Path(args.out)
+        structures = [s.strip() for s in args.structures.split(",") if s.strip()] if args.structures else None
+        run = TrainRun(dataset=args.dataset, variant=args.variant, epochs=args.epochs or 10, batch_size=args.batch_size,
+                       lr=args.lr, resolution=args.resolution, init=args.init, device=args.device,
+                       structures=structures, seed=args.seed, max_minutes=args.max_minutes, workers=args.workers,
+                       command=sys.argv)  # fmt: skip
+    try:
+        summary = train(run, out, resume=bool(args.resume), quiet_trainer=not args.verbose)
+    except DatasetError as exc:
+        return _dataset_error(exc)
+    except TrainingError as exc:
+        print(f"anomaly train: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=1))
+    if summary["serve"]:
+        print(f"serve it: {summary['serve']}", file=sys.stderr)
+    return 0 if summary["checkpoint"] else 1
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from anomaly.datasets import DatasetError
+    from client.evaluate import evaluate_split
+
+    structures = [s.strip() for s in args.structures.split(",") if s.strip()] if args.structures else None
+    try:
+        report = evaluate_split(
+            args.dataset, args.split, _url(args), args.protocol, Path(args.out), threshold=args.threshold,
+            ap_threshold=args.ap_threshold, mm_per_pixel=args.mm_per_pixel, structures=structures,
+            in_flight=args.in_flight,
+        )  # fmt: skip
+    except DatasetError as exc:
+        return _dataset_error(exc)
+    t = report["at_threshold"]
+    print(
+        f"box AP {report['box']['ap']} (AP50 {report['box']['ap50']}), mask AP {report['mask']['ap']}; at threshold "
+        f"{t['threshold']}: {t['matched']}/{t['truths']} found, {t['misses']} missed, {t['false_alarms']} false "
+        f"alarms; {report['frames_per_s']} frames/s; wrote {Path(args.out) / 'eval.json'}, eval.html",
+        file=sys.stderr,
+    )
+    if report["refused"]:
+        print(f"{len(report['refused'])} images were refused by the service (eval.json: refused)", file=sys.stderr)
+    if args.min_ap is not None and (report["box"]["ap"] or 0.0) < args.min_ap:
+        print(f"box AP {report['box']['ap']} is below --min-ap {args.min_ap}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    from anomaly.datasets import DatasetError, read_dataset
+
+    splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
+    try:
+        data = read_dataset(args.dataset, splits)
+    except DatasetError as exc:
+        return _dataset_error(exc)
+    counts = ", ".join(f"{n} {len(s.images)} images / {len(s.annotations)} objects" for n, s in data.splits.items())
+    print(f"{data.root}: {data.layout}, classes {data.class_names()}; {counts}; no problem found")
+    return 0
+
+
+def _synthesize(args: argparse.Namespace) -> int:
+    from anomaly.synthetic import write_dataset
+
+    splits = {"train": args.train, "valid": args.valid, "test": args.test}
+    out = write_dataset(Path(args.out), {k: v for k, v in splits.items() if v}, seed=args.seed)
+    print(f"wrote {out} ({', '.join(f'{k} {v}' for k, v in splits.items() if v)} images)", file=sys.stderr)
+    return 0
+
+
 def _positive(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -176,6 +279,53 @@ def build_parser() -> argparse.ArgumentParser:
     meas.add_argument("masks", nargs="+")
     meas.add_argument("--mm-per-pixel", type=_positive)
     meas.set_defaults(run=_measure)
+
+    train = sub.add_parser("train", help="fine-tune RF-DETR on a COCO or YOLO dataset; RUN_DIR is servable")
+    train.add_argument("dataset", nargs="?", metavar="DATASET", help="train/ valid/ (test/) in COCO or YOLO layout")
+    train.add_argument("--variant", choices=VARIANTS, default="nano")
+    train.add_argument("--epochs", type=int, help="epochs to train (default 10; with --resume, to continue to)")
+    train.add_argument("--out", metavar="RUN_DIR", help="where the checkpoint, metrics and serve command go")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run from its last epoch")
+    train.add_argument("--batch-size", type=int, default=4)
+    train.add_argument("--lr", type=float, default=1e-4, help="learning rate (rfdetr's default 1e-4)")
+    train.add_argument("--resolution", type=int, help="input size (default: the variant's; a multiple of 32)")
+    train.add_argument("--init", default="coco",
+                       help="start from: coco (rfdetr's pretrained weights, downloaded), none (untrained, seeded), "
+                            "or a checkpoint's path")  # fmt: skip
+    train.add_argument("--structures", help="comma-separated classes that are structures (default: by name)")
+    train.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    train.add_argument("--max-minutes", type=_positive, help="stop after the epoch past which another would not fit")
+    train.add_argument("--workers", type=int, help="data loader processes (default: 2 on a GPU, 0 on a CPU)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--verbose", action="store_true", help="rfdetr's own output on the terminal, not in train.log")
+    train.set_defaults(run=_train)
+
+    ev = sub.add_parser("evaluate", help="a labelled split through the served ensemble: AP, misses, geometry error")
+    ev.add_argument("dataset", metavar="DATASET")
+    ev.add_argument("--split", default="test")
+    ev.add_argument("--url", help="Triton address (default 127.0.0.1 and the gRPC or HTTP port)")
+    ev.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    ev.add_argument("--out", default="eval", metavar="DIR", help="where eval.json and eval.html go (default eval/)")
+    ev.add_argument("--threshold", type=float, default=0.3, help="the serving threshold: misses and false alarms")
+    ev.add_argument("--ap-threshold", type=float, default=0.05, help="the threshold sent for the AP curves")
+    ev.add_argument("--mm-per-pixel", type=_positive, help="pixel size of images whose entry gives none")
+    ev.add_argument("--structures", help="comma-separated classes that are structures (default: by name)")
+    ev.add_argument("--in-flight", type=int, default=4, help="requests in flight to the server")
+    ev.add_argument("--min-ap", type=float, help="exit 1 when the box AP@[.5:.95] is below this")
+    ev.set_defaults(run=_evaluate)
+
+    check = sub.add_parser("check", help="a dataset's problems, each named with its file and annotation")
+    check.add_argument("dataset", metavar="DATASET")
+    check.add_argument("--splits", default="train,valid", help="the splits that must be there (default train,valid)")
+    check.set_defaults(run=_check)
+
+    synth = sub.add_parser("synthesize", help="a synthetic inspection dataset with its truth (COCO, masks)")
+    synth.add_argument("out", metavar="OUT")
+    synth.add_argument("--train", type=int, default=200)
+    synth.add_argument("--valid", type=int, default=20)
+    synth.add_argument("--test", type=int, default=20)
+    synth.add_argument("--seed", type=int, default=0)
+    synth.set_defaults(run=_synthesize)
     return parser
 
 

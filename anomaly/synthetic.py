@@ -1,0 +1,294 @@
+"""Synthetic inspection data whose truth is known: shapes of exact geometry, and whole photos of concrete with
+cracks of known width, spalling, corrosion stains and structural elements, written as a COCO dataset with masks.
+
+Nothing here can be downloaded where this project is developed, so its tests, its demo training (`make
+train-demo`) and its accuracy numbers run on these. Shapes are rasterised without anti-aliasing for masks (a pixel
+is inside when its centre lies within width/2 of the centre line: a thick stroke with round caps and joins), with
+distances computed exactly per segment or arc, so the truth does not depend on a drawing library; the photos draw
+the same strokes anti-aliased (coverage of 4 x 4 samples a pixel) into the pixels.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+# --- shapes of known geometry ------------------------------------------------------------------------------
+
+
+def _grid(x_min: float, y_min: float, x_max: float, y_max: float, margin: int):
+    x0, y0 = int(math.floor(x_min)) - margin, int(math.floor(y_min)) - margin
+    x1, y1 = int(math.ceil(x_max)) + margin, int(math.ceil(y_max)) + margin
+    yy, xx = np.mgrid[y0 : y1 + 1, x0 : x1 + 1].astype(np.float64)
+    return xx, yy
+
+
+def _distance_to_lines(lines: list[np.ndarray], xx: np.ndarray, yy: np.ndarray) -> np.ndarray:
+    best = np.full(xx.shape, np.inf)
+    for line in lines:
+        for (x0, y0), (x1, y1) in zip(line[:-1], line[1:]):
+            dx, dy = x1 - x0, y1 - y0
+            seg2 = dx * dx + dy * dy
+            t = np.clip(((xx - x0) * dx + (yy - y0) * dy) / seg2, 0.0, 1.0) if seg2 else 0.0
+            best = np.minimum(best, np.hypot(xx - (x0 + t * dx), yy - (y0 + t * dy)))
+    return best
+
+
+def thick_segments(lines: list[np.ndarray], width: float, margin: int = 4) -> np.ndarray:
+    """Polylines (each (K, 2) of x, y in image coordinates) drawn `width` wide -> bool mask of their box."""
+    pts = np.concatenate(lines)
+    r = width / 2.0
+    xx, yy = _grid(pts[:, 0].min() - r, pts[:, 1].min() - r, pts[:, 0].max() + r, pts[:, 1].max() + r, margin)
+    return _distance_to_lines(lines, xx, yy) <= r
+
+
+def thick_arc(radius: float, start_deg: float, sweep_deg: float, width: float, margin: int = 4) -> np.ndarray:
+    """A circular arc (centre at the origin, angles in image coordinates) drawn `width` wide -> bool mask."""
+    r = width / 2.0
+    a0 = math.radians(start_deg)
+    sweep = math.radians(sweep_deg)
+    t = a0 + np.linspace(0.0, sweep, 721)
+    xs, ys = radius * np.cos(t), radius * np.sin(t)
+    xx, yy = _grid(xs.min() - r, ys.min() - r, xs.max() + r, ys.max() + r, margin)
+    rho = np.hypot(xx, yy)
+    phi = np.mod(np.arctan2(yy, xx) - a0, 2 * math.pi)
+    on_span = phi <= sweep
+    end_a = (radius * math.cos(a0), radius * math.sin(a0))
+    end_b = (radius * math.cos(a0 + sweep), radius * math.sin(a0 + sweep))
+    to_ends = np.minimum(np.hypot(xx - end_a[0], yy - end_a[1]), np.hypot(xx - end_b[0], yy - end_b[1]))
+    distance = np.where(on_span, np.abs(rho - radius), to_ends)
+    return distance <= r
+
+
+def segment(length: float, angle_deg: float) -> np.ndarray:
+    """A segment centred on the origin; angle counter-clockwise from +x with y up (y negated in the image)."""
+    a = math.radians(angle_deg)
+    d = np.array([math.cos(a), -math.sin(a)]) * length / 2.0
+    return np.stack([-d, d])
+
+
+def branches(lengths, angles_deg) -> list[np.ndarray]:
+    """Arms leaving one point (a Y- or X-shaped crack): its total length is the sum of the arms."""
+    return [
+        np.array([[0.0, 0.0], [length * math.cos(math.radians(a)), -length * math.sin(math.radians(a))]])
+        for length, a in zip(lengths, angles_deg)
+    ]
+
+
+def polyline_length(line: np.ndarray) -> float:
+    return float(np.hypot(*np.diff(line, axis=0).T).sum())
+
+
+# --- inspection photos ---------------------------------------------------------------------------------------
+
+DEFECTS = ("crack", "spalling", "corrosion")
+STRUCTURES = ("beam", "column")
+CLASSES = DEFECTS + STRUCTURES  # COCO category ids 1.. in this order
+
+
+@dataclass
+class Instance:
+    """One object drawn into a photo: its class, its full-frame mask, and what is known of it (a crack's
+    width and centre-line length in pixels)."""
+
+    name: str
+    mask: np.ndarray
+    truth: dict = field(default_factory=dict)
+
+
+@dataclass
+class Scene:
+    rgb: np.ndarray  # (H, W, 3) uint8
+    instances: list[Instance]
+    mm_per_pixel: float
+
+
+def _noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    """Smooth noise of unit spread at the scale `sigma` pixels."""
+    field_ = cv2.GaussianBlur(rng.standard_normal(shape).astype(np.float32), (0, 0), sigma) if sigma else None
+    field_ = rng.standard_normal(shape).astype(np.float32) if field_ is None else field_
+    return field_ / (field_.std() + 1e-6)
+
+
+def concrete(rng: np.random.Generator, shape: tuple[int, int]) -> np.ndarray:
+    """A concrete-like surface, float32 (H, W, 3) in 0..255: a grey tone, blotches at several scales, grain,
+    aggregate specks and pores."""
+    h, w = shape
+    base = rng.uniform(115, 175)
+    grey = base + 9 * _noise(rng, shape, 40) + 6 * _noise(rng, shape, 10) + 4 * _noise(rng, shape, 2.5)
+    grey += 5 * _noise(rng, shape, 0)
+    specks = rng.random(shape) < 0.004
+    grey[cv2.dilate(specks.astype(np.uint8), np.ones((2, 2), np.uint8)) > 0] -= rng.uniform(15, 40)
+    tint = np.array([1.0, 1.0, 1.0]) + rng.uniform(-0.04, 0.04, 3)
+    return grey[..., None] * tint[None, None, :].astype(np.float32)
+
+
+def _blob(rng: np.random.Generator, centre: tuple[float, float], radius: float, shape, roughness: float = 0.35):
+    """An irregular closed shape around `centre`, mask of the frame."""
+    n = 24
+    angles = np.sort(rng.uniform(0, 2 * math.pi, n))
+    radii = radius * np.exp(roughness * np.convolve(np.r_[rng.standard_normal(n), rng.standard_normal(3)],
+                                                     np.ones(4) / 4, "valid")[:n])  # fmt: skip
+    pts = np.stack([centre[0] + radii * np.cos(angles), centre[1] + radii * np.sin(angles)], axis=1)
+    mask = np.zeros(shape, np.uint8)
+    cv2.fillPoly(mask, [np.round(pts * 16).astype(np.int32)], 1, lineType=cv2.LINE_8, shift=4)
+    return mask.astype(bool)
+
+
+def _crack_line(rng: np.random.Generator, start: np.ndarray, length: float) -> np.ndarray:
+    steps = max(4, int(length / 25))
+    heading = rng.uniform(0, 2 * math.pi)
+    pts = [start]
+    for _ in range(steps):
+        heading += rng.normal(0, 0.3)
+        pts.append(pts[-1] + length / steps * np.array([math.cos(heading), math.sin(heading)]))
+    return np.array(pts)
+
+
+def draw_crack(rng: np.random.Generator, image: np.ndarray, line: np.ndarray, width: float) -> Instance:
+    """A crack along `line` (x, y points) `width` pixels wide: darkened by its anti-aliased coverage in the photo,
+    its mask the pixels whose centres lie within width / 2 of the line."""
+    h, w = image.shape[:2]
+    r = width / 2.0
+    x0, y0 = (int(max(0, math.floor(v - r - 2))) for v in line.min(axis=0))
+    x1 = int(min(w, math.ceil(line[:, 0].max() + r + 2)))
+    y1 = int(min(h, math.ceil(line[:, 1].max() + r + 2)))
+    mask = np.zeros((h, w), bool)
+    if x1 <= x0 or y1 <= y0:
+        return Instance("crack", mask)
+    yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float64)
+    mask[y0:y1, x0:x1] = _distance_to_lines([line], xx, yy) <= r
+    offsets = (np.arange(4) + 0.5) / 4 - 0.5  # 4 x 4 samples a pixel
+    coverage = np.zeros(xx.shape)
+    for dy in offsets:
+        for dx in offsets:
+            coverage += _distance_to_lines([line], xx + dx, yy + dy) <= r
+    coverage /= 16
+    depth = rng.uniform(55, 100)
+    image[y0:y1, x0:x1] -= (depth * coverage)[..., None]
+    return Instance("crack", mask, {"width_px": round(width, 3), "length_px": round(polyline_length(line), 2)})
+
+
+def draw_spalling(rng: np.random.Generator, image: np.ndarray, centre, radius: float) -> Instance:
+    """Concrete broken out: a rough, darker, shadowed patch."""
+    shape = image.shape[:2]
+    mask = _blob(rng, centre, radius, shape)
+    inside = mask.astype(np.float32)
+    rough = 14 * _noise(rng, shape, 1.5) + 10 * _noise(rng, shape, 5)
+    shade = -rng.uniform(25, 45) + rough
+    lip = np.clip(cv2.GaussianBlur(inside, (0, 0), 2.0) - inside, 0, 1)  # a light edge just outside the break
+    image += (inside * shade + 18 * lip)[..., None]
+    return Instance("spalling", mask)
+
+
+def draw_corrosion(rng: np.random.Generator, image: np.ndarray, centre, radius: float) -> Instance:
+    """A rust stain: a soft orange-brown blotch with drips running down."""
+    h, w = image.shape[:2]
+    core = _blob(rng, centre, radius, (h, w), roughness=0.25).astype(np.uint8)
+    for _ in range(int(rng.integers(1, 4))):  # streaks below the stain
+        x = int(centre[0] + rng.uniform(-0.6, 0.6) * radius)
+        y_top, y_end = int(centre[1]), int(min(h - 1, centre[1] + radius * rng.uniform(1.5, 3.0)))
+        cv2.line(core, (x, y_top), (x + int(rng.integers(-6, 7)), y_end), 1, int(rng.integers(3, 8)))
+    alpha = cv2.GaussianBlur(core.astype(np.float32), (0, 0), max(1.5, radius / 10))
+    alpha *= rng.uniform(0.6, 0.9) * (0.85 + 0.15 * _noise(rng, (h, w), 3))
+    rust = np.array([155, 85, 45], np.float32) * rng.uniform(0.8, 1.1)
+    image[:] = image * (1 - alpha[..., None]) + rust[None, None, :] * alpha[..., None]
+    return Instance("corrosion", alpha > 0.35)
+
+
+def draw_structure(rng: np.random.Generator, image: np.ndarray, kind: str) -> Instance:
+    """A beam (a horizontal band) or a column (a vertical band): its own tone and a shadowed edge."""
+    h, w = image.shape[:2]
+    mask = np.zeros((h, w), bool)
+    if kind == "beam":
+        depth = int(h * rng.uniform(0.28, 0.45))
+        top = 0 if rng.random() < 0.5 else h - depth
+        mask[top : top + depth] = True
+        edge = (slice(top + depth - 3, top + depth), slice(None)) if top == 0 else (slice(top, top + 3), slice(None))
+    else:
+        width = int(w * rng.uniform(0.2, 0.35))
+        left = int(rng.uniform(0, w - width))
+        mask[:, left : left + width] = True
+        edge = (slice(None), slice(left + width - 3, left + width))
+    image[mask] += rng.uniform(-22, 22)
+    image[edge] -= rng.uniform(30, 50)
+    return Instance(kind, mask)
+
+
+def inspection_scene(rng: np.random.Generator, shape: tuple[int, int] = (384, 512)) -> Scene:
+    """One photo of a concrete element: 0-2 structural elements, 1-3 defects (cracks 1.5-6 px wide, spalling,
+    corrosion), lighting across the frame, a little blur and sensor noise."""
+    h, w = shape
+    image = concrete(rng, shape)
+    instances = [draw_structure(rng, image, kind) for kind in STRUCTURES if rng.random() < 0.45]
+    for _ in range(int(rng.integers(1, 4))):
+        kind = rng.choice(DEFECTS, p=[0.5, 0.25, 0.25])
+        centre = (rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h)
+        if kind == "crack":
+            line = _crack_line(rng, np.array(centre), rng.uniform(0.25, 0.6) * min(h, w))
+            found = draw_crack(rng, image, line, rng.uniform(1.5, 6.0))
+        elif kind == "spalling":
+            found = draw_spalling(rng, image, centre, rng.uniform(0.05, 0.14) * min(h, w))
+        else:
+            found = draw_corrosion(rng, image, centre, rng.uniform(0.04, 0.1) * min(h, w))
+        if found.mask.sum() >= 20:  # a shape that fell off the frame is not an object
+            instances.append(found)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    angle = rng.uniform(0, 2 * math.pi)
+    light = 1.0 + rng.uniform(0.05, 0.2) * ((xx / w - 0.5) * math.cos(angle) + (yy / h - 0.5) * math.sin(angle))
+    image *= light[..., None]
+    blur = rng.uniform(0.0, 1.0)
+    if blur > 0.3:
+        image = cv2.GaussianBlur(image, (0, 0), blur)
+    image += rng.normal(0, rng.uniform(1.5, 4.0), image.shape).astype(np.float32)
+    return Scene(np.clip(image, 0, 255).astype(np.uint8), instances, round(float(rng.uniform(0.2, 0.6)), 3))
+
+
+def coco_annotation(instance: Instance, annotation_id: int, image_id: int) -> dict:
+    """One instance as a COCO annotation: its box (x, y, w, h in pixel edges), mask area and RLE (pycocotools'
+    compressed counts), and what is known of it under `attributes`."""
+    from pycocotools import mask as coco_mask
+
+    ys, xs = np.nonzero(instance.mask)
+    rle = coco_mask.encode(np.asfortranarray(instance.mask.astype(np.uint8)))
+    return {
+        "id": annotation_id,
+        "image_id": image_id,
+        "category_id": CLASSES.index(instance.name) + 1,
+        "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
+        "area": int(instance.mask.sum()),
+        "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
+        "iscrowd": 0,
+        "attributes": dict(instance.truth),
+    }
+
+
+def write_dataset(out: Path, splits: dict[str, int], seed: int = 0, shape: tuple[int, int] = (384, 512)) -> Path:
+    """A COCO dataset in rfdetr's layout (`<split>/_annotations.coco.json` beside its JPEGs) of inspection_scene
+    photos: the same seed, the same files. Each image records its `mm_per_pixel`. -> `out`."""
+    categories = [
+        {"id": i + 1, "name": name, "supercategory": "defect" if name in DEFECTS else "structure"}
+        for i, name in enumerate(CLASSES)
+    ]
+    for split, count in splits.items():
+        rng = np.random.default_rng([seed, list(splits).index(split)])
+        folder = out / split
+        folder.mkdir(parents=True, exist_ok=True)
+        images, annotations = [], []
+        for image_id in range(1, count + 1):
+            scene = inspection_scene(rng, shape)
+            name = f"{split}_{image_id:04d}.jpg"
+            cv2.imwrite(str(folder / name), scene.rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
+            images.append({"id": image_id, "file_name": name, "width": shape[1], "height": shape[0],
+                           "mm_per_pixel": scene.mm_per_pixel})  # fmt: skip
+            for instance in scene.instances:
+                annotations.append(coco_annotation(instance, len(annotations) + 1, image_id))
+        coco = {"info": {"description": f"synthetic inspection photos (anomaly.synthetic, seed {seed})"},
+                "images": images, "annotations": annotations, "categories": categories}  # fmt: skip
+        (folder / "_annotations.coco.json").write_text(json.dumps(coco) + "\n")
+    return out
