@@ -359,3 +359,65 @@ def _read_yolo_split(root: Path, name: str, problems: list[str]) -> Split | None
                                       "bbox": box, "area": box[2] * box[3], "iscrowd": 0,
                                       "_line": where})  # fmt: skip
     return split
+
+
+# --- one reviewed COCO file -> a dataset ---------------------------------------------------------------------
+
+
+def split_coco(annotations: str | Path, images: str | Path | None, out: str | Path, valid: float = 0.15,
+               test: float = 0.15, seed: int = 0) -> Dataset:  # fmt: skip
+    """One COCO file (a campaign's coco.json, or what CVAT or Label Studio export after review) -> a dataset in
+    rfdetr's layout at `out`: its images shared out at random among train, valid and test (by `valid` and `test`,
+    each split at least one image), each split's `_annotations.coco.json` beside links to (or copies of) its
+    images. An image is found at `images`/file_name, else at its `source` (where a campaign read it). The result
+    is checked (read_dataset) before it is returned."""
+    import os
+    import random
+    import shutil
+
+    annotations, out = Path(annotations), Path(out)
+    data = json.loads(annotations.read_text())
+    root = Path(images) if images else annotations.parent
+    problems, found = [], {}
+    for image in data.get("images", []):
+        candidates = [root / str(image.get("file_name", "")), Path(str(image.get("source") or ""))]
+        path = next((p for p in candidates if str(p) not in ("", ".") and p.is_file()), None)
+        if path is None:
+            problems.append(f"{annotations.name}: image {image.get('id')}: {image.get('file_name')!r} is neither in "
+                            f"{root} nor at its source {image.get('source')!r}")  # fmt: skip
+        found[image.get("id")] = path
+    if problems:
+        raise DatasetError(annotations, problems)
+    order = sorted(found)
+    random.Random(seed).shuffle(order)
+    n = len(order)
+    n_test = max(1, round(n * test)) if test > 0 else 0
+    n_valid = max(1, round(n * valid))
+    if n - n_test - n_valid < 1:
+        raise DatasetError(annotations, [f"{annotations.name}: {n} images are too few for train, valid and test"])
+    parts = {"test": order[:n_test], "valid": order[n_test : n_test + n_valid], "train": order[n_test + n_valid :]}
+    for name, ids in parts.items():
+        if not ids:
+            continue
+        folder = out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        chosen = set(ids)
+        images_out = []
+        for image in data["images"]:
+            if image["id"] not in chosen:
+                continue
+            source = found[image["id"]]
+            file_name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(image["file_name"]))
+            if Path(file_name).suffix.lower() not in IMAGE_SUFFIXES:
+                file_name += source.suffix.lower() or ".jpg"
+            target = folder / file_name
+            if not target.exists():
+                try:
+                    os.link(source, target)
+                except OSError:  # another file system, or links not allowed
+                    shutil.copy2(source, target)
+            images_out.append(image | {"file_name": file_name})
+        coco = {**{k: v for k, v in data.items() if k not in ("images", "annotations")}, "images": images_out,
+                "annotations": [a for a in data.get("annotations", []) if a.get("image_id") in chosen]}  # fmt: skip
+        (folder / COCO_FILE).write_text(json.dumps(coco) + "\n")
+    return read_dataset(out, tuple(name for name, ids in parts.items() if ids))

@@ -26,6 +26,7 @@ from client.exports import EXPORT_NAMES, write_exports
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
 VIDEO_SUFFIXES = {".mp4", ".mov", ".avi", ".mkv", ".m4v", ".webm"}
 RESULTS, ERRORS, ANNOTATED = "results.jsonl", "errors.jsonl", "annotated"
+FRAMES = "frames"  # the JPEGs of the video frames sent: every answered frame has a file its record names
 
 
 @dataclass
@@ -34,6 +35,7 @@ class Frame:
     source: str  # the file it came from
     data: bytes | None  # encoded image; None when it could not be read (error says why)
     error: str = ""
+    video: bool = False  # a frame read from a video (its JPEG is kept in DIR/frames/)
 
 
 def frame_id_for(name: str) -> str:
@@ -85,7 +87,8 @@ def video_frames(path: Path, name: str, fps: float) -> Iterator[Frame]:
                 continue
             next_at += step
             ok, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
-            yield Frame(f"{name}:{at:.3f}s", str(path), jpeg.tobytes() if ok else None, "" if ok else "encode failed")
+            data = jpeg.tobytes() if ok else None
+            yield Frame(f"{name}:{at:.3f}s", str(path), data, "" if ok else "encode failed", video=True)
     finally:
         capture.release()
 
@@ -96,7 +99,7 @@ def frames(paths: list[str], fps: float) -> Iterator[Frame]:
             yield from video_frames(path, name, fps)
             continue
         try:
-            yield Frame(name, str(path), path.read_bytes())
+            yield Frame(name, str(path.resolve()), path.read_bytes())
         except OSError as exc:
             yield Frame(name, str(path), None, exc.strerror or str(exc))
 
@@ -177,8 +180,14 @@ def run_campaign(paths: list[str], out: Path, *, url: str, protocol: str = "grpc
             return
         if annotate:
             write_annotated(frame.data, response, out / ANNOTATED / (safe_name(frame.frame_id) + ".jpg"))
+        record = {**response, "source": frame.source}
+        if frame.video:  # the record names a file holding the very pixels answered (review, training)
+            kept = (out / FRAMES / (safe_name(frame.frame_id) + ".jpg")).resolve()
+            kept.parent.mkdir(exist_ok=True)
+            kept.write_bytes(frame.data)
+            record |= {"source": str(kept), "video": frame.source}
         with lock, open(out / RESULTS, "a") as results:
-            results.write(json.dumps({**response, "source": frame.source}) + "\n")
+            results.write(json.dumps(record) + "\n")
         counts["sent"] += 1
         progress.tick()
 

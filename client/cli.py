@@ -16,6 +16,8 @@ anomaly evaluate DATASET --split test [--url HOST:PORT] --out DIR [--min-ap X]
     The split through the served ensemble, scored (client.evaluate): DIR/eval.json, DIR/eval.html.
 anomaly check DATASET [--splits train,valid,test]
     The dataset's problems, each with its file and annotation (what train and evaluate check first).
+anomaly split COCO_JSON [--images DIR] --out DATASET [--valid F --test F]
+    One COCO file (a campaign's, reviewed in CVAT or Label Studio) shared out into train/valid/test.
 anomaly synthesize OUT [--train N --valid N --test N --seed S]
     A synthetic inspection dataset with its truth (anomaly.synthetic), COCO with masks.
 
@@ -230,6 +232,18 @@ def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+def _split(args: argparse.Namespace) -> int:
+    from anomaly.datasets import DatasetError, split_coco
+
+    try:
+        data = split_coco(args.annotations, args.images, args.out, args.valid, args.test, args.seed)
+    except DatasetError as exc:
+        return _dataset_error(exc)
+    counts = ", ".join(f"{n} {len(s.images)}" for n, s in data.splits.items())
+    print(f"wrote {data.root} ({counts} images; classes {data.class_names()})", file=sys.stderr)
+    return 0
+
+
 def _synthesize(args: argparse.Namespace) -> int:
     from anomaly.synthetic import write_dataset
 
@@ -318,6 +332,16 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("dataset", metavar="DATASET")
     check.add_argument("--splits", default="train,valid", help="the splits that must be there (default train,valid)")
     check.set_defaults(run=_check)
+
+    split = sub.add_parser("split", help="one COCO file (a reviewed campaign) -> train/valid/test in rfdetr's layout")
+    split.add_argument("annotations", metavar="COCO_JSON")
+    split.add_argument("--images", help="the folder its file_names are under (default: the JSON's folder; then "
+                                        "each image's `source`)")  # fmt: skip
+    split.add_argument("--out", required=True, metavar="DATASET")
+    split.add_argument("--valid", type=float, default=0.15, help="share of the images for validation")
+    split.add_argument("--test", type=float, default=0.15, help="share of the images held out for evaluate")
+    split.add_argument("--seed", type=int, default=0)
+    split.set_defaults(run=_split)
 
     synth = sub.add_parser("synthesize", help="a synthetic inspection dataset with its truth (COCO, masks)")
     synth.add_argument("out", metavar="OUT")

@@ -68,45 +68,45 @@ def defect_rows(responses: list[dict]) -> Iterator[dict]:
 
 
 def coco(responses: list[dict]) -> dict:
-    """COCO instances: one image per frame, one category per defect type, one annotation per defect with its
-    RLE segmentation (full-image, as the service returns it), bbox [x, y, w, h], mask area, and the geometry,
-    severity, structure and confidences as `attributes` (FiftyOne reads them as fields)."""
+    """COCO instances, as pycocotools, rfdetr's loader and labelling tools (CVAT, Label Studio) read them: one
+    image per frame (`file_name` its frame_id, `source` the file its pixels came from), one category per defect
+    and structure type (supercategory `defect` or `structure`), one annotation per defect with its RLE segmentation
+    (full image, as the service returns it), bbox [x, y, w, h] and mask area, one per structure with its box; the
+    geometry, severity, structure and confidences go under `attributes` (FiftyOne reads them as fields). Reviewed
+    in a labelling tool and exported again, it trains (`anomaly split`, then `anomaly train`)."""
     from anomaly.masks import rle_to_mask
 
-    categories: dict[str, int] = {}
+    categories: dict[tuple[str, str], int] = {}
     images, annotations = [], []
+
+    def add(image_id: int, name: str, kind: str, bbox: dict, score: float, attributes: dict) -> dict:
+        category = categories.setdefault((name, kind), len(categories) + 1)
+        box = [bbox["x_min"], bbox["y_min"], bbox["x_max"] - bbox["x_min"], bbox["y_max"] - bbox["y_min"]]
+        entry = {"id": len(annotations) + 1, "image_id": image_id, "category_id": category, "bbox": box,
+                 "area": box[2] * box[3], "iscrowd": 0, "score": score, "attributes": attributes}  # fmt: skip
+        annotations.append(entry)
+        return entry
+
     for image_id, response in enumerate(responses, start=1):
         size = response["image_size"]
         images.append({"id": image_id, "file_name": response["frame_id"], "width": size["width"],
                        "height": size["height"], "source": response.get("source", "")})  # fmt: skip
+        for s in response.get("structures", []):
+            add(image_id, s["structure_type"], "structure", s["bbox"], s["confidence"],
+                {"structure_id": s["structure_id"]})  # fmt: skip
         for a in response["anomalies"]:
-            category = categories.setdefault(a["defect_type"], len(categories) + 1)
-            b = a["bbox"]
-            entry = {
-                "id": len(annotations) + 1,
-                "image_id": image_id,
-                "category_id": category,
-                "bbox": [b["x_min"], b["y_min"], b["x_max"] - b["x_min"], b["y_max"] - b["y_min"]],
-                "iscrowd": 0,
-                "score": a["confidence"]["combined"],
-                "attributes": {
-                    "anomaly_id": a["anomaly_id"],
-                    "structure_type": a["structure_type"],
-                    "confidence": a["confidence"],
-                    "severity": a.get("severity"),
-                    **a["geometry"],
-                },
-            }
+            attributes = {"anomaly_id": a["anomaly_id"], "structure_type": a["structure_type"],
+                          "confidence": a["confidence"], "severity": a.get("severity"), **a["geometry"]}  # fmt: skip
+            entry = add(image_id, a["defect_type"], "defect", a["bbox"], a["confidence"]["combined"], attributes)
             if "mask" in a:
                 entry["segmentation"] = a["mask"]
                 entry["area"] = int(rle_to_mask(a["mask"]).sum())
             else:
                 entry["area"] = a["geometry"]["area_pixels"]
-            annotations.append(entry)
     return {
         "info": {"description": "Infrastructure defects (anomaly-inspection)", "untrained_weights":
                  any(r.get("untrained_weights") for r in responses)},
         "images": images,
         "annotations": annotations,
-        "categories": [{"id": i, "name": name, "supercategory": "defect"} for name, i in categories.items()],
+        "categories": [{"id": i, "name": name, "supercategory": kind} for (name, kind), i in categories.items()],
     }  # fmt: skip

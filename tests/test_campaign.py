@@ -15,6 +15,7 @@ import time
 import urllib.request
 from contextlib import ExitStack
 from html.parser import HTMLParser
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -170,6 +171,31 @@ def check_report_in_a_browser(report, anomalies: int, profile) -> None:
         browser.close()
 
 
+def check_review_loop(campaign, photos, dataset, annotations: int) -> None:
+    """The campaign's coco.json, as a reviewer exports it again from CVAT or Label Studio, trains as it is:
+    `anomaly split` shares it out into rfdetr's layout, our checks pass, and rfdetr's own COCO loader reads every
+    image and box of the training split."""
+    from rfdetr.datasets.coco import CocoDetection
+
+    assert cli(["split", str(campaign / "coco.json"), "--images", str(photos), "--out", str(dataset),
+                "--valid", "0.2", "--test", "0.2"]) == 0  # fmt: skip
+    assert cli(["check", str(dataset), "--splits", "train,valid,test"]) == 0
+    total = 0
+    for split in ("train", "valid", "test"):
+        data = json.loads((dataset / split / "_annotations.coco.json").read_text())
+        loader = CocoDetection(
+            dataset / split, dataset / split / "_annotations.coco.json", None, remap_category_ids=True
+        )
+        assert len(loader) == len(data["images"])
+        for k in range(len(loader)):
+            image, target = loader[k]
+            expected = [a for a in data["annotations"] if a["image_id"] == target["image_id"].item()]
+            assert image.size == (target["orig_size"][1].item(), target["orig_size"][0].item())
+            assert len(target["boxes"]) == len(expected)
+        total += len(data["annotations"])
+    assert total == annotations
+
+
 def test_campaign_outputs_resume_and_report(triton, campaign_folder, tmp_path, capsys):
     from pycocotools.coco import COCO
 
@@ -194,8 +220,15 @@ def test_campaign_outputs_resume_and_report(triton, campaign_folder, tmp_path, c
 
     coco = COCO(str(out / "coco.json"))
     anomalies = sum(len(r["anomalies"]) for r in results)
-    assert len(coco.getImgIds()) == len(results) and len(coco.getAnnIds()) == anomalies > 0
+    structures = sum(len(r["structures"]) for r in results)
+    assert len(coco.getImgIds()) == len(results) and len(coco.getAnnIds()) == anomalies + structures
+    kinds = {c["name"]: c["supercategory"] for c in coco.loadCats(coco.getCatIds())}
+    assert {a["defect_type"] for r in results for a in r["anomalies"]} == {n for n, k in kinds.items() if k == "defect"}
+    assert all(Path(image["source"]).is_file() for image in coco.loadImgs(coco.getImgIds()))  # video frames: kept
     for ann in coco.loadAnns(coco.getAnnIds()):
+        if kinds[coco.loadCats(ann["category_id"])[0]["name"]] == "structure":
+            assert "segmentation" not in ann and ann["area"] == ann["bbox"][2] * ann["bbox"][3]
+            continue
         mask = coco.annToMask(ann)
         assert mask.sum() == ann["area"] > 0
         x, y, w, h = ann["bbox"]
@@ -218,6 +251,8 @@ def test_campaign_outputs_resume_and_report(triton, campaign_folder, tmp_path, c
     assert page.svgs == (2 if cracks else 0)
     assert all((out / link).is_file() for link in page.links)
     check_report_in_a_browser(out / "report.html", anomalies, tmp_path / "browser")
+
+    check_review_loop(out, campaign_folder, tmp_path / "dataset", anomalies + structures)
 
     # a second run sends nothing again: every frame is already in results.jsonl
     assert cli(args) == 2  # the broken file is tried again and still fails
