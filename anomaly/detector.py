@@ -137,11 +137,17 @@ def rfdetr_class(variant: str):
 
 
 def load_rfdetr(variant: str, weights: str, num_classes: int | None = None):
-    """The rfdetr model object for a checkpoint ("coco": the official weights, downloaded into RF_HOME)."""
+    """The rfdetr model object for a checkpoint ("coco": the official weights, downloaded into RF_HOME). A checkpoint
+    is loaded as it was trained (its resolution, queries and class count: rfdetr's from_checkpoint); one that names
+    neither its model nor a known file name is loaded into the variant's default architecture."""
     cls = rfdetr_class(variant)
     if weights == "coco":
         return cls()
-    return cls(pretrain_weights=weights, **({"num_classes": num_classes} if num_classes else {}))
+    extra = {"num_classes": num_classes} if num_classes else {}
+    try:
+        return cls.from_checkpoint(weights, trust_checkpoint=True, **extra)
+    except ValueError:
+        return cls(pretrain_weights=weights, **extra)
 
 
 # --- which runtime runs RF-DETR ------------------------------------------------------------------------------

@@ -80,8 +80,19 @@ def branches(lengths, angles_deg) -> list[np.ndarray]:
     ]
 
 
-def polyline_length(line: np.ndarray) -> float:
-    return float(np.hypot(*np.diff(line, axis=0).T).sum())
+def polyline_length(line: np.ndarray, shape: tuple[int, int] | None = None) -> float:
+    """A polyline's length; with `shape` (height, width), only what lies inside that frame."""
+    if shape is None:
+        return float(np.hypot(*np.diff(line, axis=0).T).sum())
+    h, w = shape
+    total = 0.0
+    for a, b in zip(line[:-1], line[1:]):
+        steps = max(1, int(np.ceil(np.hypot(*(b - a)) * 4)))  # quarter-pixel pieces
+        t = (np.arange(steps) + 0.5) / steps
+        mid = a + t[:, None] * (b - a)
+        inside = (mid[:, 0] >= 0) & (mid[:, 0] < w) & (mid[:, 1] >= 0) & (mid[:, 1] < h)
+        total += float(np.hypot(*(b - a))) * inside.mean()
+    return total
 
 
 # --- inspection photos ---------------------------------------------------------------------------------------
@@ -171,7 +182,8 @@ def draw_crack(rng: np.random.Generator, image: np.ndarray, line: np.ndarray, wi
     coverage /= 16
     depth = rng.uniform(55, 100)
     image[y0:y1, x0:x1] -= (depth * coverage)[..., None]
-    return Instance("crack", mask, {"width_px": round(width, 3), "length_px": round(polyline_length(line), 2)})
+    truth = {"width_px": round(width, 3), "length_px": round(polyline_length(line, (h, w)), 2)}
+    return Instance("crack", mask, truth)
 
 
 def draw_spalling(rng: np.random.Generator, image: np.ndarray, centre, radius: float) -> Instance:
@@ -220,6 +232,14 @@ def draw_structure(rng: np.random.Generator, image: np.ndarray, kind: str) -> In
     return Instance(kind, mask)
 
 
+def one_crack(rng: np.random.Generator, shape: tuple[int, int] = (256, 256)) -> Scene:
+    """The simplest photo a detector can learn: one crack 4 px wide across the middle of a concrete surface."""
+    image = concrete(rng, shape)
+    h, w = shape
+    crack = draw_crack(rng, image, _crack_line(rng, np.array([w / 2, h / 2]), 0.45 * min(h, w)), 4.0)
+    return Scene(np.clip(image, 0, 255).astype(np.uint8), [crack], 0.5)
+
+
 def inspection_scene(rng: np.random.Generator, shape: tuple[int, int] = (384, 512)) -> Scene:
     """One photo of a concrete element: 0-2 structural elements, 1-3 defects (cracks 1.5-6 px wide, spalling,
     corrosion), lighting across the frame, a little blur and sensor noise."""
@@ -249,7 +269,7 @@ def inspection_scene(rng: np.random.Generator, shape: tuple[int, int] = (384, 51
     return Scene(np.clip(image, 0, 255).astype(np.uint8), instances, round(float(rng.uniform(0.2, 0.6)), 3))
 
 
-def coco_annotation(instance: Instance, annotation_id: int, image_id: int) -> dict:
+def coco_annotation(instance: Instance, annotation_id: int, image_id: int, classes: tuple[str, ...] = CLASSES) -> dict:
     """One instance as a COCO annotation: its box (x, y, w, h in pixel edges), mask area and RLE (pycocotools'
     compressed counts), and what is known of it under `attributes`."""
     from pycocotools import mask as coco_mask
@@ -259,7 +279,7 @@ def coco_annotation(instance: Instance, annotation_id: int, image_id: int) -> di
     return {
         "id": annotation_id,
         "image_id": image_id,
-        "category_id": CLASSES.index(instance.name) + 1,
+        "category_id": classes.index(instance.name) + 1,
         "bbox": [int(xs.min()), int(ys.min()), int(xs.max() - xs.min() + 1), int(ys.max() - ys.min() + 1)],
         "area": int(instance.mask.sum()),
         "segmentation": {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")},
@@ -271,24 +291,34 @@ def coco_annotation(instance: Instance, annotation_id: int, image_id: int) -> di
 def write_dataset(out: Path, splits: dict[str, int], seed: int = 0, shape: tuple[int, int] = (384, 512)) -> Path:
     """A COCO dataset in rfdetr's layout (`<split>/_annotations.coco.json` beside its JPEGs) of inspection_scene
     photos: the same seed, the same files. Each image records its `mm_per_pixel`. -> `out`."""
+    scenes = {}
+    for k, (split, count) in enumerate(splits.items()):
+        rng = np.random.default_rng([seed, k])
+        scenes[split] = [inspection_scene(rng, shape) for _ in range(count)]
+    return write_scenes(out, scenes, seed)
+
+
+def write_scenes(out: Path, scenes: dict[str, list[Scene]], seed: int | None = None,
+                 classes: tuple[str, ...] = CLASSES) -> Path:  # fmt: skip
+    """Scenes written as a COCO dataset in rfdetr's layout, category ids 1.. in the order of `classes`."""
     categories = [
         {"id": i + 1, "name": name, "supercategory": "defect" if name in DEFECTS else "structure"}
-        for i, name in enumerate(CLASSES)
+        for i, name in enumerate(classes)
     ]
-    for split, count in splits.items():
-        rng = np.random.default_rng([seed, list(splits).index(split)])
+    for split, photos in scenes.items():
         folder = out / split
         folder.mkdir(parents=True, exist_ok=True)
         images, annotations = [], []
-        for image_id in range(1, count + 1):
-            scene = inspection_scene(rng, shape)
+        for image_id, scene in enumerate(photos, start=1):
             name = f"{split}_{image_id:04d}.jpg"
             cv2.imwrite(str(folder / name), scene.rgb[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])
-            images.append({"id": image_id, "file_name": name, "width": shape[1], "height": shape[0],
+            h, w = scene.rgb.shape[:2]
+            images.append({"id": image_id, "file_name": name, "width": w, "height": h,
                            "mm_per_pixel": scene.mm_per_pixel})  # fmt: skip
             for instance in scene.instances:
-                annotations.append(coco_annotation(instance, len(annotations) + 1, image_id))
-        coco = {"info": {"description": f"synthetic inspection photos (anomaly.synthetic, seed {seed})"},
-                "images": images, "annotations": annotations, "categories": categories}  # fmt: skip
+                annotations.append(coco_annotation(instance, len(annotations) + 1, image_id, classes))
+        made = f"anomaly.synthetic, seed {seed}" if seed is not None else "anomaly.synthetic"
+        coco = {"info": {"description": f"synthetic inspection photos ({made})"}, "images": images,
+                "annotations": annotations, "categories": categories}  # fmt: skip
         (folder / "_annotations.coco.json").write_text(json.dumps(coco) + "\n")
     return out

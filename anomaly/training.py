@@ -266,23 +266,32 @@ def finish(out: Path, variant: str, classes: list[dict], run: TrainRun) -> Path 
     return best
 
 
-@contextlib.contextmanager
-def trainer_output_to(path: Path) -> Iterator[None]:
-    """What the trainer prints (stdout, stderr, and the stream handlers of every logger but ours) goes to `path`."""
-    handlers = [
+def _stream_handlers() -> list[logging.StreamHandler]:
+    """The plain stream handlers of every logger but ours (files and our own log lines stay where they are)."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    return [
         h
-        for logger in [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+        for logger in loggers
         if isinstance(logger, logging.Logger) and not logger.name.startswith("anomaly")
         for h in logger.handlers
         if type(h) is logging.StreamHandler
     ]
+
+
+@contextlib.contextmanager
+def trainer_output_to(path: Path) -> Iterator[None]:
+    """What the trainer prints (stdout, stderr, and the stream handlers of every logger but ours) goes to `path`;
+    afterwards every handler writes where it did before (one made meanwhile, to the terminal's stderr)."""
+    terminal = sys.stderr
     with open(path, "a") as log, contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        streams = [h.setStream(log) for h in handlers]
+        before = {h: h.stream for h in _stream_handlers()}
+        for handler in before:
+            handler.stream = log
         try:
             yield
         finally:
-            for handler, stream in zip(handlers, streams):
-                handler.setStream(stream)
+            for handler in _stream_handlers():
+                handler.stream = before.get(handler, terminal) if handler.stream is log else handler.stream
 
 
 def train(run: TrainRun, out: Path, resume: bool = False, stream=sys.stderr, quiet_trainer: bool = True) -> dict:
@@ -311,6 +320,7 @@ def train(run: TrainRun, out: Path, resume: bool = False, stream=sys.stderr, qui
         epochs=run.epochs,
         batch_size=run.batch_size,
         lr=run.lr,
+        lr_encoder=run.lr * 1.5,  # rfdetr's own ratio (1e-4 and 1.5e-4 by default), kept for any --lr
         output_dir=str(out / RFDETR_DIR),
         device=device,
         num_workers=workers,

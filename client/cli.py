@@ -177,7 +177,7 @@ def _train(args: argparse.Namespace) -> int:
         run = TrainRun(dataset=args.dataset, variant=args.variant, epochs=args.epochs or 10, batch_size=args.batch_size,
                        lr=args.lr, resolution=args.resolution, init=args.init, device=args.device,
                        structures=structures, seed=args.seed, max_minutes=args.max_minutes, workers=args.workers,
-                       command=sys.argv)  # fmt: skip
+                       augment=not args.no_augment, command=sys.argv)  # fmt: skip
     try:
         summary = train(run, out, resume=bool(args.resume), quiet_trainer=not args.verbose)
     except DatasetError as exc:
@@ -311,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--max-minutes", type=_positive, help="stop after the epoch past which another would not fit")
     train.add_argument("--workers", type=int, help="data loader processes (default: 2 on a GPU, 0 on a CPU)")
     train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--no-augment", action="store_true", help="the same pixels every epoch (overfitting checks)")
     train.add_argument("--verbose", action="store_true", help="rfdetr's own output on the terminal, not in train.log")
     train.set_defaults(run=_train)
 
