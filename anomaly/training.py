@@ -294,12 +294,13 @@ def trainer_output_to(path: Path) -> Iterator[None]:
                 handler.stream = before.get(handler, terminal) if handler.stream is log else handler.stream
 
 
-def train(run: TrainRun, out: Path, resume: bool = False, stream=sys.stderr, quiet_trainer: bool = True) -> dict:
+def train(run: TrainRun, out: Path, resume: bool = False, stream=None, quiet_trainer: bool = True) -> dict:
     """Check the dataset, train, and write RUN_DIR (module docstring). -> a summary for the caller. Raises
     anomaly.datasets.DatasetError on a dataset problem (before anything trains) and TrainingError on a run that
     cannot start."""
     global _ACTIVE
 
+    stream = stream or sys.stderr  # the process's at the call (a test's capture, say), not at import
     dataset = read_dataset(run.dataset, ("train", "valid"))
     classes = class_roles(dataset, run.structures)
     out.mkdir(parents=True, exist_ok=True)

@@ -84,7 +84,7 @@ def resolve(requirements: list[str], python_version: str = BASE_PYTHON) -> dict[
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         for name, version in FROM_TORCH_INDEX.items():
-            _stand_in_wheel(folder, name, version + TORCH_LOCAL_LABEL)
+            _stand_in_wheel(folder, name, version + TORCH_LOCAL_LABEL, torch_index_requirements(name, version))
         for name, version in FROM_SOURCE.items():
             _stand_in_wheel(folder, name, version, source_requirements(name, version))
         listed = folder / "requirements.txt"
@@ -108,6 +108,19 @@ def resolve(requirements: list[str], python_version: str = BASE_PYTHON) -> dict[
     return {
         name: version for name, version in found.items() if name not in FROM_TORCH_INDEX and name not in FROM_SOURCE
     }
+
+
+def torch_index_requirements(name: str, pinned: str) -> list[str]:
+    """What a PyTorch-index package asks of the packages PyPI also has and the image's other packages may ask for
+    too: torch's triton (torch-hungarian, of the training packages, asks for any triton; without torch's own pin the
+    resolution would upgrade the one torch's index installs). Its CUDA libraries come from that index and stay out."""
+    from importlib.metadata import requires, version
+
+    if name != "torch":
+        return []
+    if version(name).split("+")[0] != pinned:
+        raise RuntimeError(f"{name} {version(name)} is installed here, the image installs {pinned}")
+    return [r for r in requires(name) or [] if re.split(r"[\s;=<>~!]", r, maxsplit=1)[0] == "triton"]
 
 
 def source_requirements(name: str, pinned: str) -> list[str]:

