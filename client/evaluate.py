@@ -87,6 +87,8 @@ def evaluate_split(dataset: str | Path, split: str, url: str, protocol: str = "g
         "refused": refused,
         "seconds": round(seconds, 2),
         "frames_per_s": round(len(part.images) / seconds, 3) if seconds else None,
+        # what a frame cost the service: SAM and geometry run once per answered defect
+        "defects_per_frame": round(sum(len(r["anomalies"]) for r in responses.values()) / max(len(responses), 1), 2),
     }
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
