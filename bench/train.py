@@ -89,8 +89,12 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(result), flush=True)
     with serve_checkpoint(out / "anomaly_train_0" / "checkpoint_best.pth", out / "served") as server:
         report = evaluate_split(data, "test", server.grpc_url, ap_threshold=args.ap_threshold)
-    result["evaluate"] = {"images": report["images"], "frames_per_s": report["frames_per_s"],
-                          "defects_per_frame": report["defects_per_frame"], "ap_threshold": args.ap_threshold}  # fmt: skip
+    result["evaluate"] = {
+        "images": report["images"],
+        "frames_per_s": report["frames_per_s"],
+        "defects_per_frame": report["defects_per_frame"],
+        "ap_threshold": args.ap_threshold,
+    }
     print(json.dumps(result["evaluate"]), flush=True)
     (REPO_ROOT / "bench_output" / "train.json").write_text(json.dumps(result, indent=2) + "\n")
     return 0
