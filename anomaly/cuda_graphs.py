@@ -26,8 +26,8 @@ _capture_stream = None
 
 def capture_stream():
     """The one stream every graph of this process is warmed up and captured on. cuBLAS keeps a workspace, for
-    good, for each (thread, stream) it has run on: 32 MiB each on an H100 or H200 (torch's default there). A new
-    stream per captured size, as before, held one per size: SAM's 18 sizes (encoder and decoder) some 0.6 GB."""
+    good, for each (thread, stream) it has run on: 32 MiB each on an H100 or H200 (torch's default there). A stream
+    per captured size would hold one per size: SAM's 18 sizes (encoder and decoder) some 0.6 GB."""
     global _capture_stream
     import torch
 

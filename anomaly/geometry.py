@@ -1,6 +1,6 @@
 """Measurements of one binary mask, as an inspector with a crack gauge would take them.
 
-Definitions (README, "Geometry"):
+Definitions (docs/geometry.md):
 - area_pixels: mask pixels.
 - length_pixels: length of the medial axis (skeleton) after pruning spurs shorter than the local width,
   branches included (a branching crack's length is its total length). Counting skeleton steps as 1 and

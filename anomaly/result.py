@@ -1,4 +1,4 @@
-"""The response object (README, "The response"), built from the pipeline's stage outputs.
+"""The response object (docs/api.md, "The response"), built from the pipeline's stage outputs.
 
 Fields of the original API (never renamed): frame_id, image_size, anomalies[] (anomaly_id, defect_type, structure_type,
 bbox, geometry{area_pixels, length_pixels, width_pixels, orientation_degrees}, confidence{detection,

@@ -1,5 +1,5 @@
 """Pixel size (mm per pixel) from a photo's own metadata, for when neither the request nor MM_PER_PIXEL gives
-one (README, "Scale").
+one (docs/campaigns.md, "Scale").
 
     mm per pixel = distance (mm) x sensor width (mm) / (focal length (mm) x image width (px))
 

@@ -165,11 +165,14 @@ class EpochReport:
         recent = self.records[-3:]
         per_epoch = sum(r["seconds"] for r in recent) / len(recent)
         left = self.epochs - record["epoch"]
+        eta = left * per_epoch
+        if self.max_seconds is not None:  # a time-boxed run ends with its budget
+            eta = min(eta, max(self.max_seconds - elapsed, 0.0))
         self.stream.write(
             f"epoch {record['epoch']}/{self.epochs}: loss {_fmt(record['loss'])} (ce {_fmt(record['loss_ce'])}, "
             f"bbox {_fmt(record['loss_bbox'])}, giou {_fmt(record['loss_giou'])}), val AP {_fmt(record['val_ap'])} "
             f"AP50 {_fmt(record['val_ap50'])}, {record['seconds']:.0f} s ({record['images_per_s']:.2f} images/s), "
-            f"ETA {_duration(left * per_epoch)}\n"
+            f"ETA {_duration(eta)}\n"
         )
         self.stream.flush()
         if self.max_seconds is not None and left > 0 and elapsed + per_epoch > self.max_seconds:

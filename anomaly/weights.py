@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 UNTRAINED_SEED = 20261126
 UNTRAINED_BANNER = (
     "UNTRAINED WEIGHTS: {what} runs with untrained random weights; its output is meaningless. "
-    "Provide real weights before inspecting anything (see README, 'Weights')."
+    "Provide real weights before inspecting anything (docs/deployment.md, 'Weights')."
 )
 
 

@@ -1,4 +1,4 @@
-"""`make bench`: the numbers README's Performance section reports, each beside a baseline measured in the same run.
+"""`make bench`: the numbers docs/performance.md reports for this machine, each beside a baseline of the same run.
 
 1. geometry: 20 masks of a 1080p inspection frame (bench/scenes.py) measured on their box crops, against
    the same masks measured on full 1080p frames (what a pipeline that upsamples every mask would do).

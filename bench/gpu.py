@@ -586,7 +586,7 @@ def setting_change(spec: str) -> tuple[str, str]:
     name, sep, value = spec.partition("=")
     names = {k.name for k in KNOBS}
     if not sep or name not in names:
-        raise SystemExit(f"--also {spec!r}: expected NAME=VALUE with NAME one of the settings (README, 'Settings')")
+        raise SystemExit(f"--also {spec!r}: expected NAME=VALUE with NAME one of the settings (docs/configuration.md)")
     return name, value
 
 
@@ -856,7 +856,7 @@ def main(argv: list[str] | None = None) -> int:
         result["timeline"] = frame_timeline(server.grpc_url, data, threshold, args.timeline_frames, threaded)
         print(json.dumps({"timeline": result["timeline"]}), flush=True)
         lap("timeline")
-        # a large photo, tiled: what a drone frame costs (README, "Large photos: tiling")
+        # a large photo, tiled: what a drone frame costs (docs/campaigns.md, "Large photos: tiling")
         width, height = (int(v) for v in args.tiled_size.split("x"))
         big = large_photo(REPO_ROOT / "samples" / args.image, (width, height))
         load(server.grpc_url, big, threshold, 1, 1, tiling="on")

@@ -6,7 +6,7 @@ the serverless worker (true), or the REST gateway on PORT for a load-balancing e
    In load-balancing mode the gateway starts first, so that RunPod's `/ping` reads 204 (starting) meanwhile.
 2. Starts tritonserver and waits until every model is ready, then sends one frame through the pipeline (the
    first answer pays for lazy initialisation, not a user's request) and logs each phase's seconds on one
-   `cold start:` line (README, "Cold start").
+   `cold start:` line (docs/deployment.md, "Cold start").
 3. Starts the gateway (uvicorn) or the RunPod handler.
 4. SIGTERM/SIGINT drain both within SHUTDOWN_GRACE_S (the front first, then Triton) and exit 0.
 5. If Triton or one of its model processes dies, the rest is stopped and the exit code is non-zero, so the

@@ -1,4 +1,4 @@
-"""Pod-mode REST API (README, "Pod mode"), in front of Triton (which stays reachable on its own ports).
+"""Pod-mode REST API (docs/api.md, "REST gateway"), in front of Triton (which stays reachable on its own ports).
 
   GET  /health          200 only when Triton and every model are ready, else 503
   GET  /ping            RunPod load-balancing health: 204 while starting, 200 when ready, 503 when it was

@@ -36,7 +36,7 @@ HUB_DEFAULTS = {"RUNPOD_SERVERLESS": "true"}
 HUB_CHOICES = {"RUNPOD_SERVERLESS": ("true", "lb")}
 ACRONYMS = {"Sam": "SAM", "Sam2": "SAM2", "Api": "API", "Cuda": "CUDA", "Mm": "mm", "Us": "(µs)", "Runpod": "RunPod"}
 
-# SAM2.1 large + RF-DETR medium took 5.3 GB of GPU memory on an H100 (README, "Measured on lent GPUs"):
+# SAM2.1 large + RF-DETR medium took 5.3 GB of GPU memory on an H100 (docs/performance.md):
 # 16 GB cards hold it; the 24 and 48 GB pools come first for headroom with larger batches.
 GPU_POOLS = "ADA_24,AMPERE_24,AMPERE_48,ADA_48_PRO,AMPERE_16"
 PRESETS = {

@@ -1,4 +1,4 @@
-"""The RunPod API's request bodies (README, "RunPod") (single image, batch), parsed and run through Triton.
+"""The RunPod API's request bodies (docs/api.md, "RunPod jobs") (single image, batch), parsed and run through Triton.
 
 Shared by the serverless handler and the pod REST gateway so both accept and answer exactly the same.
 Single: {"image": b64, "frame_id"?, "include_masks"?, "confidence_threshold"?, "mm_per_pixel"?, "tiling"?}

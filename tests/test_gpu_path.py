@@ -743,7 +743,7 @@ def test_rendered_configs_carry_the_plan(tmp_path):
 def test_bench_gpu_checks_on_the_cpu(exported):
     """make bench-gpu's on-GPU checks (bench/gpu.py gpu_checks), run with device="cpu": the same code paths
     (torch decode/resize against the exact numpy path, the torch detector against onnxruntime), where both
-    sides must agree closely. On a GPU the same function measured TF32's effect (README)."""
+    sides must agree closely. On a GPU the same function measured TF32's effect (docs/performance.md)."""
     from anomaly.detector import export_files
     from bench.gpu import gpu_checks
 

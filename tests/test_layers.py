@@ -1,4 +1,4 @@
-"""Dependencies run one way: core -> serving -> clients and deployment -> tools -> tests (README, "Code map").
+"""Dependencies run one way: core -> serving -> clients and deployment -> tools -> tests (docs/architecture.md).
 
 A module may import its own layer and the ones below, never one above: the core (geometry, masks, models,
 the response) knows nothing of Triton; what runs in or starts Triton knows nothing of the clients.
