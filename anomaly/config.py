@@ -1,9 +1,9 @@
-"""Every environment variable the service reads, with its default, in one place.
+"""Every environment variable the service reads, with its default, in one place: settings.toml beside this file.
 
-Each Knob carries its default, its description and its parser; `Settings` has a typed field per knob, which an
-editor and a type checker see (a test holds the two together). `settings()` reads them once per process.
-docs/configuration.md is generated from KNOBS (`python -m anomaly.config --markdown`), and a test fails when it
-is stale.
+Each knob there has its default, its description, its choices and its parser (one of PARSERS); `Settings` has a
+typed field per knob, which an editor and a type checker see (a test holds the two together). `settings()` reads
+them once per process. docs/configuration.md is generated from the knobs (`python -m anomaly.config --markdown`),
+and a test fails when it is stale.
 """
 
 from __future__ import annotations
@@ -154,252 +154,52 @@ def _auto_is_on(knob: Knob, raw: str, parsed: dict) -> bool:
     return _choice(knob, raw, parsed) == "auto"
 
 
-KNOBS: tuple[Knob, ...] = (
-    Knob(
-        "RUNPOD_SERVERLESS",
-        "false",
-        "`true`: queue-based serverless worker; `lb`: load-balancing serverless endpoint (the REST API and "
-        "`/ping` on `PORT`); `false`: pod mode (REST gateway)",
-        ("false", "true", "lb"),
-        parse=_runpod_mode,
-        field="runpod_mode",
-        section="The deployment guide's variables (names and meanings kept)",
-    ),
-    Knob("DETECTOR_VARIANT", "medium", "RF-DETR size: `nano`, `small`, `medium` or `large`", VARIANTS, parse=_choice),
-    Knob(
-        "DETECTOR_WEIGHTS",
-        "",
-        "path to fine-tuned RF-DETR weights (.pth; one that `anomaly train` or rfdetr wrote is served as the size and "
-        "with the classes it says); empty: official COCO weights",
-    ),
-    Knob(
-        "DETECTOR_NUM_CLASSES",
-        "",
-        "number of classes of DETECTOR_WEIGHTS (read from the checkpoint if empty)",
-        parse=_optional_int,
-    ),
-    Knob(
-        "SAM_MODEL_PATH",
-        "/models/sam3.pt",
-        "segmenter weights: Meta's SAM3 `sam3.pt` or a SAM2.1 checkpoint, told apart by their contents",
-    ),
-    Knob(
-        "SEGMENTER",
-        "auto",
-        "`auto`: what SAM_MODEL_PATH holds, SAM2.1 (`SAM2_VARIANT`) when it is missing or unusable; `sam3` or "
-        "`sam2.1`: only that one",
-        ("auto", "sam3", "sam2.1"),
-        parse=_choice,
-    ),
-    Knob(
-        "CONFIDENCE_THRESHOLD", "0.3", "default detection threshold in [0, 1], overridable per request", parse=_fraction
-    ),
-    Knob("API_HOST", "0.0.0.0", "REST gateway host (pod mode)"),
-    Knob("API_PORT", "8080", "REST gateway port (pod mode); 8000 is Triton's HTTP port", parse=_int),
-    Knob("API_KEY", "", "when set, REST requests need `Authorization: Bearer <key>` (`/health` and `/ping` stay open)"),
-    Knob("PORT", "80", "load-balancing mode: the port of the REST API and `/ping` (RunPod sets it)", parse=_int),
-    Knob(
-        "PORT_HEALTH",
-        "",
-        "load-balancing mode: the port of `/ping` (RunPod sets it; default `PORT`)",
-        parse=_port_health,
-    ),
-    Knob(
-        "DETECTOR_LABELS",
-        "",
-        "labels file (JSON or one name per line) overriding the checkpoint's classes",
-        section="Detector",
-    ),
-    Knob(
-        "ALLOW_UNTRAINED_WEIGHTS",
-        "0",
-        "`1`: build untrained models when no weights exist (tests, demo)",
-        parse=_bool,
-        field="allow_untrained",
-    ),
-    Knob("MAX_DETECTIONS", "100", "most defects segmented per image; more are reported in `warnings`", parse=_int),
-    Knob(
-        "SAM2_VARIANT",
-        "large",
-        "SAM2.1 size when no checkpoint names it: `tiny`, `small`, `base_plus`, `large`",
-        SAM2_VARIANTS,
-        parse=_choice,
-        section="Segmenter",
-    ),
-    Knob("WEIGHTS_DIR", str(REPO_ROOT / "weights"), "where exported and untrained weights are kept", parse=_path),
-    Knob(
-        "MAX_IMAGE_BYTES",
-        str(40 * 1024 * 1024),
-        "largest encoded image accepted, in bytes",
-        parse=_int,
-        section="Images",
-    ),
-    Knob("MAX_IMAGE_PIXELS", str(50_000_000), "largest decoded image accepted, width x height", parse=_int),
-    Knob(
-        "TILING",
-        "auto",
-        "`auto`: photos whose long side is over 4x the detector's input are detected in tiles at their own scale "
-        "and segmented in full-resolution windows; `on`: any photo larger than a tile; `off`: never. Per request: "
-        "`tiling`",
-        ("auto", "off", "on"),
-        parse=_choice,
-    ),
-    Knob("TILE_OVERLAP", "64", "pixels neighbouring detector tiles share (at most half a tile)", parse=_count),
-    Knob(
-        "MM_PER_PIXEL",
-        "",
-        "default pixel size in mm; adds `*_mm` fields and crack severity",
-        parse=_optional_positive,
-        section="Measurement",
-    ),
-    Knob(
-        "SEVERITY_THRESHOLDS_MM",
-        "0.1,0.3,1.0",
-        "crack max-width band limits in mm (hairline/fine/medium/wide)",
-        parse=_severity,
-    ),
-    Knob(
-        "MODEL_REPOSITORY",
-        str(REPO_ROOT / "model_repository"),
-        "Triton model repository",
-        parse=_path,
-        section="Triton, the REST gateway and the serverless worker",
-    ),
-    Knob("TRITON_HOST", "127.0.0.1", "address Triton binds (a container sets 0.0.0.0)"),
-    Knob("TRITON_HTTP_PORT", "8000", "Triton HTTP port", parse=_int),
-    Knob("TRITON_GRPC_PORT", "8001", "Triton gRPC port", parse=_int),
-    Knob("TRITON_METRICS_PORT", "8002", "Triton metrics port", parse=_int),
-    Knob("TRITON_HOME", "", "folder holding bin/tritonserver (default: the nvidia-pytriton wheel in .triton/)"),
-    Knob(
-        "TRITON_TRACE_FILE",
-        "",
-        "file for Triton's request traces; tracing stays off until a client turns it on through Triton's trace API "
-        "(make bench-gpu does, for its timeline of one frame); empty: no tracing",
-    ),
-    Knob(
-        "TRITON_URL",
-        "",
-        "Triton gRPC address the handler and gateway use (default TRITON_HOST:TRITON_GRPC_PORT)",
-        parse=_triton_url,
-    ),
-    Knob(
-        "MAX_BATCH_IMAGES",
-        "16",
-        "most images in one batch request (REST /detect/batch, serverless `images`)",
-        parse=_int,
-    ),
-    Knob("MAX_REQUEST_BYTES", str(100 * 1024 * 1024), "largest REST request body, in bytes (larger: 413)", parse=_int),
-    Knob(
-        "RUNPOD_CONCURRENCY",
-        "4",
-        "jobs one serverless worker keeps in flight (runpod concurrency_modifier)",
-        parse=_int,
-    ),
-    Knob(
-        "TRITON_READY_TIMEOUT", "900", "seconds the entrypoint and handler wait for Triton to become ready", parse=_int
-    ),
-    Knob(
-        "SHUTDOWN_GRACE_S",
-        "8",
-        "seconds SIGTERM leaves requests in flight to finish (gateway, then Triton) before stopping hard",
-        parse=_grace,
-    ),
-    Knob("COMPUTE_THREADS", "", "CPU threads for the detector and the segmenter (default: all cores)", parse=_threads),
-    Knob("DEVICE", "auto", "`auto`, `cpu` or `cuda`", ("auto", "cpu", "cuda"), parse=_choice),
-    Knob(
-        "DETECTOR_BACKEND",
-        "auto",
-        "`auto`, `tensorrt`, `onnxruntime` or `torch`: what runs RF-DETR (auto: TensorRT, else onnxruntime's CUDA "
-        "provider, else torch on a GPU; onnxruntime on a CPU)",
-        ("auto", "tensorrt", "onnxruntime", "torch"),
-        parse=_choice,
-        section="Serving on GPUs",
-    ),
-    Knob(
-        "DETECTOR_PRECISION",
-        "fp32",
-        "`fp32` or `fp16`: RF-DETR's arithmetic on a GPU under TensorRT or torch (fp32 is exact: no TF32; fp16 "
-        "saves ~1.7 ms a frame and moves untrained scores by up to 0.09, check it with your weights)",
-        ("fp32", "fp16"),
-        parse=_choice,
-    ),
-    Knob(
-        "BATCH_FRAMES",
-        "auto",
-        "most frames the detector and the segmenter run as one batch (auto: detector 8, segmenter 2 on a GPU "
-        "(SAM2.1-L activations); detector 8, segmenter 1 on a CPU)",
-        parse=_auto_int,
-    ),
-    Knob(
-        "CUDA_GRAPHS",
-        "auto",
-        "`auto`: on a GPU the torch detector, the SAM image encoder and SAM's mask decoder replay CUDA graphs (one "
-        "per batch size or box count); `off`: eager (less GPU memory, faster start)",
-        ("auto", "off"),
-        parse=_auto_is_on,
-    ),
-    Knob(
-        "SAM_COMPILE",
-        "off",
-        "`off`, `encoder` or `all`: SAM's image encoder (`all`: and its prompt encoder + mask decoder, one compile "
-        "for every box count) compiled by inductor (torch.compile, default mode) when the segmenter loads, before "
-        "its CUDA graphs are captured; its kernels are kept in WEIGHTS_DIR/inductor_cache for the next start (the "
-        "first compile takes minutes)",
-        ("off", "encoder", "all"),
-        parse=_choice,
-    ),
-    Knob(
-        "HIDE_GPU_FROM_TRITON",
-        "off",
-        "`off`: tritonserver sees the GPU (Triton's /metrics include GPU metrics); `auto` (on trial, docs/"
-        "performance.md): on a GPU machine tritonserver itself starts with the GPU hidden (its steps pass only CPU "
-        "tensors, and a CUDA context of its own held 0.5 GB on an H100), the detector's and SAM's processes see it",
-        ("auto", "off"),
-        parse=_auto_is_on,
-    ),
-    Knob(
-        "CUDA_MPS",
-        "off",
-        "`on`: on a GPU machine the launcher starts NVIDIA's MPS control daemon (`nvidia-cuda-mps-control`) before "
-        "Triton, so that the detector's and SAM's processes share one GPU context and run their kernels on the card "
-        "at once instead of by time slices; where MPS cannot start, Triton starts without it and the log says why",
-        ("off", "on"),
-        parse=_choice,
-    ),
-    Knob(
-        "OVERLAP_BATCHES",
-        "off",
-        "`off`: one batch at a time inside Triton's execute; `auto` (on trial, docs/performance.md): the detector "
-        "and SAM, where they run on a GPU, take the next batch in (checks, decoding) while the card runs the last "
-        "one, and answer from a thread of their own; `on`: on a CPU too",
-        ("auto", "on", "off"),
-        parse=_choice,
-    ),
-    Knob(
-        "EARLY_EMBEDDING",
-        "off",
-        "`off`: SAM embeds each frame once its boxes are known; `auto` (on trial, docs/performance.md): on a GPU "
-        "machine the ensemble asks SAM to embed each frame from its image alone, in parallel with the detector, "
-        "while SAM has nothing else to do, and its boxes are decoded from that embedding; `on`: on a CPU too",
-        ("auto", "on", "off"),
-        parse=_choice,
-    ),
-    Knob("BATCH_DELAY_US", "0", "how long Triton holds a frame for a fuller batch, in microseconds", parse=_count),
-    Knob(
-        "STEP_INSTANCES",
-        "auto",
-        "instances of each CPU step (preprocess, select_detections, geometry, result) (auto: cores / 4 on a GPU "
-        "machine, 1 on a CPU)",
-        parse=_auto_int,
-    ),
-    Knob(
-        "GEOMETRY_WORKERS",
-        "1",
-        "processes measuring one frame's masks, the geometry step's own included; `auto` (on trial, docs/"
-        "performance.md): cores / 4, at most 4, on a GPU machine, 1 on a CPU",
-        parse=_auto_int,
-    ),
-)
+# The parsers a knob names in settings.toml.
+PARSERS: dict[str, Parser] = {
+    "int": _int,
+    "count": _count,
+    "optional_int": _optional_int,
+    "auto_int": _auto_int,
+    "fraction": _fraction,
+    "grace": _grace,
+    "optional_positive": _optional_positive,
+    "bool": _bool,
+    "choice": _choice,
+    "path": _path,
+    "runpod_mode": _runpod_mode,
+    "severity": _severity,
+    "port_health": _port_health,
+    "triton_url": _triton_url,
+    "threads": _threads,
+    "auto_is_on": _auto_is_on,
+}
+SETTINGS_FILE = Path(__file__).with_name("settings.toml")
+
+
+def load_knobs(path: Path = SETTINGS_FILE) -> tuple[Knob, ...]:
+    """The knobs settings.toml declares, in its order (the table is data: its docs are long, its rows alike)."""
+    import tomllib
+
+    knobs = []
+    for entry in tomllib.loads(path.read_text())["knob"]:
+        parse = entry.get("parse")
+        if parse is not None and parse not in PARSERS:
+            raise ConfigError(f"{path.name}: {entry['name']} names the parser {parse!r}; known: {', '.join(PARSERS)}")
+        knobs.append(
+            Knob(
+                name=entry["name"],
+                default=entry["default"].replace("{repo}", str(REPO_ROOT)),
+                doc=entry["doc"],
+                choices=tuple(entry.get("choices", ())),
+                parse=PARSERS[parse] if parse else None,
+                field=entry.get("field", ""),
+                section=entry.get("section", ""),
+            )
+        )
+    return tuple(knobs)
+
+
+KNOBS: tuple[Knob, ...] = load_knobs()
 
 _DEFAULTS = {k.name: k.default for k in KNOBS}
 
@@ -495,7 +295,7 @@ def configuration_markdown() -> str:
     lines = [
         "# Configuration",
         "",
-        "<!-- Generated from anomaly/config.py (KNOBS) by `make docs`; tests/test_docs.py fails when it is stale. -->",
+        "<!-- Generated from anomaly/settings.toml by `make docs`; tests/test_docs.py fails when it is stale. -->",
         "",
         "Every setting is an environment variable, read once per process by `anomaly/config.py`. A value that is",
         "not valid stops the start with a message naming the variable (`CONFIDENCE_THRESHOLD=2 must be at most",

@@ -229,30 +229,16 @@ def models_info(meta: DetectorMetadata, segmenter: dict, detector: dict) -> dict
     }
 
 
-def frame_response(
-    *,
-    image_hw: tuple[int, int],
-    findings: Findings,
-    metadata: DetectorMetadata,
-    options: RequestOptions,
-    severity_thresholds_mm: tuple[float, float, float],
-    notes: list[str],
-    detector: dict,
-    segmenter: dict,
-    plan: TilePlan,
-    sam_windows: np.ndarray,
-    start_ns: int,
-) -> dict:
-    """One frame's whole response, as the result step and the in-process pipeline both answer it: the findings,
-    the warnings and `models` from what the detector and the segmenter said of themselves (`detector`, `segmenter`:
-    their descriptions), how the frame was tiled, and processing_time_ms stamped once it is built, from `start_ns`
-    (time.monotonic_ns() when the first step took the frame)."""
+def frame_response(*, notes: list[str], detector: dict, segmenter: dict, plan: TilePlan, sam_windows: np.ndarray,
+                   start_ns: int, **frame) -> dict:  # fmt: skip
+    """One frame's whole response, as the result step and the in-process pipeline both answer it: `frame` is
+    build_response's (image_hw, findings, metadata, options, severity_thresholds_mm); the warnings and `models`
+    come from what the detector and the segmenter said of themselves (`detector`, `segmenter`: their descriptions)
+    and the selection's `notes`; `tiling` from the plan and SAM's windows; processing_time_ms is stamped once the
+    response is built, from `start_ns` (time.monotonic_ns() when the first step took the frame)."""
+    metadata = frame["metadata"]
     response = build_response(
-        image_hw=image_hw,
-        findings=findings,
-        metadata=metadata,
-        options=options,
-        severity_thresholds_mm=severity_thresholds_mm,
+        **frame,
         warnings=warnings_for(metadata, segmenter, notes, detector),
         processing_time_ms=0.0,
         models=models_info(metadata, segmenter, detector),

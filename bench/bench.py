@@ -46,7 +46,7 @@ def best_of(fn, repeats: int) -> float:
 
 def typical_crack() -> np.ndarray:
     """A crack crop of about 400 x 300 px: 500 px long, 5 px wide, gently curving."""
-    from bench.synthetic import thick_segments
+    from anomaly.synthetic import thick_segments
 
     rng = np.random.default_rng(1)
     heading, points = math.atan2(280, 380), [np.zeros(2)]

@@ -15,10 +15,7 @@ Triton's kernels are built at run time).
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
-from pathlib import Path
 
 from anomaly.config import REPO_ROOT, load_settings
 from bench.gpu import timed
@@ -76,12 +73,12 @@ def compare(segmenter, prepared, coords, repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.compile_check", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--image", default="bridge_deck.jpg")
-    parser.add_argument("--boxes", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=20)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_output" / "compile_check.json")
-    args = parser.parse_args(argv)
+    from bench.scenes import frame_and_boxes_parser, report
+
+    description = __doc__.split("\n\n")[0]
+    args = frame_and_boxes_parser("python -m bench.compile_check", description, 20, "compile_check.json").parse_args(
+        argv
+    )
 
     from anomaly.weights import load_segmenter
 
@@ -94,10 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     coords = segmenter._box_coords(grid_boxes(hw, args.boxes), hw)
     result = {"segmenter": f"{spec.kind} {spec.variant}", "runtime": segmenter.runtime, "boxes": args.boxes}
     result |= compare(segmenter, prepared, coords, args.repeats)
-    print(json.dumps(result, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return report(result, args.out)
 
 
 if __name__ == "__main__":

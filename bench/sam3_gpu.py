@@ -7,8 +7,6 @@ holds one. On a GPU: bf16 autocast and CUDA graphs as served; on a CPU it runs t
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -56,13 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     from anomaly.images import decode_image
     from anomaly.sam3 import Sam3Segmenter, _builder, bpe_vocabulary
     from anomaly.weights import checkpoint_kind, make_untrained_sam3, untrained_sam3_path
+    from bench.scenes import frame_and_boxes_parser, report
 
-    parser = argparse.ArgumentParser(prog="python -m bench.sam3_gpu", description=__doc__)
-    parser.add_argument("--image", default="bridge_deck.jpg")
-    parser.add_argument("--boxes", type=int, default=10)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_output" / "sam3.json")
-    args = parser.parse_args(argv)
+    args = frame_and_boxes_parser("python -m bench.sam3_gpu", __doc__, 5, "sam3.json").parse_args(argv)
 
     settings = load_settings()
     given = Path(settings.sam_model_path)
@@ -144,10 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         "min_mask_iou": round(min(ious), 4),
         "max_score_diff": round(max(score_diffs), 5),
     }
-    print(json.dumps(result, indent=2))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
-    return 0
+    return report(result, args.out)
 
 
 if __name__ == "__main__":

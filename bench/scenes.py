@@ -8,7 +8,7 @@ import math
 import cv2
 import numpy as np
 
-from bench.synthetic import thick_segments
+from anomaly.synthetic import thick_segments
 
 
 def _crack(rng: np.random.Generator) -> np.ndarray:
@@ -57,3 +57,28 @@ def large_photo(image_path, size: tuple[int, int] = (6000, 4000)) -> bytes:
     buffer = io.BytesIO()
     Image.open(image_path).convert("RGB").resize(size, Image.BILINEAR).save(buffer, "JPEG", quality=90)
     return buffer.getvalue()
+
+
+def frame_and_boxes_parser(prog: str, description: str, repeats: int, out_name: str):
+    """The arguments of the benchmarks that time SAM on one sample frame and a grid of boxes."""
+    import argparse
+    from pathlib import Path
+
+    from anomaly.config import REPO_ROOT
+
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("--image", default="bridge_deck.jpg")
+    parser.add_argument("--boxes", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--out", type=Path, default=REPO_ROOT / "bench_output" / out_name)
+    return parser
+
+
+def report(result: dict, out) -> int:
+    """A benchmark's result on stdout and in its JSON file; the exit status."""
+    import json
+
+    print(json.dumps(result, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    return 0

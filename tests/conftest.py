@@ -10,13 +10,14 @@ import dataclasses
 import io
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from bench.serving import free_ports  # noqa: F401 - the tests' import of it
 
 # Before anything reads the settings: untrained weights are expected here, and SAM tiny keeps CPU runs short.
 os.environ.setdefault("ALLOW_UNTRAINED_WEIGHTS", "1")
@@ -63,16 +64,6 @@ def start_gateway(triton_url: str, log_path, **env) -> tuple[subprocess.Popen, s
     url = f"http://127.0.0.1:{port}"
     wait_http(f"{url}/openapi.json", proc, log_path, timeout=60, ok=(200, 401))  # 401: API_KEY is set
     return proc, url
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
 
 
 @pytest.fixture(scope="session")

@@ -12,7 +12,7 @@ from skimage.morphology import skeletonize
 
 from anomaly import geometry
 from anomaly.geometry import crack_severity, measure, prune_spurs, to_millimetres
-from bench.synthetic import branches, segment, thick_arc, thick_segments
+from anomaly.synthetic import branches, segment, thick_arc, thick_segments
 
 
 def skeleton_length(skeleton: np.ndarray) -> float:

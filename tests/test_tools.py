@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from anomaly.geometry import measure
+from anomaly.synthetic import segment, thick_segments
 from bench.perf import FRAMES, INPUT_DATA, run_perf_analyzer
-from bench.synthetic import segment, thick_segments
 from tests.conftest import REPO, SAMPLES
 
 
