@@ -89,13 +89,15 @@ def _grace(knob: Knob, raw: str, parsed: dict) -> float:
     return _number(knob, raw, float, 1.0, 600.0)
 
 
-def _optional_positive(knob: Knob, raw: str, parsed: dict) -> float | None:
-    if not raw:
-        return None
+def _positive(knob: Knob, raw: str, parsed: dict) -> float:
     value = _number(knob, raw, float, None)
     if value <= 0:
         raise ConfigError(f"{knob.name}={raw} must be positive")
     return value
+
+
+def _optional_positive(knob: Knob, raw: str, parsed: dict) -> float | None:
+    return _positive(knob, raw, parsed) if raw else None
 
 
 def _bool(knob: Knob, raw: str, parsed: dict) -> bool:
@@ -163,6 +165,7 @@ PARSERS: dict[str, Parser] = {
     "fraction": _fraction,
     "grace": _grace,
     "optional_positive": _optional_positive,
+    "positive": _positive,
     "bool": _bool,
     "choice": _choice,
     "path": _path,
@@ -240,6 +243,9 @@ class Settings:
     tile_overlap: int
     mm_per_pixel: float | None
     severity_thresholds_mm: tuple[float, float, float]
+    subpixel_width: bool
+    subpixel_max_width_px: float
+    crack_core_brightness: float
     model_repository: Path
     triton_host: str
     triton_http_port: int

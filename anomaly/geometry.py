@@ -86,6 +86,16 @@ def _tangent_length(ys: np.ndarray, xs: np.ndarray, link_counts: np.ndarray, sha
     End pixels count half: a chain of n + 1 pixels spans n steps."""
     if len(ys) == 0:
         return 0.0
+    theta = _directions(ys, xs, shape)
+    weight = 1.0 / np.maximum(np.abs(np.cos(theta)), np.abs(np.sin(theta)))
+    weight[link_counts == 1] *= 0.5
+    weight[link_counts == 0] = 0.0  # a lone pixel has no length
+    return float(weight.sum())
+
+
+def _directions(ys: np.ndarray, xs: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The principal direction (radians from +x towards +y, image axes) of the skeleton pixels in each pixel's
+    7x7 neighbourhood."""
     width = shape[1] + 2 * _K
     occupied = np.zeros((shape[0] + 2 * _K) * width, np.uint8)  # bytes: a quarter of the memory to gather from
     centres = (ys + _K) * width + (xs + _K)
@@ -96,11 +106,7 @@ def _tangent_length(ys: np.ndarray, xs: np.ndarray, link_counts: np.ndarray, sha
     cyy = syy / n - my * my
     cxx = sxx / n - mx * mx
     cxy = sxy / n - mx * my
-    theta = 0.5 * np.arctan2(2.0 * cxy, cxx - cyy)
-    weight = 1.0 / np.maximum(np.abs(np.cos(theta)), np.abs(np.sin(theta)))
-    weight[link_counts == 1] *= 0.5
-    weight[link_counts == 0] = 0.0  # a lone pixel has no length
-    return float(weight.sum())
+    return 0.5 * np.arctan2(2.0 * cxy, cxx - cyy)
 
 
 def _skeleton_pixels(skeleton: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -237,6 +243,17 @@ def _max_width(link_counts: np.ndarray, ys: np.ndarray, xs: np.ndarray, distance
     return max(2.0 * float(radius.max()) - 1.0, 1.0)
 
 
+def centre_line(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The pruned skeleton of a mask crop, as measure() finds it: its pixels' rows and columns in the crop, the
+    distance from each to the mask's edge (between pixel centres) and the skeleton's direction there (radians
+    from +x towards +y)."""
+    padded = cv2.copyMakeBorder((np.asarray(mask) != 0).view(np.uint8), 1, 1, 1, 1, cv2.BORDER_CONSTANT, value=0)
+    distance = cv2.distanceTransform(padded, cv2.DIST_L2, cv2.DIST_MASK_5)
+    skeleton = np.ascontiguousarray(skeletonize(padded.view(bool)))
+    _, _, (ys, xs) = prune_spurs(skeleton, distance)
+    return ys - 1, xs - 1, distance[ys, xs], _directions(ys, xs, padded.shape)
+
+
 def measure(mask: np.ndarray) -> dict[str, float]:
     """Binary mask (any shape, nonzero = inside) -> the geometry fields in pixels."""
     mask = np.asarray(mask)
@@ -279,12 +296,15 @@ def measure_row(mask: np.ndarray) -> list[float]:
 
 def to_millimetres(geometry: dict, mm_per_pixel: float) -> dict[str, float]:
     """The `*_mm` fields for a pixel size in millimetres."""
-    return {
+    mm = {
         "length_mm": round(geometry["length_pixels"] * mm_per_pixel, 3),
         "width_mm": round(geometry["width_pixels"] * mm_per_pixel, 3),
         "max_width_mm": round(geometry["max_width_pixels"] * mm_per_pixel, 3),
         "area_mm2": round(geometry["area_pixels"] * mm_per_pixel * mm_per_pixel, 3),
     }
+    if "width_uncertainty_pixels" in geometry:
+        mm["width_uncertainty_mm"] = round(geometry["width_uncertainty_pixels"] * mm_per_pixel, 3)
+    return mm
 
 
 SEVERITY_BANDS = ("hairline", "fine", "medium", "wide")

@@ -9,16 +9,17 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 
-from anomaly import geometry, masks
+from anomaly import crack_width, geometry, masks
 from anomaly.config import Settings
 from anomaly.detector import Detections, DetectorMetadata, export_files
 from anomaly.geometry import GEOMETRY_FIELDS
 from anomaly.geometry_workers import GeometryWorkers
-from anomaly.images import read_header
+from anomaly.images import decode_image, read_header
 from anomaly.options import RequestOptions
-from anomaly.result import Findings, frame_response
+from anomaly.result import Findings, frame_response, is_crack
 from anomaly.scale import resolve_scale
 from anomaly.tiling import TilePlan, merge_windows, plan_tiles, select_windows
 
@@ -59,12 +60,58 @@ def measure_all(crops: list[np.ndarray], workers: GeometryWorkers | None = None)
     return np.asarray(rows, np.float64).reshape(len(crops), len(GEOMETRY_FIELDS))
 
 
-def geometry_dicts(table: np.ndarray) -> list[dict]:
-    """(N, 5) -> dicts, the values rounded as measure() rounds them."""
+def mask_widths(count: int) -> np.ndarray:
+    """The WIDTH table of `count` defects measured by their masks alone: (N, 3) [method 0, uncertainty, why 0]."""
+    return np.tile([0.0, crack_width.MASK_UNCERTAINTY_PX, 0.0], (count, 1))
+
+
+def measure_frame(crops: list[np.ndarray], mask_boxes: np.ndarray, cracks: list[bool], gray_of, settings: Settings,
+                  workers: GeometryWorkers | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
+    """A frame's mask crops -> their GEOMETRY table (N, 5) and WIDTH table (N, 3: the width's method, a code of
+    crack_width.WIDTH_METHODS; its uncertainty in px; why the photo could not tell, 0 or 1 + the index of the
+    reason in crack_width.WHY_MASK). Narrow cracks' widths come from the photo (`gray_of()`, decoded only then)
+    when SUBPIXEL_WIDTH is on (anomaly.crack_width)."""
+    table = measure_all(crops, workers)
+    widths = mask_widths(len(crops))
+    if not settings.subpixel_width:
+        return table, widths
+    max_widths = table[:, GEOMETRY_FIELDS.index("max_width_pixels")]
+    found = crack_width.frame_widths(
+        gray_of, crops, mask_boxes, max_widths, cracks, settings.subpixel_max_width_px, settings.crack_core_brightness
+    )
+    reasons = list(crack_width.WHY_MASK)
+    for k, got in enumerate(found):
+        if got is None:
+            continue
+        if got.method == "image":
+            table[k, GEOMETRY_FIELDS.index("width_pixels")] = got.width
+            table[k, GEOMETRY_FIELDS.index("max_width_pixels")] = got.max_width
+            widths[k] = (1.0, got.uncertainty, 0.0)
+        else:
+            widths[k, 2] = 1.0 + reasons.index(got.reason)
+    return table, widths
+
+
+def gray_frame(data: bytes, settings: Settings, field: str = "image") -> np.ndarray:
+    """The frame in grey levels (H, W) uint8, upright as the segmenter sees it (errors name `field`)."""
+    rgb = decode_image(data, settings.max_image_bytes, settings.max_image_pixels, field)
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+
+
+def geometry_dicts(table: np.ndarray, widths: np.ndarray | None = None) -> list[dict]:
+    """(N, 5) GEOMETRY and (N, 3) WIDTH tables -> dicts, the values rounded as measure() rounds them, with how
+    each width was measured."""
+    table = np.asarray(table, np.float64).reshape(-1, len(GEOMETRY_FIELDS))
+    widths = mask_widths(len(table)) if widths is None else np.asarray(widths, np.float64).reshape(-1, 3)
+    reasons = list(crack_width.WHY_MASK)
     out = []
-    for row in np.asarray(table, np.float64).reshape(-1, len(GEOMETRY_FIELDS)):
+    for row, (method, uncertainty, why) in zip(table, widths):
         g = {f: round(float(v), 2) for f, v in zip(GEOMETRY_FIELDS, row)}
         g["area_pixels"] = int(round(g["area_pixels"]))
+        g["width_method"] = crack_width.WIDTH_METHODS[int(method)]
+        g["width_uncertainty_pixels"] = round(float(uncertainty), 2)
+        if int(why):
+            g["width_note"] = crack_width.WHY_MASK[reasons[int(why) - 1]]
         out.append(g)
     return out
 
@@ -117,14 +164,16 @@ class InProcessPipeline:
                 data, seg_boxes, plan.tiled, s.max_image_bytes, s.max_image_pixels
             )
             crops = self.segmenter.segment_windows([sam_frames], self.sam_batch)[0]
-        table = measure_all([c.mask for c in crops])
+        mask_boxes = np.asarray([c.box for c in crops], np.int32).reshape(-1, 4)
+        cracks = [is_crack(self.meta.name(int(det.class_ids[i]))) for i in seg_index]
+        table, widths = measure_frame([c.mask for c in crops], mask_boxes, cracks, lambda: gray_frame(data, s), s)
         findings = Findings(
             detections=det,
             seg_index=seg_index,
-            mask_boxes=np.asarray([c.box for c in crops], np.int32).reshape(-1, 4),
+            mask_boxes=mask_boxes,
             masks=[c.mask for c in crops],
             mask_scores=np.asarray([c.score for c in crops], np.float32),
-            geometries=geometry_dicts(table),
+            geometries=geometry_dicts(table, widths),
         )
         return frame_response(
             image_hw=image_hw,

@@ -161,9 +161,12 @@ def _crack_line(rng: np.random.Generator, start: np.ndarray, length: float) -> n
     return np.array(pts)
 
 
-def draw_crack(rng: np.random.Generator, image: np.ndarray, line: np.ndarray, width: float) -> Instance:
-    """A crack along `line` (x, y points) `width` pixels wide: darkened by its anti-aliased coverage in the photo,
-    its mask the pixels whose centres lie within width / 2 of the line."""
+def draw_crack(rng: np.random.Generator, image: np.ndarray, line: np.ndarray, width: float, samples: int = 4,
+               core: float | None = None) -> Instance:  # fmt: skip
+    """A crack along `line` (x, y points) `width` pixels wide: darkened by its anti-aliased coverage in the photo
+    (`samples` x `samples` a pixel), its mask the pixels whose centres lie within width / 2 of the line. The crack
+    is 55-100 grey levels darker than the surface, or, with `core`, its core is that fraction of the surface's
+    brightness (a gap in shadow)."""
     h, w = image.shape[:2]
     r = width / 2.0
     x0, y0 = (int(max(0, math.floor(v - r - 2))) for v in line.min(axis=0))
@@ -174,14 +177,16 @@ def draw_crack(rng: np.random.Generator, image: np.ndarray, line: np.ndarray, wi
         return Instance("crack", mask)
     yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float64)
     mask[y0:y1, x0:x1] = _distance_to_lines([line], xx, yy) <= r
-    offsets = (np.arange(4) + 0.5) / 4 - 0.5  # 4 x 4 samples a pixel
+    offsets = (np.arange(samples) + 0.5) / samples - 0.5
     coverage = np.zeros(xx.shape)
     for dy in offsets:
         for dx in offsets:
             coverage += _distance_to_lines([line], xx + dx, yy + dy) <= r
-    coverage /= 16
-    depth = rng.uniform(55, 100)
-    image[y0:y1, x0:x1] -= (depth * coverage)[..., None]
+    coverage /= samples * samples
+    if core is None:
+        image[y0:y1, x0:x1] -= (rng.uniform(55, 100) * coverage)[..., None]
+    else:
+        image[y0:y1, x0:x1] *= (1.0 - (1.0 - core) * coverage)[..., None]
     truth = {"width_px": round(width, 3), "length_px": round(polyline_length(line, (h, w)), 2)}
     return Instance("crack", mask, truth)
 
@@ -238,6 +243,34 @@ def one_crack(rng: np.random.Generator, shape: tuple[int, int] = (256, 256)) -> 
     h, w = shape
     crack = draw_crack(rng, image, _crack_line(rng, np.array([w / 2, h / 2]), 0.45 * min(h, w)), 4.0)
     return Scene(np.clip(image, 0, 255).astype(np.uint8), [crack], 0.5)
+
+
+def width_scene(rng: np.random.Generator, width: float, curved: bool, shape: tuple[int, int] = (160, 160),
+                blur: float | None = None, contrast: float = 1.0) -> Scene:  # fmt: skip
+    """One crack of exactly `width` pixels (straight, or an arc), anti-aliased at 8 x 8 samples a pixel, its core
+    15-45% of the surface's brightness (times `contrast` of that darkening), on concrete, blurred (Gaussian sigma
+    0-0.8 px unless `blur` says) with sensor noise. Its mask is what a segmenter gives of a hairline: the pixels
+    whose centres lie within max(width / 2, 0.8) of the centre line, never a broken line of single pixels."""
+    h, w = shape
+    image = concrete(rng, shape)
+    angle = rng.uniform(0, math.pi)
+    if curved:
+        radius, sweep = rng.uniform(0.6, 1.2) * min(h, w), 0.65 * min(h, w)
+        t = np.linspace(-0.5, 0.5, 64) * sweep / radius + angle
+        centre = np.array([w / 2, h / 2]) - radius * np.array([math.cos(angle), math.sin(angle)])
+        line = centre + radius * np.stack([np.cos(t), np.sin(t)], axis=1)
+    else:
+        half = 0.35 * min(h, w) * np.array([math.cos(angle), math.sin(angle)])
+        line = np.array([[w / 2, h / 2] - half, [w / 2, h / 2] + half])
+    core = 1.0 - contrast * (1.0 - rng.uniform(0.15, 0.45))
+    crack = draw_crack(rng, image, line, width, samples=8, core=core)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
+    crack.mask = _distance_to_lines([line], xx, yy) <= max(width / 2, 0.8)
+    sigma = rng.uniform(0.0, 0.8) if blur is None else blur
+    if sigma > 0.05:
+        image = cv2.GaussianBlur(image, (0, 0), sigma)
+    image += rng.normal(0, rng.uniform(1.5, 4.0), image.shape).astype(np.float32)
+    return Scene(np.clip(image, 0, 255).astype(np.uint8), [crack], 0.3)
 
 
 def inspection_scene(rng: np.random.Generator, shape: tuple[int, int] = (384, 512)) -> Scene:

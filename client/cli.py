@@ -8,8 +8,9 @@ anomaly detect PATH... --out DIR [--in-flight N] [--fps F] [--exports coco,csv] 
     defects.csv: client.exports) (client.campaign); a re-run skips the frames DIR already holds.
 anomaly report DIR
     DIR/report.html from a campaign's outputs (client.report).
-anomaly measure MASK.png... [--mm-per-pixel MM]
-    Geometry of binary mask images (nonzero = mask) with the server's own code; one JSON per line.
+anomaly measure MASK.png... [--mm-per-pixel MM] [--image PHOTO]
+    Geometry of binary mask images (nonzero = mask) with the server's own code; one JSON per line. With the photo
+    the masks were drawn on, each is measured as a crack, its width read from the photo (anomaly.crack_width).
 anomaly train DATASET --variant V --epochs N --out RUN_DIR [...] | anomaly train --resume RUN_DIR
     Fine-tune RF-DETR on a COCO or YOLO dataset (anomaly.training); RUN_DIR/checkpoint_best.pth is servable.
 anomaly evaluate DATASET --split test [--url HOST:PORT] --out DIR [--min-ap X]
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from anomaly.config import VARIANTS
+from anomaly.errors import InputError
 from client.exports import EXPORT_NAMES
 
 
@@ -126,20 +128,57 @@ def _measure(args: argparse.Namespace) -> int:
 
     from anomaly.geometry import measure, to_millimetres
 
-    failures = 0
+    masks, failures = {}, 0
     for path in args.masks:
         try:
             with Image.open(path) as img:
-                mask = np.asarray(img.convert("L")) != 0
+                masks[path] = np.asarray(img.convert("L")) != 0
         except (OSError, ValueError) as exc:
             print(f"{path}: not a readable mask image ({exc})", file=sys.stderr)
             failures += 1
-            continue
-        g = measure(mask)
+    if args.image:
+        try:
+            found = _measure_on_photo(args.image, masks)
+        except InputError as exc:
+            print(str(exc), file=sys.stderr)
+            return 2
+    else:
+        found = {path: measure(mask) for path, mask in masks.items()}
+    for path, g in found.items():
         if args.mm_per_pixel:
             g |= to_millimetres(g, args.mm_per_pixel)
         print(json.dumps({"file": path, **g}), flush=True)
     return 1 if failures else 0
+
+
+def _measure_on_photo(photo: str, masks: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Each mask (of the photo's size) measured as a crack of `photo`, its width read from the photo where the
+    photo can tell (anomaly.crack_width), as the service measures a frame's cracks."""
+    import dataclasses
+
+    from anomaly.config import settings
+    from anomaly.pipeline import geometry_dicts, gray_frame, measure_frame
+
+    s = dataclasses.replace(settings(), subpixel_width=True)
+    try:
+        data = Path(photo).read_bytes()
+    except OSError as exc:
+        raise InputError(photo, f"cannot be read ({exc.strerror})") from None
+    gray = gray_frame(data, s, field=photo)
+    for path, mask in masks.items():
+        if mask.shape != gray.shape:
+            raise InputError(path, f"is {mask.shape[1]}x{mask.shape[0]} but the photo {photo} is "
+                             f"{gray.shape[1]}x{gray.shape[0]}; a mask must have its photo's size")  # fmt: skip
+    boxes = np.asarray([_mask_box(m) for m in masks.values()], np.int32).reshape(-1, 4)
+    crops = [m[y0:y1, x0:x1] for m, (x0, y0, x1, y1) in zip(masks.values(), boxes)]
+    table, widths = measure_frame(crops, boxes, [True] * len(crops), lambda: gray, s)
+    return dict(zip(masks, geometry_dicts(table, widths)))
+
+
+def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
+    """The mask's bounds as pixel edges (x0, y0, x1, y1); an empty mask's is empty."""
+    ys, xs = np.nonzero(mask)
+    return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if len(ys) else (0, 0, 0, 0)
 
 
 def _exports(text: str) -> tuple[str, ...]:
@@ -292,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
     meas = sub.add_parser("measure", help="geometry of binary mask images, one JSON object per line")
     meas.add_argument("masks", nargs="+")
     meas.add_argument("--mm-per-pixel", type=_positive)
+    meas.add_argument(
+        "--image", metavar="PHOTO", help="the photo the masks were drawn on: crack widths below the pixel from it"
+    )
     meas.set_defaults(run=_measure)
 
     train = sub.add_parser("train", help="fine-tune RF-DETR on a COCO or YOLO dataset; RUN_DIR is servable")

@@ -9,6 +9,7 @@ import json
 
 import numpy as np
 
+from anomaly.crack_width import WHY_MASK, WIDTH_METHODS
 from anomaly.errors import InputError
 
 
@@ -130,6 +131,19 @@ def indices(name: str, values: np.ndarray, size: int) -> np.ndarray:
     return values
 
 
+def width_codes(widths: np.ndarray) -> np.ndarray:
+    """WIDTH rows (anomaly.pipeline.measure_frame): a method code, a non-negative uncertainty, a reason code."""
+    if widths.size:
+        method, uncertainty, why = widths[:, 0], widths[:, 1], widths[:, 2]
+        if not np.isin(method, np.arange(len(WIDTH_METHODS))).all():
+            raise InputError("WIDTH_IN", f"column 0 must be a method code 0..{len(WIDTH_METHODS) - 1}")
+        if (uncertainty < 0).any():
+            raise InputError("WIDTH_IN", "column 1 (uncertainty) must not be negative")
+        if not np.isin(why, np.arange(len(WHY_MASK) + 1)).all():
+            raise InputError("WIDTH_IN", f"column 2 must be a reason code 0..{len(WHY_MASK)}")
+    return widths
+
+
 def scale_object(name: str, value) -> dict:
     """The pixel size the preprocess step decided: {"mm_per_pixel": positive number or null, "source", "detail"}."""
     scale = json_object(name, value)
@@ -152,8 +166,10 @@ def result_inputs(get, max_pixels: int, max_detections: int) -> dict:
     mask_boxes = crop_boxes("MASK_BOXES", get("MASK_BOXES"), max_pixels, image_hw)
     mask_scores = finite("MASK_SCORES_IN", get("MASK_SCORES_IN").reshape(-1))
     geometry = finite("GEOMETRY_IN", shaped("GEOMETRY_IN", get("GEOMETRY_IN").reshape(-1, 5), (None, 5)))
+    widths = finite("WIDTH_IN", shaped("WIDTH_IN", get("WIDTH_IN").reshape(-1, 3), (None, 3)))
     count = {"SEG_INDEX_IN": len(seg_index), "MASK_BOXES": len(mask_boxes), "MASK_SCORES_IN": len(mask_scores)}
-    at_most("SEG_INDEX_IN", same_count(count | {"GEOMETRY_IN": len(geometry)}), max_detections)
+    at_most("SEG_INDEX_IN", same_count(count | {"GEOMETRY_IN": len(geometry), "WIDTH_IN": len(widths)}), max_detections)
+    width_codes(widths)
     masks = get("MASKS")
     packed_masks("MASKS", masks, mask_boxes)
     plan = tile_plan("TILING", get("TILING"), max_pixels)
@@ -170,6 +186,7 @@ def result_inputs(get, max_pixels: int, max_detections: int) -> dict:
         "scale": scale_object("SCALE", get("SCALE")),
         "mask_boxes": mask_boxes,
         "masks": masks,
+        "widths": widths,
         "typed": {
             "BOXES": boxes.astype(np.float32),
             "SCORES": scores.astype(np.float32),

@@ -1,15 +1,19 @@
-"""Triton step 5: geometry of every mask crop of a frame (anomaly.geometry via anomaly.pipeline.measure_all),
-shared with the worker processes the launcher chose for this machine (anomaly.geometry_workers)."""
+"""Triton step 5: geometry of every mask crop of a frame (anomaly.pipeline.measure_frame: anomaly.geometry, shared
+with the worker processes the launcher chose for this machine, anomaly.geometry_workers; narrow cracks' widths
+from the photo, anomaly.crack_width)."""
 
 import cv2
 
 from anomaly import pipeline
 from anomaly.config import settings
 from anomaly.geometry_workers import GeometryWorkers
+from anomaly.result import is_crack
 from anomaly.serving import step_inputs, steps, tensors
 
 
 class TritonPythonModel(steps.StageModel):
+    needs_detector_metadata = True  # which defects are cracks
+
     def setup(self, args):
         cv2.setNumThreads(1)  # parallel over masks instead; the SAM and detector processes own the rest
         processes = int(tensors.config_parameter(args, "workers", "1"))
@@ -21,7 +25,19 @@ class TritonPythonModel(steps.StageModel):
         step_inputs.at_most("MASK_BOXES", len(boxes), s.max_detections)
         packed = tensors.array(request, "MASKS")
         step_inputs.packed_masks("MASKS", packed, boxes)
-        return {"GEOMETRY": pipeline.measure_all(pipeline.unpack_crops(boxes, packed), self.workers)}
+        class_ids = tensors.array(request, "CLASS_IDS").reshape(-1)
+        seg_index = step_inputs.indices("SEG_INDEX", tensors.array(request, "SEG_INDEX"), len(class_ids))
+        step_inputs.same_count({"SEG_INDEX": len(seg_index), "MASK_BOXES": len(boxes)})
+        cracks = [is_crack(self.meta.name(int(class_ids[i]))) for i in seg_index]
+        table, widths = pipeline.measure_frame(
+            pipeline.unpack_crops(boxes, packed),
+            boxes,
+            cracks,
+            lambda: pipeline.gray_frame(tensors.image_bytes(request, "ENCODED"), s),
+            s,
+            self.workers,
+        )
+        return {"GEOMETRY": table, "WIDTH": widths}
 
     def finalize(self):
         if self.workers is not None:

@@ -24,7 +24,7 @@ class TritonPythonModel(steps.StageModel):
             mask_boxes=mask_boxes,
             masks=pipeline.unpack_crops(mask_boxes, got["masks"]) if options.include_masks else [],
             mask_scores=typed["MASK_SCORES"],
-            geometries=pipeline.geometry_dicts(typed["GEOMETRY"]),
+            geometries=pipeline.geometry_dicts(typed["GEOMETRY"], got["widths"]),
         )
         response = frame_response(
             image_hw=got["image_hw"],
