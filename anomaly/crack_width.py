@@ -162,7 +162,9 @@ def measure_width(gray: np.ndarray, mask: np.ndarray, box, others=(), core_brigh
 
     surface_level = float(np.median(surface))
     prior = max((1.0 - core_brightness) * surface_level, 1.0)
-    noise = max(texture / math.sqrt(independent), 0.05)
+    # The mean profile's noise: the surface's blotches span several profiles, so it averages fewer independent
+    # ones than the integrals do; weighed so, the prior holds where the profile's shape says little of the core.
+    noise = max(texture / math.sqrt(independent / 4.0), 0.05)
     fitted = inner | (np.abs(s) <= half + 2.0)
 
     def residuals(p):

@@ -43,7 +43,8 @@ def write_exports(out: Path, responses: list[dict], names: tuple[str, ...] = EXP
 CSV_FIELDS = (
     "frame_id", "source", "anomaly_id", "defect_type", "structure_type", "confidence", "x_min", "y_min", "x_max",
     "y_max", "area_pixels", "length_pixels", "width_pixels", "max_width_pixels", "orientation_degrees",
-    "mm_per_pixel", "area_mm2", "length_mm", "width_mm", "max_width_mm", "severity", "untrained_weights",
+    "width_method", "width_uncertainty_pixels", "mm_per_pixel", "area_mm2", "length_mm", "width_mm", "max_width_mm",
+    "width_uncertainty_mm", "severity", "untrained_weights",
 )  # fmt: skip
 
 
@@ -60,7 +61,11 @@ def defect_rows(responses: list[dict]) -> Iterator[dict]:
                 "structure_type": a["structure_type"],
                 "confidence": a["confidence"]["combined"],
                 **{k: a["bbox"][k] for k in ("x_min", "y_min", "x_max", "y_max")},
-                **{k: g.get(k, "") for k in CSV_FIELDS if k in g or k.endswith(("_mm", "_mm2"))},
+                **{
+                    k: g.get(k, "")
+                    for k in CSV_FIELDS
+                    if k in g or k.endswith(("_mm", "_mm2")) or k.startswith("width_")
+                },
                 "mm_per_pixel": response.get("mm_per_pixel", ""),
                 "severity": a.get("severity", ""),
                 "untrained_weights": response.get("untrained_weights", False),
