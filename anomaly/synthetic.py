@@ -151,7 +151,8 @@ def _blob(rng: np.random.Generator, centre: tuple[float, float], radius: float, 
     return mask.astype(bool)
 
 
-def _crack_line(rng: np.random.Generator, start: np.ndarray, length: float) -> np.ndarray:
+def crack_line(rng: np.random.Generator, start: np.ndarray, length: float) -> np.ndarray:
+    """A crack's centre line from `start`: `length` px in straight pieces of about 25 px, gently turning."""
     steps = max(4, int(length / 25))
     heading = rng.uniform(0, 2 * math.pi)
     pts = [start]
@@ -162,13 +163,14 @@ def _crack_line(rng: np.random.Generator, start: np.ndarray, length: float) -> n
 
 
 def draw_crack(rng: np.random.Generator, image: np.ndarray, line: np.ndarray, width: float, samples: int = 4,
-               core: float | None = None) -> Instance:  # fmt: skip
+               core: float | None = None, min_mask_width: float = 0.0) -> Instance:  # fmt: skip
     """A crack along `line` (x, y points) `width` pixels wide: darkened by its anti-aliased coverage in the photo
-    (`samples` x `samples` a pixel), its mask the pixels whose centres lie within width / 2 of the line. The crack
-    is 55-100 grey levels darker than the surface, or, with `core`, its core is that fraction of the surface's
-    brightness (a gap in shadow)."""
+    (`samples` x `samples` a pixel), its mask the pixels whose centres lie within width / 2 of the line (at least
+    `min_mask_width` / 2: a segmenter's mask of a hairline is a connected band, never a broken line of single
+    pixels). The crack is 55-100 grey levels darker than the surface, or, with `core`, its core is that fraction of
+    the surface's brightness (a gap in shadow)."""
     h, w = image.shape[:2]
-    r = width / 2.0
+    r = max(width, min_mask_width) / 2.0
     x0, y0 = (int(max(0, math.floor(v - r - 2))) for v in line.min(axis=0))
     x1 = int(min(w, math.ceil(line[:, 0].max() + r + 2)))
     y1 = int(min(h, math.ceil(line[:, 1].max() + r + 2)))
@@ -177,6 +179,7 @@ def draw_crack(rng: np.random.Generator, image: np.ndarray, line: np.ndarray, wi
         return Instance("crack", mask)
     yy, xx = np.mgrid[y0:y1, x0:x1].astype(np.float64)
     mask[y0:y1, x0:x1] = _distance_to_lines([line], xx, yy) <= r
+    r = width / 2.0
     offsets = (np.arange(samples) + 0.5) / samples - 0.5
     coverage = np.zeros(xx.shape)
     for dy in offsets:
@@ -241,7 +244,7 @@ def one_crack(rng: np.random.Generator, shape: tuple[int, int] = (256, 256)) -> 
     """The simplest photo a detector can learn: one crack 4 px wide across the middle of a concrete surface."""
     image = concrete(rng, shape)
     h, w = shape
-    crack = draw_crack(rng, image, _crack_line(rng, np.array([w / 2, h / 2]), 0.45 * min(h, w)), 4.0)
+    crack = draw_crack(rng, image, crack_line(rng, np.array([w / 2, h / 2]), 0.45 * min(h, w)), 4.0)
     return Scene(np.clip(image, 0, 255).astype(np.uint8), [crack], 0.5)
 
 
@@ -263,9 +266,7 @@ def width_scene(rng: np.random.Generator, width: float, curved: bool, shape: tup
         half = 0.35 * min(h, w) * np.array([math.cos(angle), math.sin(angle)])
         line = np.array([[w / 2, h / 2] - half, [w / 2, h / 2] + half])
     core = 1.0 - contrast * (1.0 - rng.uniform(0.15, 0.45))
-    crack = draw_crack(rng, image, line, width, samples=8, core=core)
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float64)
-    crack.mask = _distance_to_lines([line], xx, yy) <= max(width / 2, 0.8)
+    crack = draw_crack(rng, image, line, width, samples=8, core=core, min_mask_width=1.6)
     sigma = rng.uniform(0.0, 0.8) if blur is None else blur
     if sigma > 0.05:
         image = cv2.GaussianBlur(image, (0, 0), sigma)
@@ -283,7 +284,7 @@ def inspection_scene(rng: np.random.Generator, shape: tuple[int, int] = (384, 51
         kind = rng.choice(DEFECTS, p=[0.5, 0.25, 0.25])
         centre = (rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h)
         if kind == "crack":
-            line = _crack_line(rng, np.array(centre), rng.uniform(0.25, 0.6) * min(h, w))
+            line = crack_line(rng, np.array(centre), rng.uniform(0.25, 0.6) * min(h, w))
             found = draw_crack(rng, image, line, rng.uniform(1.5, 6.0))
         elif kind == "spalling":
             found = draw_spalling(rng, image, centre, rng.uniform(0.05, 0.14) * min(h, w))

@@ -11,7 +11,9 @@
 3. latency: one 1080p frame through the Triton ensemble (gRPC) against the same models and stages run
    in this process (anomaly.pipeline.InProcessPipeline), alternated, median of N.
 4. memory: resident set size of tritonserver and its model processes after the runs.
-5. tiling: a 24-megapixel photo (6000 x 4000, the deck frame enlarged) in this process, tiled against not
+5. crack width from the photo (anomaly.crack_width): per crack beside the mask's geometry alone, and the geometry
+   step's work on a 1080p frame with 10 cracks (its decoding included) with SUBPIXEL_WIDTH on against off.
+6. tiling: a 24-megapixel photo (6000 x 4000, the deck frame enlarged) in this process, tiled against not
    tiled: time per frame and per megapixel, split into detector windows, SAM and the rest.
 Results go to stdout and bench_output/bench.json. This machine is shared and noisy: read the ratios.
 """
@@ -94,6 +96,86 @@ def bench_typical_crack(rounds: int = 300) -> dict:
         "typical_crack_crop": list(crack.shape),
         "typical_crack_ms": round(min(times) * 1000, 3),
         "typical_crack_median_ms": round(statistics.median(times) * 1000, 3),
+    }
+
+
+def bench_crack_width(rounds: int = 20) -> dict:
+    """A crack's width read from the photo (anomaly.crack_width) beside the mask's geometry alone: per crack, on
+    rendered cracks (110 px long, 0.5-4 px wide) and on the typical crack (500 px long, 5 px wide) drawn into
+    concrete, medians of `rounds`; then the geometry step's work on a frame with 10 cracks, on and off."""
+    import dataclasses
+
+    from anomaly import synthetic
+    from anomaly.crack_width import measure_width
+    from anomaly.pipeline import gray_frame, measure_frame
+
+    def crop_of(mask):
+        ys, xs = np.nonzero(mask)
+        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        return mask[box[1] : box[3], box[0] : box[2]], box
+
+    rng = np.random.default_rng(0)
+    cases = {}
+    for width in (0.5, 1.0, 2.0, 4.0):
+        scene = synthetic.width_scene(rng, width, curved=True)
+        cases[f"rendered_{width}px"] = (cv2.cvtColor(scene.rgb, cv2.COLOR_RGB2GRAY), *crop_of(scene.instances[0].mask))
+    crack = typical_crack()
+    surface = synthetic.concrete(rng, (crack.shape[0] + 40, crack.shape[1] + 40))[..., 0]
+    surface[20:-20, 20:-20][crack] *= 0.3
+    cases["typical_crack_5px"] = (
+        np.clip(surface, 0, 255).astype(np.uint8),
+        crack,
+        (20, 20, 20 + crack.shape[1], 20 + crack.shape[0]),
+    )
+    per_crack = {}
+    for name, (gray, crop, box) in cases.items():
+        mask_ms, photo_ms = [], []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            measure(crop)
+            mask_ms.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            got = measure_width(gray, crop, box)
+            photo_ms.append(time.perf_counter() - t)
+        mask, photo = statistics.median(mask_ms), statistics.median(photo_ms)
+        per_crack[name] = {"mask_ms": round(mask * 1000, 2), "photo_width_ms": round(photo * 1000, 2),
+                           "method": got.method, "with_photo_over_mask": round((mask + photo) / mask, 2)}  # fmt: skip
+
+    # One 1080p JPEG with 10 cracks of 0.5-4 px, their true masks as SAM would send them: the geometry step's work
+    # on that frame (decoding it included) with SUBPIXEL_WIDTH on and off, alternated.
+    settings = load_settings()
+    photo = synthetic.concrete(rng, (1080, 1920))
+    crops, boxes = [], []
+    for _ in range(10):
+        start = np.array([rng.uniform(200, 1700), rng.uniform(150, 900)])
+        line = synthetic.crack_line(rng, start, rng.uniform(150, 400))
+        found = synthetic.draw_crack(rng, photo, line, float(rng.uniform(0.5, 4.0)), core=0.3, min_mask_width=1.6)
+        crop, box = crop_of(found.mask)
+        crops.append(crop)
+        boxes.append(box)
+    data = cv2.imencode(".jpg", np.clip(photo, 0, 255).astype(np.uint8)[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])[1]
+    data = data.tobytes()
+    boxes = np.asarray(boxes, np.int32)
+    modes = {
+        "on": dataclasses.replace(settings, subpixel_width=True),
+        "off": dataclasses.replace(settings, subpixel_width=False),
+    }
+    frame, read = {mode: [] for mode in modes}, 0
+    for _ in range(rounds):
+        for mode, s in modes.items():
+            t = time.perf_counter()
+            _, widths = measure_frame(crops, boxes, [True] * len(crops), lambda s=s: gray_frame(data, s), s)
+            frame[mode].append(time.perf_counter() - t)
+            read = int((widths[:, 0] == 1).sum()) if mode == "on" else read
+    on, off = statistics.median(frame["on"]), statistics.median(frame["off"])
+    return {
+        "per_crack": per_crack,
+        "frame": "1920x1080 JPEG, 10 cracks of 0.5-4 px",
+        "widths_from_the_photo": read,
+        "decode_grey_ms": round(best_of(lambda: gray_frame(data, settings), 3) * 1000, 1),
+        "geometry_step_on_ms": round(on * 1000, 1),
+        "geometry_step_off_ms": round(off * 1000, 1),
+        "on_over_off": round(on / off, 2),
     }
 
 
@@ -276,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps(results["response"]), flush=True)
     results["preprocess"] = bench_preprocess(args.image)
     print(json.dumps(results["preprocess"]), flush=True)
+    results["crack_width"] = bench_crack_width()
+    print(json.dumps(results["crack_width"], indent=1), flush=True)
     if not args.skip_latency:
         results["latency"] = bench_latency(args.image, args.threshold, args.repeats)
         print(json.dumps(results["latency"], indent=1), flush=True)

@@ -163,3 +163,60 @@ def test_anomaly_measure_refuses_a_photo_it_cannot_use(tmp_path):
     assert sized.returncode == 2 and "mask.png" in sized.stderr and "other_size.png" in sized.stderr
     broken = run_measure("mask.png", "--image", "broken.jpg", cwd=tmp_path)
     assert broken.returncode == 2 and broken.stderr.startswith("broken.jpg:")
+
+
+def test_the_served_geometry_step_reads_a_cracks_width_from_the_frame(triton):
+    """Plain tritonclient calls of the geometry step, as the ensemble makes them: a 0.6 px crack's mask (about
+    1.6 px wide) given once as a crack (class 0 of the served detector) and once as spalling (class 1) in the same
+    frame. The crack's width comes from the photo, the spalling's from its mask, and WIDTH says which."""
+    import io
+
+    import tritonclient.http as httpclient
+
+    from anomaly.detector import DetectorMetadata, export_files
+    from anomaly.masks import pack
+
+    meta = DetectorMetadata.load(export_files(triton.settings.model_repository)[1])
+    assert (meta.name(0), meta.name(1)) == ("crack", "spalling")
+    scene = synthetic.width_scene(np.random.default_rng(11), 0.6, False)
+    crop, box = crop_of(scene.instances[0].mask)
+    png = io.BytesIO()
+    Image.fromarray(scene.rgb).save(png, format="PNG")
+    data = png.getvalue()
+    tensors = {
+        "MASK_BOXES": np.array([[box, box]], np.int32),
+        "MASKS": np.array([[pack(crop), pack(crop)]], np.object_),
+        "ENCODED": np.frombuffer(data, np.uint8).reshape(1, -1),
+        "CLASS_IDS": np.array([0, 1], np.int32),
+        "SEG_INDEX": np.array([0, 1], np.int32),
+    }
+    types = {"MASK_BOXES": "INT32", "MASKS": "BYTES", "ENCODED": "UINT8", "CLASS_IDS": "INT32", "SEG_INDEX": "INT32"}
+    client = httpclient.InferenceServerClient(triton.http_url)
+    inputs = []
+    for name, value in tensors.items():
+        tensor = httpclient.InferInput(name, list(value.shape), types[name])
+        tensor.set_data_from_numpy(value, binary_data=True)
+        inputs.append(tensor)
+    try:
+        result = client.infer("geometry", inputs)
+    finally:
+        client.close()
+    geometry, width = result.as_numpy("GEOMETRY"), result.as_numpy("WIDTH")
+    crack, spalling = geometry
+    assert abs(crack[2] - 0.6) <= 0.25 and spalling[2] > 1.4  # width_pixels: the photo's, the mask's
+    assert crack[[0, 1, 3]].tolist() == spalling[[0, 1, 3]].tolist()  # area, length, orientation: the mask's
+    assert width[0, 0] == 1 and 0 < width[0, 1] < MASK_UNCERTAINTY_PX  # method "image", and how sure
+    assert width[1].tolist() == [0, MASK_UNCERTAINTY_PX, 0]  # "mask": not a crack, nothing the photo could say
+
+
+@pytest.mark.parametrize(
+    "row,words",
+    [([2, 0.1, 0], "column 0 must be a method code"), ([1, -0.1, 0], "column 1"), ([0, 1.0, 9], "column 2")],
+)
+def test_the_result_step_refuses_a_width_table_it_cannot_read(row, words):
+    from anomaly.errors import InputError
+    from anomaly.serving.step_inputs import width_codes
+
+    width_codes(np.array([[1, 0.1, 0], [0, 1.0, 3]], np.float64))  # sound rows pass
+    with pytest.raises(InputError, match=words):
+        width_codes(np.array([row], np.float64))

@@ -342,6 +342,28 @@ def _plan(image_hw, mode: str = "off") -> np.ndarray:
         ("geometry", {"MASK_BOXES": np.array([[[10, 10, 0, 0]]], np.int32), "MASKS": _packed(1)}, "MASK_BOXES"),
         ("geometry", {"MASK_BOXES": np.array([[[0, 0, 8, 8]]], np.int32), "MASKS": _packed(1)}, "MASKS[0]: must be 8"),
         (
+            "geometry",
+            {
+                "MASK_BOXES": np.array([[[0, 0, 8, 8]]], np.int32),
+                "MASKS": np.array([[b"\xff" * 8]], np.object_),
+                "ENCODED": np.full((1, 64), 7, np.uint8),
+                "CLASS_IDS": np.array([0], np.int32),
+                "SEG_INDEX": np.array([3], np.int32),
+            },
+            "SEG_INDEX: must index the 1 detections",
+        ),
+        (
+            "geometry",  # a crack's mask, its frame no image
+            {
+                "MASK_BOXES": np.array([[[0, 0, 8, 8]]], np.int32),
+                "MASKS": np.array([[b"\xff" * 8]], np.object_),
+                "ENCODED": np.full((1, 64), 7, np.uint8),
+                "CLASS_IDS": np.array([0], np.int32),
+                "SEG_INDEX": np.array([0], np.int32),
+            },
+            "ENCODED: is not a decodable",
+        ),
+        (
             "select_detections",
             {
                 "dets": np.zeros((1, 300, 4), np.float32),
@@ -392,6 +414,7 @@ def test_result_step_refuses_garbage_metadata(triton, pier_png):
         "SEG_INDEX_IN": np.zeros(0, np.int32), "NOTES": np.array([b"x"], dtype=np.object_),
         "MASK_BOXES": np.zeros((1, 0, 4), np.int32), "MASKS": np.empty((1, 0), dtype=np.object_),
         "MASK_SCORES_IN": np.zeros((1, 0), np.float32), "SEGMENTER": not_json, "GEOMETRY_IN": np.zeros((0, 5)),
+        "WIDTH_IN": np.zeros((0, 3)),
         "SCALE": np.array([[b'{"mm_per_pixel": null, "source": null, "detail": ""}']], dtype=np.object_),
         "TILING": _plan((450, 800)), "SAM_WINDOWS": np.zeros((1, 0, 4), np.int32),
     }  # fmt: skip

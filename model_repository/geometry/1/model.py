@@ -25,15 +25,23 @@ class TritonPythonModel(steps.StageModel):
         step_inputs.at_most("MASK_BOXES", len(boxes), s.max_detections)
         packed = tensors.array(request, "MASKS")
         step_inputs.packed_masks("MASKS", packed, boxes)
-        class_ids = tensors.array(request, "CLASS_IDS").reshape(-1)
-        seg_index = step_inputs.indices("SEG_INDEX", tensors.array(request, "SEG_INDEX"), len(class_ids))
-        step_inputs.same_count({"SEG_INDEX": len(seg_index), "MASK_BOXES": len(boxes)})
-        cracks = [is_crack(self.meta.name(int(class_ids[i]))) for i in seg_index]
+        # Which masks are cracks, and the frame to read their widths from: the ensemble sends both; a caller that
+        # sends masks alone gets the masks' widths.
+        class_ids, seg_index = (
+            tensors.optional_array(request, "CLASS_IDS"),
+            tensors.optional_array(request, "SEG_INDEX"),
+        )
+        encoded = tensors.optional_array(request, "ENCODED")
+        cracks = [False] * len(boxes)
+        if class_ids is not None and seg_index is not None and encoded is not None:
+            seg_index = step_inputs.indices("SEG_INDEX", seg_index, len(class_ids.reshape(-1)))
+            step_inputs.same_count({"SEG_INDEX": len(seg_index), "MASK_BOXES": len(boxes)})
+            cracks = [is_crack(self.meta.name(int(class_ids.reshape(-1)[i]))) for i in seg_index]
         table, widths = pipeline.measure_frame(
             pipeline.unpack_crops(boxes, packed),
             boxes,
             cracks,
-            lambda: pipeline.gray_frame(tensors.image_bytes(request, "ENCODED"), s),
+            lambda: pipeline.gray_frame(tensors.image_bytes(request, "ENCODED"), s, "ENCODED"),
             s,
             self.workers,
         )
