@@ -328,6 +328,17 @@ def _packed(n: int) -> np.ndarray:
     return out
 
 
+def _crack_on_no_image(seg_index: int) -> dict[str, np.ndarray]:
+    """The geometry step's inputs for one 8 x 8 crack mask (class 0 is `crack`) on a frame that is no image."""
+    return {
+        "MASK_BOXES": np.array([[[0, 0, 8, 8]]], np.int32),
+        "MASKS": np.array([[b"\xff" * 8]], np.object_),
+        "ENCODED": np.full((1, 64), 7, np.uint8),
+        "CLASS_IDS": np.array([0], np.int32),
+        "SEG_INDEX": np.array([seg_index], np.int32),
+    }
+
+
 def _plan(image_hw, mode: str = "off") -> np.ndarray:
     from anomaly.tiling import plan_tiles
 
@@ -341,28 +352,8 @@ def _plan(image_hw, mode: str = "off") -> np.ndarray:
         ("geometry", {"MASK_BOXES": np.array([[[0, 0, 20000, 20000]]], np.int32), "MASKS": _packed(1)}, "MASK_BOXES"),
         ("geometry", {"MASK_BOXES": np.array([[[10, 10, 0, 0]]], np.int32), "MASKS": _packed(1)}, "MASK_BOXES"),
         ("geometry", {"MASK_BOXES": np.array([[[0, 0, 8, 8]]], np.int32), "MASKS": _packed(1)}, "MASKS[0]: must be 8"),
-        (
-            "geometry",
-            {
-                "MASK_BOXES": np.array([[[0, 0, 8, 8]]], np.int32),
-                "MASKS": np.array([[b"\xff" * 8]], np.object_),
-                "ENCODED": np.full((1, 64), 7, np.uint8),
-                "CLASS_IDS": np.array([0], np.int32),
-                "SEG_INDEX": np.array([3], np.int32),
-            },
-            "SEG_INDEX: must index the 1 detections",
-        ),
-        (
-            "geometry",  # a crack's mask, its frame no image
-            {
-                "MASK_BOXES": np.array([[[0, 0, 8, 8]]], np.int32),
-                "MASKS": np.array([[b"\xff" * 8]], np.object_),
-                "ENCODED": np.full((1, 64), 7, np.uint8),
-                "CLASS_IDS": np.array([0], np.int32),
-                "SEG_INDEX": np.array([0], np.int32),
-            },
-            "ENCODED: is not a decodable",
-        ),
+        ("geometry", _crack_on_no_image(seg_index=3), "SEG_INDEX: must index the 1 detections"),
+        ("geometry", _crack_on_no_image(seg_index=0), "ENCODED: is not a decodable"),
         (
             "select_detections",
             {
