@@ -65,6 +65,12 @@ def mask_widths(count: int) -> np.ndarray:
     return np.tile([0.0, crack_width.MASK_UNCERTAINTY_PX, 0.0], (count, 1))
 
 
+def crack_flags(meta: DetectorMetadata, class_ids: np.ndarray, seg_index: np.ndarray) -> list[bool]:
+    """Which segmented defects (detections `seg_index`) are cracks, whose widths the photo can tell."""
+    class_ids = np.asarray(class_ids).reshape(-1)
+    return [is_crack(meta.name(int(class_ids[i]))) for i in np.asarray(seg_index).reshape(-1)]
+
+
 def measure_frame(crops: list[np.ndarray], mask_boxes: np.ndarray, cracks: list[bool], gray_of, settings: Settings,
                   workers: GeometryWorkers | None = None) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """A frame's mask crops -> their GEOMETRY table (N, 5) and WIDTH table (N, 3: the width's method, a code of
@@ -165,7 +171,7 @@ class InProcessPipeline:
             )
             crops = self.segmenter.segment_windows([sam_frames], self.sam_batch)[0]
         mask_boxes = np.asarray([c.box for c in crops], np.int32).reshape(-1, 4)
-        cracks = [is_crack(self.meta.name(int(det.class_ids[i]))) for i in seg_index]
+        cracks = crack_flags(self.meta, det.class_ids, seg_index)
         table, widths = measure_frame([c.mask for c in crops], mask_boxes, cracks, lambda: gray_frame(data, s), s)
         findings = Findings(
             detections=det,

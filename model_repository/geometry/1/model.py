@@ -7,7 +7,6 @@ import cv2
 from anomaly import pipeline
 from anomaly.config import settings
 from anomaly.geometry_workers import GeometryWorkers
-from anomaly.result import is_crack
 from anomaly.serving import step_inputs, steps, tensors
 
 
@@ -27,16 +26,14 @@ class TritonPythonModel(steps.StageModel):
         step_inputs.packed_masks("MASKS", packed, boxes)
         # Which masks are cracks, and the frame to read their widths from: the ensemble sends both; a caller that
         # sends masks alone gets the masks' widths.
-        class_ids, seg_index = (
-            tensors.optional_array(request, "CLASS_IDS"),
-            tensors.optional_array(request, "SEG_INDEX"),
-        )
-        encoded = tensors.optional_array(request, "ENCODED")
+        class_ids = tensors.optional_array(request, "CLASS_IDS")
+        seg_index = tensors.optional_array(request, "SEG_INDEX")
+        has_frame = tensors.optional_array(request, "ENCODED") is not None
         cracks = [False] * len(boxes)
-        if class_ids is not None and seg_index is not None and encoded is not None:
+        if class_ids is not None and seg_index is not None and has_frame:
             seg_index = step_inputs.indices("SEG_INDEX", seg_index, len(class_ids.reshape(-1)))
             step_inputs.same_count({"SEG_INDEX": len(seg_index), "MASK_BOXES": len(boxes)})
-            cracks = [is_crack(self.meta.name(int(class_ids.reshape(-1)[i]))) for i in seg_index]
+            cracks = pipeline.crack_flags(self.meta, class_ids, seg_index)
         table, widths = pipeline.measure_frame(
             pipeline.unpack_crops(boxes, packed),
             boxes,
