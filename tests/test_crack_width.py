@@ -41,6 +41,7 @@ def rendered():
     return out
 
 
+@pytest.mark.slow  # 66 cracks rendered at 8 x 8 samples a pixel: 13 s
 def test_widths_from_the_photo_are_within_a_quarter_pixel_and_five_percent(rendered):
     # 0.3 px cracks sit at the edge of what the photo shows: some are too faint and keep the mask's width.
     read = [(w, r.method, r.detail) for w, r, _ in rendered if w >= 0.5]
@@ -61,6 +62,7 @@ def test_widths_from_the_photo_are_within_a_quarter_pixel_and_five_percent(rende
     assert all(r.max_width >= r.width for w, r, _ in rendered if w >= 0.5)
 
 
+@pytest.mark.slow  # 66 cracks rendered at 8 x 8 samples a pixel: 13 s
 def test_hairlines_the_mask_cannot_tell_apart_are_told_apart(rendered):
     """Masks of 0.5-1 px cracks are all about 1.6 px wide; the photo orders them as they are."""
     hair = [(w, r, g) for w, r, g in rendered if 0.5 <= w <= 1.0]
@@ -72,6 +74,7 @@ def test_hairlines_the_mask_cannot_tell_apart_are_told_apart(rendered):
     assert means == sorted(means) and means[-1] - means[0] > 0.35
 
 
+@pytest.mark.slow  # 66 cracks rendered at 8 x 8 samples a pixel: 13 s
 def test_the_uncertainty_covers_the_error(rendered):
     errors = [abs(r.width - w) / r.uncertainty for w, r, _ in rendered if w >= 0.5]
     assert np.mean(np.array(errors) <= 2.0) >= 0.9  # two standard deviations hold nine in ten
