@@ -169,8 +169,7 @@ def measure_width(gray: np.ndarray, mask: np.ndarray, box, others=(), core_brigh
     # The mean profile's noise: the surface's blotches span several profiles, so it averages fewer independent
     # ones than the integrals do; weighed so, the prior holds where the profile's shape says little of the core.
     noise = max(texture / math.sqrt(independent / 4.0), 0.05)
-    fitted = inner | (np.abs(s) <= half + 2.0)
-
+    fitted = np.abs(s) <= half + 2.0  # the crack's window and a little surface
     at = s[fitted]
 
     def residuals(p):
@@ -178,7 +177,7 @@ def measure_width(gray: np.ndarray, mask: np.ndarray, box, others=(), core_brigh
         misfit = (_bar(at, contrast, w, sigma, centre) - mean_profile[fitted]) / noise
         return np.r_[misfit, (contrast - prior) / (CONTRAST_SPREAD * prior)]
 
-    def jacobian(p):  # the bar's derivatives by its four parameters: a third of the fit's time of differences
+    def jacobian(p):  # the bar's derivatives, exact and cheaper than the fit's own finite differences
         contrast, w, sigma, centre = p
         k = 1.0 / (math.sqrt(2.0) * sigma)
         a, b = (at - centre + w / 2) * k, (at - centre - w / 2) * k
