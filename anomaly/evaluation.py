@@ -126,7 +126,7 @@ def match(truths: list[dict], predictions: list[Prediction]) -> list[tuple[int, 
 def truth_geometry(annotation: dict, image: dict) -> dict | None:
     """The service's geometry (anomaly.geometry.measure) of a true mask, None without one."""
     from anomaly.geometry import measure
-    from anomaly.masks import rle_to_mask
+    from anomaly.masks import box_crop, rle_to_mask
 
     segmentation = annotation.get("segmentation")
     if not segmentation:
@@ -141,8 +141,7 @@ def truth_geometry(annotation: dict, image: dict) -> dict | None:
         mask = coco_mask.decode(coco_mask.merge(rle) if isinstance(rle, list) else rle).astype(bool)
     if not mask.any():
         return None
-    ys, xs = np.nonzero(mask)
-    return measure(mask[ys.min() : ys.max() + 1, xs.min() : xs.max() + 1])
+    return measure(box_crop(mask)[0])
 
 
 def _errors(pairs: list[tuple[dict, dict, float | None]]) -> dict:

@@ -17,6 +17,16 @@ def unpack(data: bytes, height: int, width: int) -> np.ndarray:
     return bits.reshape(height, width).astype(bool)
 
 
+def box_crop(mask: np.ndarray) -> tuple[np.ndarray, tuple[int, int, int, int]]:
+    """A full-image mask -> its crop to its own bounds and that box (x0, y0, x1, y1, pixel edges), as the
+    segmenter sends masks on; an empty mask's crop and box are empty."""
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        return np.zeros((0, 0), bool), (0, 0, 0, 0)
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    return np.asarray(mask, bool)[box[1] : box[3], box[0] : box[2]], box
+
+
 def crop_to_rle(mask: np.ndarray, box: tuple[int, int, int, int], image_hw: tuple[int, int]) -> dict:
     """A crop at `box` (x0, y0, x1, y1) -> compressed COCO RLE of the full image, as pycocotools writes it:
     {"size": [height, width], "counts": str}. COCO RLE runs down the columns, alternating runs of zeros and

@@ -107,18 +107,14 @@ def bench_crack_width(rounds: int = 20) -> dict:
 
     from anomaly import synthetic
     from anomaly.crack_width import measure_width
+    from anomaly.masks import box_crop
     from anomaly.pipeline import gray_frame, measure_frame
-
-    def crop_of(mask):
-        ys, xs = np.nonzero(mask)
-        box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-        return mask[box[1] : box[3], box[0] : box[2]], box
 
     rng = np.random.default_rng(0)
     cases = {}
     for width in (0.5, 1.0, 2.0, 4.0):
         scene = synthetic.width_scene(rng, width, curved=True)
-        cases[f"rendered_{width}px"] = (cv2.cvtColor(scene.rgb, cv2.COLOR_RGB2GRAY), *crop_of(scene.instances[0].mask))
+        cases[f"rendered_{width}px"] = (cv2.cvtColor(scene.rgb, cv2.COLOR_RGB2GRAY), *box_crop(scene.instances[0].mask))
     crack = typical_crack()
     surface = synthetic.concrete(rng, (crack.shape[0] + 40, crack.shape[1] + 40))[..., 0]
     surface[20:-20, 20:-20][crack] *= 0.3
@@ -150,7 +146,7 @@ def bench_crack_width(rounds: int = 20) -> dict:
         start = np.array([rng.uniform(200, 1700), rng.uniform(150, 900)])
         line = synthetic.crack_line(rng, start, rng.uniform(150, 400))
         found = synthetic.draw_crack(rng, photo, line, float(rng.uniform(0.5, 4.0)), core=0.3, min_mask_width=1.6)
-        crop, box = crop_of(found.mask)
+        crop, box = box_crop(found.mask)
         crops.append(crop)
         boxes.append(box)
     data = cv2.imencode(".jpg", np.clip(photo, 0, 255).astype(np.uint8)[..., ::-1], [cv2.IMWRITE_JPEG_QUALITY, 92])[1]

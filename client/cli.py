@@ -157,6 +157,7 @@ def _measure_on_photo(photo: str, masks: dict[str, np.ndarray]) -> dict[str, dic
     import dataclasses
 
     from anomaly.config import settings
+    from anomaly.masks import box_crop
     from anomaly.pipeline import geometry_dicts, gray_frame, measure_frame
 
     s = dataclasses.replace(settings(), subpixel_width=True)
@@ -169,16 +170,11 @@ def _measure_on_photo(photo: str, masks: dict[str, np.ndarray]) -> dict[str, dic
         if mask.shape != gray.shape:
             raise InputError(path, f"is {mask.shape[1]}x{mask.shape[0]} but the photo {photo} is "
                              f"{gray.shape[1]}x{gray.shape[0]}; a mask must have its photo's size")  # fmt: skip
-    boxes = np.asarray([_mask_box(m) for m in masks.values()], np.int32).reshape(-1, 4)
-    crops = [m[y0:y1, x0:x1] for m, (x0, y0, x1, y1) in zip(masks.values(), boxes)]
+    placed = [box_crop(m) for m in masks.values()]
+    crops = [crop for crop, _ in placed]
+    boxes = np.asarray([box for _, box in placed], np.int32).reshape(-1, 4)
     table, widths = measure_frame(crops, boxes, [True] * len(crops), lambda: gray, s)
     return dict(zip(masks, geometry_dicts(table, widths)))
-
-
-def _mask_box(mask: np.ndarray) -> tuple[int, int, int, int]:
-    """The mask's bounds as pixel edges (x0, y0, x1, y1); an empty mask's is empty."""
-    ys, xs = np.nonzero(mask)
-    return (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) if len(ys) else (0, 0, 0, 0)
 
 
 def _exports(text: str) -> tuple[str, ...]:

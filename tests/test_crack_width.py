@@ -14,14 +14,9 @@ from PIL import Image
 from anomaly import synthetic
 from anomaly.crack_width import MASK_UNCERTAINTY_PX, WHY_MASK, measure_width
 from anomaly.geometry import measure
+from anomaly.masks import box_crop
 
 WIDTHS = (0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0, 5.0, 6.0)
-
-
-def crop_of(mask: np.ndarray):
-    ys, xs = np.nonzero(mask)
-    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
-    return mask[box[1] : box[3], box[0] : box[2]], box
 
 
 def gray(scene) -> np.ndarray:
@@ -36,7 +31,7 @@ def rendered():
     for width in WIDTHS:
         for curved in (False, True) * 3:
             scene = synthetic.width_scene(rng, width, curved)
-            crop, box = crop_of(scene.instances[0].mask)
+            crop, box = box_crop(scene.instances[0].mask)
             out.append((width, measure_width(gray(scene), crop, box), measure(crop)))
     return out
 
@@ -82,7 +77,7 @@ def test_the_uncertainty_covers_the_error(rendered):
 
 def test_a_faint_crack_keeps_its_mask_width():
     scene = synthetic.width_scene(np.random.default_rng(1), 1.0, False, contrast=0.03)
-    crop, box = crop_of(scene.instances[0].mask)
+    crop, box = box_crop(scene.instances[0].mask)
     got = measure_width(gray(scene), crop, box)
     assert (got.method, got.reason) == ("mask", "faint"), got.detail
     assert got.uncertainty == MASK_UNCERTAINTY_PX
@@ -90,7 +85,7 @@ def test_a_faint_crack_keeps_its_mask_width():
 
 def test_a_blurred_photo_keeps_the_mask_width():
     scene = synthetic.width_scene(np.random.default_rng(2), 1.0, False, blur=3.0)
-    crop, box = crop_of(scene.instances[0].mask)
+    crop, box = box_crop(scene.instances[0].mask)
     got = measure_width(gray(scene), crop, box)
     assert (got.method, got.reason) == ("mask", "blurred"), got.detail
     assert got.blur > 2.0
@@ -104,7 +99,7 @@ def test_a_crack_along_the_photos_edge_keeps_the_mask_width():
     photo = np.clip(image[..., 0], 0, 255).astype(np.uint8)
     mask = np.zeros(photo.shape, bool)
     mask[1:4, 10:151] = True
-    got = measure_width(photo, *crop_of(mask))
+    got = measure_width(photo, *box_crop(mask))
     assert (got.method, got.reason) == ("mask", "crowded"), got.detail
 
 
@@ -121,7 +116,7 @@ def test_a_crack_beside_another_defect_keeps_the_mask_width():
         m = np.zeros(photo.shape, bool)
         y = int(line[0, 1])
         m[y - 1 : y + 2, 10:151] = True
-        masks.append(crop_of(m))
+        masks.append(box_crop(m))
     alone = measure_width(photo, *masks[0])
     beside = measure_width(photo, *masks[0], others=[masks[1]])
     assert (beside.method, beside.reason) == ("mask", "crowded"), beside.detail
@@ -182,7 +177,7 @@ def test_the_served_geometry_step_reads_a_cracks_width_from_the_frame(triton):
     meta = DetectorMetadata.load(export_files(triton.settings.model_repository)[1])
     assert (meta.name(0), meta.name(1)) == ("crack", "spalling")
     scene = synthetic.width_scene(np.random.default_rng(11), 0.6, False)
-    crop, box = crop_of(scene.instances[0].mask)
+    crop, box = box_crop(scene.instances[0].mask)
     png = io.BytesIO()
     Image.fromarray(scene.rgb).save(png, format="PNG")
     data = png.getvalue()
