@@ -21,6 +21,7 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
+from client.endpoint import EndpointSender, FrameFailed
 from client.exports import EXPORT_NAMES, write_exports
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"}
@@ -138,12 +139,13 @@ class Progress:
         self.stream.flush()
 
 
-def run_campaign(paths: list[str], out: Path, *, url: str, protocol: str = "grpc", in_flight: int = 4,
+def run_campaign(paths: list[str], out: Path, *, url: str = "", protocol: str = "grpc", in_flight: int = 4,
                  fps: float = 1.0, options: dict | None = None, annotate: bool = True,
-                 exports: tuple[str, ...] = EXPORT_NAMES) -> dict:  # fmt: skip
-    """Send every frame not yet in out/results.jsonl; write the outputs, then the `exports` (client.exports) from
-    the whole record. -> counts (sent, skipped, failed). Responses are kept whole, masks (COCO RLE) included: the
-    COCO export is made from them."""
+                 exports: tuple[str, ...] = EXPORT_NAMES, endpoint: EndpointSender | None = None) -> dict:  # fmt: skip
+    """Send every frame not yet in out/results.jsonl, to the Triton at `url` or through a RunPod `endpoint`
+    (client.endpoint, which holds its own options); write the outputs, then the `exports` (client.exports) from
+    the whole record. -> counts (sent, skipped, failed, seconds). Responses are kept whole, masks (COCO RLE)
+    included: the COCO export is made from them."""
     from client import AnomalyClient, AnomalyServiceError
     from client.annotate import write_annotated
 
@@ -158,9 +160,12 @@ def run_campaign(paths: list[str], out: Path, *, url: str, protocol: str = "grpc
         return local.client
 
     def send(frame: Frame) -> dict:
+        if endpoint is not None:
+            return endpoint.send(frame.frame_id, frame.data)
         return client().detect(frame.data, frame_id=frame.frame_id, include_masks=True, **(options or {}))
 
     counts = {"sent": 0, "skipped": 0, "failed": 0}
+    started = time.monotonic()
     inputs = find_inputs(paths)
     videos = any(p.suffix.lower() in VIDEO_SUFFIXES for p, _ in inputs)
     progress = Progress(None if videos else sum(1 for _, name in inputs if name not in done))
@@ -175,7 +180,7 @@ def run_campaign(paths: list[str], out: Path, *, url: str, protocol: str = "grpc
     def finish(frame: Frame, future: Future) -> None:
         try:
             response = future.result()
-        except AnomalyServiceError as exc:
+        except (AnomalyServiceError, FrameFailed) as exc:
             record_error(frame, str(exc))
             return
         if annotate:
@@ -209,6 +214,7 @@ def run_campaign(paths: list[str], out: Path, *, url: str, protocol: str = "grpc
             wait([future])
             finish(pending.pop(future), future)
     progress.close()
+    counts["seconds"] = time.monotonic() - started
     write_exports(out, read_results(out), exports)
     return counts
 

@@ -48,22 +48,57 @@ def _url(args: argparse.Namespace) -> str:
 
 
 def _campaign(args: argparse.Namespace) -> int:
+    import os
+
     from client.campaign import run_campaign
+    from client.endpoint import CampaignStopped, EndpointSender
     from client.exports import WRITERS
 
     options = {"confidence_threshold": args.threshold, "mm_per_pixel": args.mm_per_pixel, "tiling": args.tiling}
+    options = {k: v for k, v in options.items() if v is not None}
     out = Path(args.out)
-    counts = run_campaign(
-        args.images, out, url=_url(args), protocol=args.protocol, in_flight=args.in_flight, fps=args.fps,
-        options={k: v for k, v in options.items() if v is not None}, exports=args.exports,
-    )  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        endpoint = None
+        if args.endpoint:
+            endpoint = EndpointSender(
+                args.endpoint, out, api_key=os.environ.get("RUNPOD_API_KEY"), options=options,
+                load_balancing=args.load_balancing, attempts=args.attempts, job_timeout_s=args.job_timeout,
+            )  # fmt: skip
+        counts = run_campaign(
+            args.images, out, url="" if endpoint else _url(args), protocol=args.protocol, in_flight=args.in_flight,
+            fps=args.fps, options=options, exports=args.exports, endpoint=endpoint,
+        )  # fmt: skip
+    except CampaignStopped as exc:
+        print(f"\nanomaly detect: stopped: {exc}", file=sys.stderr)
+        return 1
     files = ", ".join(WRITERS[name][0] for name in args.exports)
+    rate = counts["sent"] / max(counts["seconds"], 1e-6)
     print(
-        f"{counts['sent']} frames answered, {counts['skipped']} already in {out / 'results.jsonl'}, "
-        f"{counts['failed']} failed (errors.jsonl); wrote {files + ', ' if files else ''}annotated/",
+        f"{counts['sent']} frames answered ({rate:.2f} frames/s), {counts['skipped']} already in "
+        f"{out / 'results.jsonl'}, {counts['failed']} failed (errors.jsonl); wrote {files + ', ' if files else ''}"
+        "annotated/",
         file=sys.stderr,
     )
+    if endpoint is not None:
+        usage = endpoint.usage.summary(args.price_per_second)
+        (out / "endpoint_usage.json").write_text(json.dumps(usage | {"frames": counts["sent"], "frames_per_s": rate}))
+        print(_usage_line(usage, args.price_per_second), file=sys.stderr)
     return 2 if counts["failed"] else 0
+
+
+def _usage_line(usage: dict, price: float | None) -> str:
+    """The endpoint's part of a campaign's summary: jobs, retries, the workers' seconds and what they cost."""
+    line = (
+        f"endpoint: {usage['jobs_submitted']} jobs submitted, {usage['jobs_collected_from_earlier_run']} collected "
+        f"from an earlier run, {usage['retries']} retries; "
+    )
+    if usage["worker_execution_s"] is None:
+        return line + "the endpoint reported no execution times (a local API server does not)"
+    line += f"workers executed {usage['worker_execution_s']:.1f} s (queued {usage['queue_delay_s']:.1f} s)"
+    if price is not None:
+        line += f", cost {usage['cost']:.4f} at {price} a second"
+    return line
 
 
 def _report(args: argparse.Namespace) -> int:
@@ -314,6 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--out", help="campaign mode: write results.jsonl, coco.json, defects.csv, annotated/ here")
     detect.add_argument("--in-flight", type=int, default=4, help="requests in flight to the server (campaign)")
     detect.add_argument("--fps", type=_positive, default=1.0, help="frames a second read from videos (campaign)")
+    detect.add_argument(
+        "--endpoint", metavar="ID_OR_URL",
+        help="campaign through a RunPod serverless endpoint: its id (key from RUNPOD_API_KEY) or its base URL",
+    )  # fmt: skip
+    detect.add_argument(
+        "--load-balancing", action="store_true", help="the endpoint is a load-balancing one: frames go to its /detect"
+    )
+    detect.add_argument("--attempts", type=int, default=4, help="tries per frame on the endpoint (default 4)")
+    detect.add_argument(
+        "--job-timeout", type=_positive, default=600.0, help="seconds a frame's job may take before it is retried"
+    )
+    detect.add_argument("--price-per-second", type=float, help="the endpoint's price per worker second, for the cost")
     detect.add_argument(
         "--exports",
         type=_exports,

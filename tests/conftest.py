@@ -67,6 +67,27 @@ def start_gateway(triton_url: str, log_path, **env) -> tuple[subprocess.Popen, s
 
 
 @pytest.fixture(scope="session")
+def rp_api(triton, tmp_path_factory):
+    """The serverless handler under the runpod SDK's local API server (`--rp_serve_api`: /run, /status, /runsync)
+    in front of the session's Triton: what a RunPod queue endpoint looks like to its clients."""
+    (port,) = free_ports(1)
+    log_path = tmp_path_factory.mktemp("rp") / "rp_api.log"
+    log = open(log_path, "w")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [sys.executable, str(REPO / "runpod_handler" / "handler.py"), "--rp_serve_api", "--rp_api_port", str(port),
+         "--rp_api_host", "127.0.0.1"],
+        env=dict(os.environ, TRITON_URL=triton.grpc_url, TRITON_READY_TIMEOUT="60"), stdout=log,
+        stderr=subprocess.STDOUT, cwd=REPO,
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/docs", proc, log_path, timeout=120)
+    yield url
+    proc.terminate()
+    proc.wait(20)
+    log.close()
+
+
+@pytest.fixture(scope="session")
 def exported():
     """The exported detector metadata (exporting first if `make test` has not already)."""
     from anomaly.config import load_settings

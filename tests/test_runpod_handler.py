@@ -85,23 +85,6 @@ def test_test_input_bad_field_fails_the_job(triton, tmp_path):
     assert "image: is not valid base64" in out.stdout
 
 
-@pytest.fixture(scope="module")
-def rp_api(triton, tmp_path_factory):
-    (port,) = free_ports(1)
-    log_path = tmp_path_factory.mktemp("rp") / "rp_api.log"
-    log = open(log_path, "w")  # noqa: SIM115
-    proc = subprocess.Popen(
-        [sys.executable, str(HANDLER), "--rp_serve_api", "--rp_api_port", str(port), "--rp_api_host", "127.0.0.1"],
-        env=env_for(triton), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-    )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    wait_http(f"{url}/docs", proc, log_path, timeout=120)
-    yield url
-    proc.terminate()
-    proc.wait(20)
-    log.close()
-
-
 def runsync(url: str, job_input) -> dict:
     response = requests.post(f"{url}/runsync", json={"input": job_input}, timeout=300)
     assert response.status_code == 200, response.text
