@@ -15,7 +15,7 @@ import pytest
 import requests
 from PIL import Image
 
-from tests.conftest import REPO, SAMPLES, encode, free_ports, wait_http
+from tests.conftest import REPO, SAMPLES, encode
 
 HANDLER = REPO / "runpod_handler" / "handler.py"
 PIER = base64.b64encode((SAMPLES / "pier_spalling.png").read_bytes()).decode()
