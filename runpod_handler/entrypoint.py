@@ -8,7 +8,9 @@ the serverless worker (true), or the REST gateway on PORT for a load-balancing e
    first answer pays for lazy initialisation, not a user's request) and logs each phase's seconds on one
    `cold start:` line (docs/deployment.md, "Cold start").
 3. Starts the gateway (uvicorn) or the RunPod handler.
-4. SIGTERM/SIGINT drain both within SHUTDOWN_GRACE_S (the front first, then Triton) and exit 0.
+4. SIGTERM/SIGINT drain both within SHUTDOWN_GRACE_S (the front first, then Triton) and exit 0; idle, that takes
+   about 3 s. Every process started here dies with this one, even when it is killed hard (SIGKILL): none is left
+   holding the ports or the GPU for the next start.
 5. If Triton or one of its model processes dies, the rest is stopped and the exit code is non-zero, so the
    platform restarts the container (a dead model process is checked every second: Triton 2.51 neither
    restarts it nor stops reporting ready).
@@ -29,7 +31,7 @@ from anomaly.config import REPO_ROOT, Settings, load_settings
 from anomaly.detector import export_files
 from anomaly.errors import ConfigError
 from anomaly.logs import setup_logging
-from anomaly.serving.triton_server import TritonServer, TritonStartError
+from anomaly.serving.triton_server import TritonServer, TritonStartError, die_with_parent
 
 log = logging.getLogger("anomaly.entrypoint")
 SOURCE_REPOSITORY = REPO_ROOT / "model_repository"
@@ -99,7 +101,7 @@ def export_models(settings: Settings, cold: ColdStart) -> int:
     meta_path = export_files(settings.model_repository)[1]
     before = meta_path.stat().st_mtime_ns if meta_path.exists() else None
     done = cold.timed("export")
-    code = subprocess.run([sys.executable, "-m", "export"], cwd=REPO_ROOT).returncode
+    code = subprocess.run([sys.executable, "-m", "export"], cwd=REPO_ROOT, preexec_fn=die_with_parent).returncode
     after = meta_path.stat().st_mtime_ns if meta_path.exists() else None
     done(" (reused the detector export)" if before is not None and before == after else " (detector exported)")
     return code
@@ -119,6 +121,11 @@ def first_answer(server: TritonServer, cold: ColdStart) -> None:
         done(" (failed)")
         return
     done()
+
+
+def start_fronts(settings: Settings) -> list[subprocess.Popen]:
+    """The gateway(s) or the handler, each killed by the kernel if this process dies without stopping them."""
+    return [subprocess.Popen(cmd, cwd=REPO_ROOT, preexec_fn=die_with_parent) for cmd in front_commands(settings)]
 
 
 def stop_fronts(fronts: list[subprocess.Popen], deadline: float, mode: str) -> None:
@@ -149,7 +156,7 @@ def main() -> int:
     fronts: list[subprocess.Popen] = []
     if settings.runpod_mode == "lb":  # /ping answers 204 while the rest starts
         log.info("starting the %s before the models", mode)
-        fronts = [subprocess.Popen(cmd, cwd=REPO_ROOT) for cmd in front_commands(settings)]
+        fronts = start_fronts(settings)
 
     sync_model_repository(settings.model_repository)
     if export_models(settings, cold) != 0:
@@ -173,7 +180,7 @@ def main() -> int:
     log.info("Triton ready (HTTP %s, gRPC %s); %s", server.http_url, server.grpc_url, cold.line())
     if not fronts:
         log.info("starting the %s", mode)
-        fronts = [subprocess.Popen(cmd, cwd=REPO_ROOT) for cmd in front_commands(settings)]
+        fronts = start_fronts(settings)
 
     code = 0
     checked = time.monotonic()

@@ -21,15 +21,15 @@ pytestmark = pytest.mark.e2e  # each test starts the entrypoint, hence Triton
 PIER = base64.b64encode((SAMPLES / "pier_spalling.png").read_bytes()).decode()
 
 
-def launch(tmp_path, **env):
-    http, grpc, metrics, api = free_ports(4)
+def launch(tmp_path, ports=None, **env):
+    http, grpc, metrics, api = ports or free_ports(4)
     full_env = dict(
         os.environ,
         TRITON_HTTP_PORT=str(http), TRITON_GRPC_PORT=str(grpc), TRITON_METRICS_PORT=str(metrics),
         API_HOST="127.0.0.1", API_PORT=str(api), TRITON_URL="",
     )  # fmt: skip
     full_env.update(env)
-    log = open(tmp_path / "entrypoint.log", "w")  # noqa: SIM115
+    log = open(tmp_path / "entrypoint.log", "a")  # noqa: SIM115
     proc = subprocess.Popen(
         [sys.executable, "-m", "runpod_handler.entrypoint"],
         env=full_env,
@@ -269,3 +269,99 @@ def test_sigterm_finishes_the_requests_in_flight(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def alive(family) -> list[str]:
+    return [p.name() for p in family if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+
+
+def test_stops_and_restarts_on_the_same_ports_after_sigterm_and_after_sigkill(tmp_path):
+    """A worker's life on RunPod or Kubernetes: stopped idle, everything is gone within seconds (about 3 s here,
+    docs/deployment.md); killed hard (SIGKILL of the entrypoint, which cannot clean up), no tritonserver, model
+    process or gateway outlives it; either way the next start on the same ports serves."""
+    ports = free_ports(4)
+    api = ports[3]
+    proc, _api, log = launch(tmp_path, ports)
+    try:
+        wait_http(f"http://127.0.0.1:{api}/health", proc, log)
+        family = descendants(proc)
+        start = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+        while alive(family) and time.monotonic() - start < 10:
+            time.sleep(0.1)
+        idle_stop = time.monotonic() - start
+        assert not alive(family) and idle_stop < 6, f"{idle_stop:.1f} s, left: {alive(family)}"
+        assert "had not unloaded" not in log.read_text()  # every model unloaded by itself
+
+        proc, _api, log = launch(tmp_path, ports)  # the same ports at once
+        wait_http(f"http://127.0.0.1:{api}/health", proc, log)
+        family = descendants(proc)
+        assert {"tritonserver", "triton_python_backend_stub"} <= {p.name() for p in family}
+        start = time.monotonic()
+        proc.kill()
+        proc.wait(5)
+        while alive(family) and time.monotonic() - start < 15:
+            time.sleep(0.1)
+        assert not alive(family), f"left behind after SIGKILL: {alive(family)}"
+        gone_after = time.monotonic() - start
+        assert gone_after < 10, f"{gone_after:.1f} s"
+
+        proc, _api, log = launch(tmp_path, ports)
+        wait_http(f"http://127.0.0.1:{api}/health", proc, log)
+        r = requests.post(
+            f"http://127.0.0.1:{api}/detect", json={"image": PIER, "confidence_threshold": 1.0}, timeout=60
+        )
+        assert r.status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+STUCK_MODEL = """
+import time
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+
+class TritonPythonModel:
+    def execute(self, requests):
+        out = pb_utils.Tensor("OUT", np.zeros(1, np.float32))
+        return [pb_utils.InferenceResponse([out]) for _ in requests]
+
+    def finalize(self):
+        time.sleep(120)  # a model process that does not let go (e.g. a GPU library's teardown that hangs)
+"""
+
+
+def test_a_model_that_does_not_unload_does_not_hold_the_stop_for_the_whole_grace_period(tmp_path):
+    """Triton waits its whole exit timeout for a model that does not unload; the launcher stops it UNLOAD_GRACE_S
+    after the last request is done and says so."""
+    import dataclasses
+
+    from anomaly.config import load_settings
+    from anomaly.serving.triton_server import UNLOAD_GRACE_S, TritonServer
+
+    repo = tmp_path / "repo"
+    (repo / "stuck" / "1").mkdir(parents=True)
+    (repo / "stuck" / "1" / "model.py").write_text(STUCK_MODEL)
+    (repo / "stuck" / "config.pbtxt").write_text(
+        'backend: "python"\nmax_batch_size: 0\noutput [{ name: "OUT", data_type: TYPE_FP32, dims: [1] }]\n'
+        "instance_group [{ kind: KIND_CPU, count: 1 }]\n"
+    )
+    http, grpc, metrics = free_ports(3)
+    settings = dataclasses.replace(
+        load_settings(), triton_http_port=http, triton_grpc_port=grpc, triton_metrics_port=metrics,
+        shutdown_grace_s=60, model_repository=repo,
+    )  # fmt: skip
+    server = TritonServer(settings, log_path=tmp_path / "triton.log")
+    server.start(ready_timeout=120)
+    family = [psutil.Process(server.process.pid), *psutil.Process(server.process.pid).children(recursive=True)]
+    start = time.monotonic()
+    server.stop(timeout=60)
+    took = time.monotonic() - start
+    assert UNLOAD_GRACE_S <= took < UNLOAD_GRACE_S + 5, f"{took:.1f} s"
+    assert not alive(family)
+    assert "Found 1 live models" in (tmp_path / "triton.log").read_text()  # Triton's own countdown had begun

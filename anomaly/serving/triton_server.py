@@ -7,6 +7,11 @@ between the steps), and on a GPU machine tritonserver itself starts with the GPU
 the steps that run models on it see it again in their own processes (anomaly.hardware.show_hidden_gpus).
 The Python backend's shared-memory regions get a per-server prefix so a stop can remove exactly its own.
 
+Stopping: SIGTERM lets Triton finish the requests in flight; once its log says none is left, its models get
+UNLOAD_GRACE_S to unload before the whole process group is killed (a model process that never exits would otherwise
+hold the stop for the whole exit timeout). tritonserver dies with the process that started it, even one killed
+hard (`die_with_parent`), and its model processes follow it: nothing outlives the launcher to hold the ports.
+
 `python -m anomaly.serving.triton_server` runs it in the foreground until SIGINT/SIGTERM.
 """
 
@@ -14,12 +19,15 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import ctypes
 import glob
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -34,6 +42,23 @@ from anomaly.serving.plan import CONFIG_NAME, serving_plan, write_serving_config
 log = logging.getLogger("anomaly.serving")
 
 PYTRITON_HOME = REPO_ROOT / ".triton" / "pkgs" / "pytriton" / "tritonserver"
+# Triton's log during a stop, every second of its exit timeout (server.cc): the requests still in flight, the live
+# models. Once no request is in flight, a model has UNLOAD_GRACE_S to unload (they take about 2 s here).
+IN_FLIGHT_DONE = b"Found 0 model versions that have in-flight inferences"
+LIVE_MODELS = re.compile(rb"Found (\d+) live models")
+UNLOAD_GRACE_S = 3.0
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """For Popen's preexec_fn: the child gets SIGKILL when the thread that started it ends, however it ends (a
+    container runtime's SIGKILL of the entrypoint included), so it cannot outlive its launcher holding ports."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before prctl: nobody would ever stop this child
+        os._exit(1)
+
+
 CONTAINER_HOME = Path("/opt/tritonserver")
 
 
@@ -119,6 +144,10 @@ class TritonServer:
         self._log_file = None
         self.mps: mps.MpsDaemon | None = None  # our MPS daemon while the server runs (CUDA_MPS)
         self.mps_state = "off"  # off, on (server pids), or why not: the GPU steps get it for /info; make bench-gpu
+        self._output: threading.Thread | None = None  # forwards Triton's output, watching it while stopping
+        self._requests_done_at: float | None = None  # when a stop found no request in flight
+        self._live_models = 0
+        self._stopping = False
 
     @property
     def client_host(self) -> str:
@@ -225,16 +254,36 @@ class TritonServer:
             self.process = subprocess.Popen(
                 cmd,
                 env=self.environment(),
-                stdout=self._log_file,
-                stderr=subprocess.STDOUT if self._log_file else None,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # its own process group: stop() reaches the stubs too
+                preexec_fn=die_with_parent,  # the thread calling start() must live as long as the server
             )
+            self._output = threading.Thread(target=self._forward_output, name="tritonserver output", daemon=True)
+            self._output.start()
             self.wait_ready(ready_timeout)
         except BaseException:
             self.stop()
             raise
         self._stubs = self.model_processes()
         return self
+
+    def _forward_output(self) -> None:
+        """Triton's output, line by line, to the log file (or this process's stderr); during a stop, notes when no
+        request is left in flight and how many models are still live."""
+        sink = self._log_file or sys.stderr.buffer
+        for line in self.process.stdout:
+            if self._stopping:
+                if IN_FLIGHT_DONE in line and self._requests_done_at is None:
+                    self._requests_done_at = time.monotonic()
+                live = LIVE_MODELS.search(line)
+                if live:
+                    self._live_models = int(live.group(1))
+            try:
+                sink.write(line)
+                sink.flush()
+            except (OSError, ValueError):  # the log closed under us at the very end of a stop
+                pass
 
     def model_processes(self) -> dict:
         """psutil.Process -> model name, for each model instance's process (Triton runs every Python model
@@ -282,6 +331,8 @@ class TritonServer:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process and self.process.poll() is not None:
+                if self._output:
+                    self._output.join(2)  # its last lines into the log before the tail is read
                 raise TritonStartError(f"tritonserver exited with code {self.process.returncode}{self._log_tail()}")
             if self.is_ready():
                 return
@@ -295,16 +346,17 @@ class TritonServer:
         return "; log tail:\n" + "\n".join(lines[-25:])
 
     def stop(self, timeout: float = 20.0) -> int | None:
-        """SIGTERM, then SIGKILL for the whole group after `timeout`; removes leftover shared memory."""
+        """SIGTERM; once Triton has no request in flight, UNLOAD_GRACE_S for its models to unload; then SIGKILL for
+        the whole group (at `timeout` at the latest); removes leftover shared memory."""
         code = None
         if self.process and self.process.poll() is None:
+            self._stopping = True
             try:
                 os.killpg(self.process.pid, signal.SIGTERM)
             except ProcessLookupError:
                 pass
-            try:
-                code = self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
+            code = self._wait_unloaded(time.monotonic() + timeout)
+            if code is None:
                 os.killpg(self.process.pid, signal.SIGKILL)
                 code = self.process.wait()
         elif self.process:
@@ -314,6 +366,9 @@ class TritonServer:
                 os.killpg(self.process.pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+        if self._output:
+            self._output.join(5)
+            self._output = None
         for leftover in glob.glob(f"/dev/shm/{self.shm_prefix}*"):
             Path(leftover).unlink(missing_ok=True)
         if self.mps:  # after its clients are gone
@@ -323,6 +378,26 @@ class TritonServer:
             self._log_file.close()
             self._log_file = None
         return code
+
+    def _wait_unloaded(self, deadline: float) -> int | None:
+        """tritonserver's exit code, or None where it has to be killed: at `deadline`, or UNLOAD_GRACE_S after it
+        found no request in flight with a model still live (a model process that does not exit)."""
+        while True:
+            try:
+                return self.process.wait(0.1)
+            except subprocess.TimeoutExpired:
+                pass
+            now = time.monotonic()
+            done = self._requests_done_at
+            if done is not None and now - done >= UNLOAD_GRACE_S:
+                log.warning(
+                    "Triton: no request in flight, but %d model(s) had not unloaded %.0f s later; stopping them",
+                    self._live_models, UNLOAD_GRACE_S,
+                )  # fmt: skip
+                return None
+            if now >= deadline:
+                log.warning("Triton had not stopped within its grace period; stopping it")
+                return None
 
     def memory_mib(self) -> dict:
         """Resident memory of tritonserver and of each model's stub process, in MiB."""
