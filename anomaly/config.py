@@ -151,6 +151,19 @@ def _threads(knob: Knob, raw: str, parsed: dict) -> int:
     return _int(knob, raw, parsed) if raw else (os.cpu_count() or 1)
 
 
+def _gpus(knob: Knob, raw: str, parsed: dict) -> tuple[int, ...] | None:
+    """`all` -> None (every visible GPU, counted where the machine is known: anomaly.serving), or device indexes."""
+    if raw.strip().lower() == "all":
+        return None
+    try:
+        devices = tuple(int(part) for part in raw.split(","))
+    except ValueError:
+        raise ConfigError(f"{knob.name}={raw!r} must be `all` or comma-separated GPU indexes, e.g. 0,1") from None
+    if any(d < 0 for d in devices) or len(set(devices)) != len(devices):
+        raise ConfigError(f"{knob.name}={raw!r} must list distinct GPU indexes from 0")
+    return devices
+
+
 def _auto_is_on(knob: Knob, raw: str, parsed: dict) -> bool:
     """`auto` or `off` -> on or off."""
     return _choice(knob, raw, parsed) == "auto"
@@ -175,6 +188,7 @@ PARSERS: dict[str, Parser] = {
     "triton_url": _triton_url,
     "threads": _threads,
     "auto_is_on": _auto_is_on,
+    "gpus": _gpus,
 }
 SETTINGS_FILE = Path(__file__).with_name("settings.toml")
 
@@ -271,6 +285,7 @@ class Settings:
     overlap_batches: str
     early_embedding: str
     batch_delay_us: int
+    gpus: tuple[int, ...] | None
     step_instances: int | None
     geometry_workers: int | None
 

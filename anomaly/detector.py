@@ -227,16 +227,19 @@ def choose_backend(requested: str, device: str, gpu: bool, ort_providers, precis
 
 def onnx_providers(choice: BackendChoice, engine_cache: Path | None = None) -> list:
     """onnxruntime's provider list for a choice; TensorRT engines (FP16 if chosen) are cached in `engine_cache`."""
+    from anomaly.hardware import assigned_gpu
+
+    device = {"device_id": assigned_gpu() or 0}  # the instance's own GPU where Triton gave it one (GPUS)
     out: list = []
     for name in choice.providers:
         if name == TRT_PROVIDER:
-            options = {"trt_fp16_enable": choice.precision == "fp16"}
+            options = device | {"trt_fp16_enable": choice.precision == "fp16"}
             if engine_cache is not None:
                 engine_cache.mkdir(parents=True, exist_ok=True)
                 options |= {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(engine_cache)}
             out.append((name, options))
         elif name == CUDA_PROVIDER:  # arena grown by what is asked; exact fp32 (no TF32, see TorchDetector)
-            out.append((name, {"arena_extend_strategy": "kSameAsRequested", "use_tf32": 0}))
+            out.append((name, device | {"arena_extend_strategy": "kSameAsRequested", "use_tf32": 0}))
         else:
             out.append(name)
     return out

@@ -24,6 +24,37 @@ def has_gpu() -> bool:
     return subprocess.run(["nvidia-smi", "-L"], capture_output=True).returncode == 0
 
 
+def visible_gpu_count(env=os.environ) -> int:
+    """How many GPUs a process started with `env` sees: CUDA_VISIBLE_DEVICES' entries where it is set, else every GPU
+    nvidia-smi lists. Triton numbers its `instance_group` `gpus` the same way."""
+    visible = env.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if not has_gpu():
+        return 0
+    listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+    return sum(1 for line in listed.splitlines() if line.startswith("GPU "))
+
+
+_assigned_gpu: int | None = None
+
+
+def use_assigned_gpu(device_id: int) -> None:
+    """In a step's process that Triton gave a GPU of its own (a KIND_GPU instance, GPUS): make it torch's current
+    device, so the models' "cuda" is that GPU, and remember it for onnxruntime's providers (assigned_gpu)."""
+    global _assigned_gpu
+    _assigned_gpu = device_id
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device_id)
+
+
+def assigned_gpu() -> int | None:
+    """The GPU Triton gave this step's instance, or None where it places its models on the default GPU itself."""
+    return _assigned_gpu
+
+
 def release_unused_gpu_memory() -> int:
     """Hand back to the driver the GPU memory torch's allocator keeps cached but no tensor uses; returns how many
     bytes that was (0 where torch never started CUDA). Called once a model step has loaded: what it frees is the

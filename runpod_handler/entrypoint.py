@@ -171,7 +171,7 @@ def main() -> int:
     loaded = cold.timed("Triton model loads")
     try:
         server.start(settings.triton_ready_timeout)
-    except TritonStartError as exc:
+    except (TritonStartError, ConfigError) as exc:  # ConfigError: GPUS names a GPU the server does not see
         print(f"entrypoint: {exc}", file=sys.stderr)
         stop_fronts(fronts, time.monotonic() + settings.shutdown_grace_s, mode)
         return 1

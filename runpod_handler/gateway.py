@@ -233,6 +233,7 @@ def models_in_service(model_repository: Path) -> dict:
         "models": models,
         "warnings": warnings_for(meta, segmenter["segmenter"], [], detector["detector"]),
         "cuda_mps": segmenter.get("cuda_mps", "off"),  # both GPU steps run in the one environment the launcher set
+        "instances": {"detector": detector["instances"], "segmenter": segmenter["instances"]},
     }
 
 
@@ -274,6 +275,7 @@ def info():
             "detector_backend": detector.get("backend"),
             "detector_runtime": detector.get("runtime"),
             "cuda_mps": loaded["cuda_mps"],
+            "instances": loaded["instances"],  # which GPU each instance runs on (GPUS); gpu null: its own choice
         },
         "versions": versions,
         "defaults": {

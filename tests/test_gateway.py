@@ -53,6 +53,11 @@ def test_info_tells_what_runs(gateway):
     assert info["segmenter"]["name"] == "sam2.1-tiny" and info["segmenter"]["untrained"] is True
     assert info["segmenter"]["device"] == "cpu"
     assert info["device"]["cuda_mps"] == "off"  # CUDA_MPS: nothing to share on a CPU
+    # one instance of each, placed by the step itself (no GPU of Triton's): Triton's instance names, gpu null
+    assert info["device"]["instances"] == {
+        "detector": [{"instance": "detector_0_0", "gpu": None}],
+        "segmenter": [{"instance": "segmenter_0_0", "gpu": None}],
+    }
     assert info["untrained_weights"] is True and any(w.startswith("UNTRAINED") for w in info["warnings"])
     assert "crack" in info["classes"]["defects"] and "beam" in info["classes"]["structures"]
     assert info["versions"]["rfdetr"] and info["versions"]["sam2"] and info["versions"]["triton_server"] == "2.51.0"

@@ -739,6 +739,90 @@ def test_rendered_configs_carry_the_plan(tmp_path):
     assert written["detector"] == committed
 
 
+def rendered(tmp_path, plan) -> dict:
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(REPO / "model_repository", repo, ignore=shutil.ignore_patterns("*.onnx", "configs"))
+    return {p.parent.parent.name: parse_config(p.read_text()) for p in write_serving_configs(repo, plan)}
+
+
+@pytest.mark.parametrize("visible", [1, 2, 4])
+def test_every_gpu_gets_a_detector_and_a_sam_instance(tmp_path, visible):
+    """GPUS=all (the default) on a machine whose server sees 1, 2 or 4 GPUs: with several, the detector and SAM
+    each get one KIND_GPU instance per GPU (Triton's `gpus` list); with one, the layout the H100 measured. The
+    CPU steps are the same either way. (Rendered only: Triton refuses KIND_GPU where it sees no GPU.)"""
+    from tritonclient.grpc.model_config_pb2 import ModelInstanceGroup
+
+    written = rendered(tmp_path, serving_plan(load_settings(), gpu=True, cores=16, gpu_count=visible))
+    for model in ("detector", "segmenter"):
+        groups = [(g.kind, g.count, list(g.gpus)) for g in written[model].instance_group]
+        if visible == 1:
+            assert groups == [(ModelInstanceGroup.KIND_CPU, 1, [])]
+        else:
+            assert groups == [(ModelInstanceGroup.KIND_GPU, 1, list(range(visible)))]
+    for model in ("preprocess", "select_detections", "geometry", "result"):
+        assert [(g.kind, g.count) for g in written[model].instance_group] == [(ModelInstanceGroup.KIND_CPU, 4)]
+
+
+@pytest.mark.parametrize(
+    ("wanted", "visible", "gpus"),
+    [("all", 0, ()), ("0", 4, ()), ("1", 2, (1,)), ("0,2", 4, (0, 2)), ("3,1", 4, (3, 1))],
+)
+def test_gpus_setting_picks_the_gpus(monkeypatch, wanted, visible, gpus):
+    monkeypatch.setenv("GPUS", wanted)
+    assert serving_plan(load_settings(), gpu=True, cores=16, gpu_count=visible).gpus == gpus
+
+
+@pytest.mark.parametrize(
+    ("wanted", "message"),
+    [
+        ("0,0", "distinct GPU indexes"),
+        ("one", "must be `all` or comma-separated"),
+        ("2", "names GPU 2, but the server sees 2"),
+    ],
+)
+def test_gpus_setting_refuses_what_cannot_be_served(monkeypatch, wanted, message):
+    from anomaly.errors import ConfigError
+
+    monkeypatch.setenv("GPUS", wanted)
+    with pytest.raises(ConfigError, match=message):
+        serving_plan(load_settings(), gpu=True, cores=16, gpu_count=2)
+
+
+def test_gpus_are_not_hidden_from_a_triton_that_places_instances_on_them(monkeypatch):
+    from anomaly.serving.triton_server import TritonServer
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    server = TritonServer(dataclasses.replace(load_settings(), hide_gpu_from_triton=True))
+    server._gpu = True
+    server.plan = serving_plan(server.settings, gpu=True, cores=16, gpu_count=2)
+    assert server.plan.gpus == (0, 1) and not server.hides_gpu
+    assert server.environment()["CUDA_VISIBLE_DEVICES"] == "0,1"
+
+
+def test_each_gpu_instance_has_its_record_and_info_lists_them(tmp_path, monkeypatch):
+    """Two instances of a step on GPUs 0 and 1 each write their start-up record; read back (what /info shows),
+    the step lists both with their GPU. A step on the one-GPU layout lists its one instance, gpu null."""
+    from anomaly.serving import in_service, plan
+
+    for gpu in (1, 0):
+        args = {"model_repository": str(tmp_path / "segmenter"), "model_instance_kind": "GPU",
+                "model_instance_device_id": str(gpu), "model_instance_name": f"segmenter_0_{gpu}"}  # fmt: skip
+        (tmp_path / "segmenter").mkdir(exist_ok=True)
+        in_service.write_record(args, {"segmenter": {"device": "cuda"}})
+    record = in_service.read_record(tmp_path, "segmenter")
+    assert record["instances"] == [{"instance": "segmenter_0_0", "gpu": 0}, {"instance": "segmenter_0_1", "gpu": 1}]
+    (tmp_path / "detector").mkdir()
+    cpu_args = {"model_repository": str(tmp_path / "detector"), "model_instance_kind": "CPU",
+                "model_instance_device_id": "0", "model_instance_name": "detector_0"}  # fmt: skip
+    in_service.write_record(cpu_args, {"x": 1})
+    assert in_service.read_record(tmp_path, "detector")["instances"] == [{"instance": "detector_0", "gpu": None}]
+    # the next start removes what this one's instances wrote (a start on fewer GPUs must not list the others)
+    plan.write_serving_configs(tmp_path, serving_plan(load_settings(), gpu=False, cores=2))
+    assert not list(tmp_path.glob("*/configs/in_service*.json"))
+
+
 @pytest.mark.slow  # runs SAM's image encoder several times: make test, not make unit
 def test_bench_gpu_checks_on_the_cpu(exported):
     """make bench-gpu's on-GPU checks (bench/gpu.py gpu_checks), run with device="cpu": the same code paths

@@ -15,6 +15,11 @@ once on the card), and every CPU step gets cores / 4 instances. On trial until a
 (docs/performance.md): geometry shared among cores / 4 processes (GEOMETRY_WORKERS=auto) and the early
 embedding step (EARLY_EMBEDDING=auto). CPU-only machine: one instance of everything and no segmenter batching,
 since SAM's encoder already uses every core.
+
+Several GPUs (GPUS, default all): the detector and SAM get one instance on each, as Triton's `instance_group`
+of KIND_GPU with its `gpus` list; Triton passes each instance its device and the step makes it torch's current
+device (anomaly.hardware.use_assigned_gpu). One GPU keeps the layout the H100 measured (a CPU-kind instance that
+places its models on the GPU itself).
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from anomaly.config import Settings
+from anomaly.errors import ConfigError
 
 BATCHED_STEPS = ("detector", "segmenter")
 CPU_STEPS = ("preprocess", "select_detections", "geometry", "result")
@@ -40,12 +46,15 @@ class ServingPlan:
     step_instances: int
     geometry_workers: int
     early_embedding: bool = False
+    gpus: tuple[int, ...] = ()  # one detector and one SAM instance on each (KIND_GPU); () = the one-GPU/CPU layout
 
 
-def serving_plan(settings: Settings, gpu: bool, cores: int | None = None) -> ServingPlan:
-    """The settings with every `auto` resolved for a machine with or without a GPU and `cores` cores."""
+def serving_plan(settings: Settings, gpu: bool, cores: int | None = None, gpu_count: int | None = None) -> ServingPlan:
+    """The settings with every `auto` resolved for a machine with or without a GPU, `cores` cores and `gpu_count`
+    visible GPUs (counted when not given)."""
     cores = cores or os.cpu_count() or 1
     return ServingPlan(
+        gpus=gpu_instances(settings.gpus, gpu_count if gpu_count is not None else visible_gpu_count() if gpu else 0),
         gpu=gpu,
         detector_batch=settings.batch_frames or 8,
         segmenter_batch=settings.batch_frames or (2 if gpu else 1),
@@ -54,6 +63,26 @@ def serving_plan(settings: Settings, gpu: bool, cores: int | None = None) -> Ser
         geometry_workers=settings.geometry_workers or (min(4, max(1, cores // 4)) if gpu else 1),
         early_embedding=settings.early_embedding == "on" or (settings.early_embedding == "auto" and gpu),
     )
+
+
+def gpu_instances(wanted: tuple[int, ...] | None, visible: int) -> tuple[int, ...]:
+    """GPUS (None: all) on a machine whose server sees `visible` GPUs -> the GPUs that get a detector and a SAM
+    instance each; () where the steps keep the one-GPU layout (no GPU, or GPU 0 alone, which is their default)."""
+    chosen = tuple(range(visible)) if wanted is None else wanted
+    missing = [d for d in chosen if d >= visible]
+    if missing:
+        raise ConfigError(
+            f"GPUS={','.join(map(str, chosen))} names GPU {missing[0]}, but the server sees {visible} "
+            f"(indexes 0-{visible - 1}; CUDA_VISIBLE_DEVICES decides which)" if visible else
+            f"GPUS={','.join(map(str, chosen))} names a GPU, but the server sees none"
+        )  # fmt: skip
+    return () if chosen in ((), (0,)) else chosen
+
+
+def visible_gpu_count() -> int:
+    from anomaly.hardware import visible_gpu_count
+
+    return visible_gpu_count()
 
 
 def parse_config(text: str):
@@ -76,6 +105,9 @@ def render_config(text: str, model: str, plan: ServingPlan) -> str:
     if model in BATCHED_STEPS:
         config.max_batch_size = plan.detector_batch if model == "detector" else plan.segmenter_batch
         config.dynamic_batching.max_queue_delay_microseconds = plan.batch_delay_us
+        if plan.gpus:  # one instance on each GPU
+            del config.instance_group[:]
+            config.instance_group.add(kind=ModelInstanceGroup.KIND_GPU, count=1, gpus=list(plan.gpus))
     if model in CPU_STEPS:
         del config.instance_group[:]
         config.instance_group.add(kind=ModelInstanceGroup.KIND_CPU, count=plan.step_instances)
@@ -108,6 +140,8 @@ def add_early_embedding(ensemble) -> None:
 def write_serving_configs(repository: Path, plan: ServingPlan) -> list[Path]:
     """configs/serving.pbtxt beside each model's config.pbtxt (generated, not committed)."""
     written = []
+    for stale in repository.glob("*/configs/in_service*.json"):  # what the last start's instances loaded
+        stale.unlink(missing_ok=True)
     for model in (*BATCHED_STEPS, *CPU_STEPS, ENSEMBLE):
         source = repository / model / "config.pbtxt"
         if not source.exists():  # a repository that serves some of the steps

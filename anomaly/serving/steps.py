@@ -42,6 +42,9 @@ class StageModel:
         # first: nothing this process imported has started CUDA yet (tests/test_gpu_path.py checks the imports)
         if self.uses_gpu and hardware.show_hidden_gpus():
             log.info("tritonserver runs with the GPU hidden; this step sees CUDA_VISIBLE_DEVICES as it was set")
+        if self.uses_gpu and args.get("model_instance_kind") == "GPU":  # one instance per GPU (GPUS)
+            hardware.use_assigned_gpu(int(args["model_instance_device_id"]))
+            log.info("%s: this instance runs on GPU %s", args["model_instance_name"], args["model_instance_device_id"])
         if self.needs_detector_metadata:
             self.meta = DetectorMetadata.load(export_files_of(args)[1])
         self.setup(args)

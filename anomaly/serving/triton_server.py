@@ -194,8 +194,9 @@ class TritonServer:
     @property
     def hides_gpu(self) -> bool:
         """Whether tritonserver starts with the GPU hidden: it would open a CUDA context of its own (0.5 GB on an
-        H100, even with its pools off) for streams that copy GPU tensors between steps, and ours pass none."""
-        return self.gpu and self.settings.hide_gpu_from_triton
+        H100, even with its pools off) for streams that copy GPU tensors between steps, and ours pass none. Not with
+        an instance per GPU: Triton must see the GPUs it places instances on."""
+        return self.gpu and self.settings.hide_gpu_from_triton and not (self.plan and self.plan.gpus)
 
     def environment(self) -> dict:
         """tritonserver's environment (its model processes inherit it): the GPU hidden where it hides it, and
