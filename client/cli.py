@@ -6,6 +6,8 @@ anomaly detect IMAGE... [--url HOST:PORT] [--protocol grpc|http] [--threshold T]
 anomaly detect PATH... --out DIR [--in-flight N] [--fps F] [--exports coco,csv] [...]
     A campaign: files, folders, globs and videos -> DIR/results.jsonl, annotated/ and the exports (coco.json,
     defects.csv: client.exports) (client.campaign); a re-run skips the frames DIR already holds.
+anomaly detect PATH... --out DIR --endpoint ID_OR_URL [--load-balancing] [--price-per-second P] [...]
+    The same campaign through a RunPod serverless endpoint (client.endpoint): jobs, retries, DIR/jobs.jsonl.
 anomaly report DIR
     DIR/report.html from a campaign's outputs (client.report).
 anomaly measure MASK.png... [--mm-per-pixel MM] [--image PHOTO]
@@ -117,6 +119,9 @@ def _detect(args: argparse.Namespace) -> int:
 
     if args.out:
         return _campaign(args)
+    if args.endpoint:
+        print("anomaly detect: --endpoint sends a campaign: give --out DIR too", file=sys.stderr)
+        return 2
     url = _url(args)
     failures = 0
     with AnomalyClient(url, args.protocol) as client:
