@@ -20,6 +20,21 @@ from tests.conftest import REPO, SAMPLES
 K8S_VERSION = "1.32.0"  # this machine's kubectl; the schemas of the oldest Kubernetes still supported upstream
 
 
+def pod_settings(monkeypatch, env: dict):
+    """The settings a container of the image reads: the Dockerfile's ENV, then what the manifest sets (nothing from
+    this test process's environment, where the session's Triton has set ports of its own)."""
+    from anomaly.config import KNOBS
+
+    for knob in KNOBS:
+        monkeypatch.delenv(knob.name, raising=False)
+    image_env = re.search(r"^ENV RUNPOD_SERVERLESS=.*?(?=^\S)", (REPO / "Dockerfile").read_text(), re.M | re.S)
+    for name, value in re.findall(r"(\w+)=(\S+)", image_env.group(0)):
+        monkeypatch.setenv(name, value)
+    for name, value in env.items():
+        monkeypatch.setenv(name, str(value))
+    return load_settings()
+
+
 def render(folder: str) -> list[dict]:
     done = subprocess.run(["kubectl", "kustomize", str(REPO / folder)], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
@@ -53,10 +68,7 @@ def test_an_invalid_object_is_caught():
 
 
 def test_the_pod_serves_stops_and_scales_as_the_service_needs(objects, monkeypatch):
-    settings_map = objects["ConfigMap"]["data"]
-    for name, value in settings_map.items():  # every setting given is one the service accepts
-        monkeypatch.setenv(name, value)
-    settings = load_settings()
+    settings = pod_settings(monkeypatch, objects["ConfigMap"]["data"])  # every setting given is one it accepts
     pod = objects["Deployment"]["spec"]["template"]
     spec = pod["spec"]
     (container,) = spec["containers"]
@@ -104,9 +116,7 @@ def test_kserve_example_runs_the_same_image_with_settings_the_service_accepts(ob
     assert service["spec"]["predictor"]["model"]["runtime"] == runtime["metadata"]["name"]
     fmt = service["spec"]["predictor"]["model"]["modelFormat"]["name"]
     assert fmt in {f["name"] for f in runtime["spec"]["supportedModelFormats"]}
-    for env in container["env"]:
-        monkeypatch.setenv(env["name"], env["value"])
-    settings = load_settings()
+    settings = pod_settings(monkeypatch, {env["name"]: env["value"] for env in container["env"]})
     assert container["readinessProbe"]["httpGet"]["port"] == settings.triton_http_port == 8080
     assert {p["containerPort"] for p in container["ports"]} == {settings.triton_grpc_port}
     assert settings.api_port not in (settings.triton_http_port, settings.triton_grpc_port)
