@@ -34,11 +34,13 @@ RUN apt-get update \
     && chown app:app /app /models
 
 WORKDIR /app
-COPY requirements-image.lock ./
+COPY requirements-image.lock requirements-no-deps.txt ./
 # 1. torch from the PyTorch index; 2. everything else, exact versions, wheels only (the lock is complete, so
-# no dependency is resolved here); 3. the packages PyPI has only as source, built against what 1-2 installed.
+# no dependency is resolved here), and trackers, which asks for a numpy this stack cannot take
+# (requirements-no-deps.txt); 3. the packages PyPI has only as source, built against what 1-2 installed.
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX_URL}" torch==2.14.1 torchvision==0.29.1 \
     && pip install --no-cache-dir --no-deps --only-binary=:all: -r requirements-image.lock \
+    && pip install --no-cache-dir --no-deps --only-binary=:all: -r requirements-no-deps.txt \
     && SAM2_BUILD_CUDA=0 pip install --no-cache-dir --no-deps --no-build-isolation --no-binary=:all: \
         sam2==1.1.0 iopath==0.1.10 antlr4-python3-runtime==4.9.3
 

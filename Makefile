@@ -37,11 +37,12 @@ help:
 	@echo "make docker-build / docker-push  the pod/serverless image (Dockerfile)"
 
 venv: $(VENV_STAMP)
-$(VENV_STAMP): requirements.lock pyproject.toml
+$(VENV_STAMP): requirements.lock requirements-no-deps.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -r requirements.lock
+	$(PY) -m pip install -q --no-deps -r requirements-no-deps.txt
 	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
@@ -126,7 +127,7 @@ lint: $(VENV_STAMP)
 lock: $(VENV_STAMP)
 	$(PY) -m pip install -q -r requirements.in
 	( echo '# Exact environment of .venv (pip freeze), installed by `make venv` after torch. Regenerate: `make lock`.'; \
-	  $(PY) -m pip freeze --exclude-editable | grep -v '^anomaly' ) > requirements.lock
+	  $(PY) -m pip freeze --exclude-editable | grep -v -E '^(anomaly|trackers==|pydeprecate==)' ) > requirements.lock
 
 # What the container image installs besides torch: resolved for the base image's Python 3.12 (runpod_handler/image.py).
 image-lock: $(VENV_STAMP)

@@ -260,6 +260,8 @@ class Settings:
     subpixel_width: bool
     subpixel_max_width_px: float
     crack_core_brightness: float
+    tracker: str
+    track_lost_s: float
     model_repository: Path
     triton_host: str
     triton_http_port: int

@@ -303,6 +303,109 @@ def inspection_scene(rng: np.random.Generator, shape: tuple[int, int] = (384, 51
     return Scene(np.clip(image, 0, 255).astype(np.uint8), instances, round(float(rng.uniform(0.2, 0.6)), 3))
 
 
+@dataclass
+class FlightFrame:
+    """One frame of a generated flight: BGR pixels and the defects in view, (defect id, type, box xyxy)."""
+
+    bgr: np.ndarray
+    truth: list[tuple[int, str, tuple[float, float, float, float]]]
+
+
+def flight(rng: np.random.Generator, frames: int = 24, shape: tuple[int, int] = (240, 320), defects: int = 5,
+           occluded: tuple[int, int, int] | None = (1, 5, 3)) -> list[FlightFrame]:  # fmt: skip
+    """A camera flying along a long concrete wall: it pans from one end to the other while zooming in and out, so
+    defects enter and leave the view; `occluded` = (defect id, first frame, frames): a pole in front of that
+    defect for a few frames. Every defect's box in every frame it is visible in (at least a third of it in view)."""
+    wall_h, wall_w = 720, 1800
+    wall = concrete(rng, (wall_h, wall_w))
+    found: list[Instance] = []
+    for k in range(defects):
+        centre = (wall_w * (k + 0.5) / defects + rng.uniform(-60, 60), rng.uniform(260, 460))
+        kind = ("crack", "spalling", "crack", "corrosion", "crack")[k % 5]
+        if kind == "crack":
+            found.append(draw_crack(rng, wall, crack_line(rng, np.array(centre), rng.uniform(90, 160)), 5.0))
+        elif kind == "spalling":
+            found.append(draw_spalling(rng, wall, centre, rng.uniform(35, 55)))
+        else:
+            found.append(draw_corrosion(rng, wall, centre, rng.uniform(30, 45)))
+    boxes = []
+    for instance in found:
+        ys, xs = np.nonzero(instance.mask)
+        boxes.append((xs.min(), ys.min(), xs.max() + 1, ys.max() + 1))
+    wall8 = np.clip(wall, 0, 255).astype(np.uint8)[..., ::-1]  # BGR, as a video's frames
+    h, w = shape
+    out = []
+    for t in range(frames):
+        zoom = 1.0 + 0.3 * math.sin(math.pi * t / max(frames - 1, 1))
+        view_w, view_h = 2 * w / zoom, 2 * h / zoom
+        cx = 0.5 * view_w + (wall_w - view_w) * t / max(frames - 1, 1)
+        cy = wall_h / 2 + 20 * math.sin(t / 3)
+        x0, y0 = cx - view_w / 2, cy - view_h / 2
+        affine = np.array([[w / view_w, 0, -x0 * w / view_w], [0, h / view_h, -y0 * h / view_h]], np.float32)
+        bgr = cv2.warpAffine(wall8, affine, (w, h), flags=cv2.INTER_AREA)
+        truth = []
+        for k, (bx0, by0, bx1, by1) in enumerate(boxes):
+            fx0, fy0 = (bx0 - x0) * w / view_w, (by0 - y0) * h / view_h
+            fx1, fy1 = (bx1 - x0) * w / view_w, (by1 - y0) * h / view_h
+            cx0, cy0, cx1, cy1 = max(fx0, 0), max(fy0, 0), min(fx1, w), min(fy1, h)
+            if cx1 - cx0 < 4 or cy1 - cy0 < 4 or (cx1 - cx0) * (cy1 - cy0) < (fx1 - fx0) * (fy1 - fy0) / 3:
+                continue
+            if occluded and k == occluded[0] and occluded[1] <= t < occluded[1] + occluded[2]:
+                cv2.rectangle(bgr, (int(cx0) - 6, 0), (int(cx1) + 6, h), (60, 60, 70), -1)  # the pole
+                continue
+            truth.append((k, found[k].name, (cx0, cy0, cx1, cy1)))
+        out.append(FlightFrame(bgr, truth))
+    return out
+
+
+@dataclass
+class Inspection:
+    """One photo of a re-inspected position: pixels, and its defects by defect id (the same id in both visits)."""
+
+    rgb: np.ndarray
+    defects: dict[int, Instance]
+
+
+def extend_line(line: np.ndarray, length: float) -> np.ndarray:
+    """A crack's centre line grown by `length` px at its end, straight on."""
+    direction = line[-1] - line[-2]
+    direction = direction / (np.linalg.norm(direction) + 1e-9)
+    steps = max(1, int(length / 20))
+    return np.vstack([line, line[-1] + np.outer(np.arange(1, steps + 1) * length / steps, direction)])
+
+
+def reinspection(rng: np.random.Generator, shape: tuple[int, int] = (480, 640), shift=(7.0, -5.0),
+                 rotate_deg: float = 2.0, growth_px: float = 40.0) -> tuple[Inspection, Inspection, dict]:  # fmt: skip
+    """The same wall photographed twice, the second visit shifted and turned by a few pixels and degrees: crack 0
+    grew by `growth_px`, crack 1 and spalling 2 did not change, crack 3 was repaired (gone), crack 4 is new.
+    -> (before, after, truth: defect id -> status)."""
+    h, w = shape
+    wall = concrete(rng, shape)
+    before, after = wall.copy(), wall.copy()
+    seeds = rng.integers(0, 2**31, 5)
+    starts = [(0.2, 0.3), (0.65, 0.25), (0.5, 0.7), (0.2, 0.75), (0.8, 0.65)]
+    defects_b, defects_a = {}, {}
+    for k, (fx, fy) in enumerate(starts):
+        centre = np.array([fx * w, fy * h])
+        line = crack_line(np.random.default_rng(seeds[k]), centre, 110.0)
+        for image, found, grown in ((before, defects_b, 0.0), (after, defects_a, growth_px if k == 0 else 0.0)):
+            if (k == 3 and found is defects_a) or (k == 4 and found is defects_b):
+                continue  # repaired before the second visit / not there at the first
+            drawn = np.random.default_rng(seeds[k] + 1)  # the same crack drawn the same way on both visits
+            if k == 2:
+                found[k] = draw_spalling(drawn, image, tuple(centre), 40.0)
+            else:
+                found[k] = draw_crack(drawn, image, extend_line(line, grown) if grown else line, 4.0)
+    turn = cv2.getRotationMatrix2D((w / 2, h / 2), rotate_deg, 1.0)
+    turn[:, 2] += shift
+    after = cv2.warpAffine(after, turn, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    for instance in defects_a.values():
+        instance.mask = cv2.warpAffine(instance.mask.astype(np.uint8), turn, (w, h), flags=cv2.INTER_NEAREST) > 0
+    truth = {0: "grown", 1: "unchanged", 2: "unchanged", 3: "gone", 4: "new"}
+    as_rgb = lambda img: np.clip(img, 0, 255).astype(np.uint8)  # noqa: E731
+    return Inspection(as_rgb(before), defects_b), Inspection(as_rgb(after), defects_a), truth
+
+
 def coco_annotation(instance: Instance, annotation_id: int, image_id: int, classes: tuple[str, ...] = CLASSES) -> dict:
     """One instance as a COCO annotation: its box (x, y, w, h in pixel edges), mask area and RLE (pycocotools'
     compressed counts), and what is known of it under `attributes`."""

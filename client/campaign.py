@@ -37,6 +37,8 @@ class Frame:
     data: bytes | None  # encoded image; None when it could not be read (error says why)
     error: str = ""
     video: bool = False  # a frame read from a video (its JPEG is kept in DIR/frames/)
+    sequence: str = ""  # the video or --sequence folder it belongs to (its defects are tracked: client.tracks)
+    at_s: float = 0.0  # its time in that sequence
 
 
 def frame_id_for(name: str) -> str:
@@ -49,21 +51,22 @@ def frame_id_for(name: str) -> str:
     return f"{cleaned[:90]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
 
 
-def find_inputs(paths: list[str]) -> list[tuple[Path, str]]:
-    """Files, folders (recursively) and glob patterns -> (file, frame_id) pairs in a stable order."""
-    found: list[tuple[Path, str]] = []
+def find_inputs(paths: list[str]) -> list[tuple[Path, str, str]]:
+    """Files, folders (recursively) and glob patterns -> (file, frame_id, the folder given or "") in a stable
+    order."""
+    found: list[tuple[Path, str, str]] = []
     for given in paths:
         if any(ch in given for ch in "*?["):
             matches = sorted(Path(p) for p in glob.glob(given, recursive=True))
-            found += [(m, frame_id_for(m.name)) for m in matches if m.is_file()]
+            found += [(m, frame_id_for(m.name), "") for m in matches if m.is_file()]
         elif Path(given).is_dir():
             root = Path(given)
             files = sorted(
                 p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES | VIDEO_SUFFIXES
             )
-            found += [(f, frame_id_for(str(f.relative_to(root)))) for f in files]
+            found += [(f, frame_id_for(str(f.relative_to(root))), frame_id_for(root.name)) for f in files]
         else:
-            found.append((Path(given), frame_id_for(Path(given).name)))
+            found.append((Path(given), frame_id_for(Path(given).name), ""))
     return found
 
 
@@ -76,6 +79,7 @@ def video_frames(path: Path, name: str, fps: float) -> Iterator[Frame]:
         yield Frame(name, str(path), None, "is not a readable video")
         return
     native = capture.get(cv2.CAP_PROP_FPS) or 25.0
+    expected = int(capture.get(cv2.CAP_PROP_FRAME_COUNT) or 0)  # what the container says it holds
     step, next_at, index = 1.0 / fps, 0.0, 0
     try:
         while True:
@@ -89,18 +93,29 @@ def video_frames(path: Path, name: str, fps: float) -> Iterator[Frame]:
             next_at += step
             ok, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, 95])
             data = jpeg.tobytes() if ok else None
-            yield Frame(f"{name}:{at:.3f}s", str(path), data, "" if ok else "encode failed", video=True)
+            yield Frame(f"{name}:{at:.3f}s", str(path), data, "" if ok else "encode failed", video=True,
+                        sequence=name, at_s=round(at, 3))  # fmt: skip
     finally:
         capture.release()
+    if index < expected - 1:  # the stream broke off: the frames before it were sent and are kept
+        at = index / native
+        why = f"stopped decoding at frame {index} of {expected} ({at:.1f} s): the frames before it are kept"
+        yield Frame(f"{name}:{at:.3f}s", str(path), None, why)
 
 
-def frames(paths: list[str], fps: float) -> Iterator[Frame]:
-    for path, name in find_inputs(paths):
+def frames(paths: list[str], fps: float, sequence: bool = False) -> Iterator[Frame]:
+    """Every frame to send. With `sequence`, the images of each folder given are one sequence in name order,
+    1/`fps` seconds apart (their defects are tracked like a video's)."""
+    position: dict[str, int] = {}
+    for path, name, folder in find_inputs(paths):
         if path.suffix.lower() in VIDEO_SUFFIXES:
             yield from video_frames(path, name, fps)
             continue
+        group = folder if sequence and folder else ""
+        index = position[group] = position.get(group, -1) + 1
+        timing = {"sequence": group, "at_s": round(index / fps, 3)} if group else {}
         try:
-            yield Frame(name, str(path.resolve()), path.read_bytes())
+            yield Frame(name, str(path.resolve()), path.read_bytes(), **timing)
         except OSError as exc:
             yield Frame(name, str(path), None, exc.strerror or str(exc))
 
@@ -120,8 +135,9 @@ def done_frame_ids(out: Path) -> set[str]:
 class Progress:
     """One line on stderr: frames done, frames/s, ETA (when the total is known)."""
 
-    def __init__(self, total: int | None, stream=sys.stderr):
-        self.total, self.stream, self.done, self.failed = total, stream, 0, 0
+    def __init__(self, total: int | None, stream=None):
+        # sys.stderr as it is now, not when this module was imported (a test's captured stream may be closed since)
+        self.total, self.stream, self.done, self.failed = total, stream or sys.stderr, 0, 0
         self.start = time.monotonic()
 
     def tick(self, failed: bool = False) -> None:
@@ -141,11 +157,13 @@ class Progress:
 
 def run_campaign(paths: list[str], out: Path, *, url: str = "", protocol: str = "grpc", in_flight: int = 4,
                  fps: float = 1.0, options: dict | None = None, annotate: bool = True,
-                 exports: tuple[str, ...] = EXPORT_NAMES, endpoint: EndpointSender | None = None) -> dict:  # fmt: skip
+                 exports: tuple[str, ...] = EXPORT_NAMES, endpoint: EndpointSender | None = None,
+                 sequence: bool = False, tracking: dict | None = None) -> dict:  # fmt: skip
     """Send every frame not yet in out/results.jsonl, to the Triton at `url` or through a RunPod `endpoint`
     (client.endpoint, which holds its own options); write the outputs, then the `exports` (client.exports) from
-    the whole record. -> counts (sent, skipped, failed, seconds). Responses are kept whole, masks (COCO RLE)
-    included: the COCO export is made from them."""
+    the whole record. Videos, and with `sequence` the folders given, have their defects tracked (client.tracks,
+    `tracking`: kind, lost_s, min_frames). -> counts (sent, skipped, failed, seconds, tracks). Responses are kept
+    whole, masks (COCO RLE) included: the COCO export is made from them."""
     from client import AnomalyClient, AnomalyServiceError
     from client.annotate import write_annotated
 
@@ -167,15 +185,16 @@ def run_campaign(paths: list[str], out: Path, *, url: str = "", protocol: str = 
     counts = {"sent": 0, "skipped": 0, "failed": 0}
     started = time.monotonic()
     inputs = find_inputs(paths)
-    videos = any(p.suffix.lower() in VIDEO_SUFFIXES for p, _ in inputs)
-    progress = Progress(None if videos else sum(1 for _, name in inputs if name not in done))
+    videos = any(p.suffix.lower() in VIDEO_SUFFIXES for p, _, _ in inputs)
+    progress = Progress(None if videos else sum(1 for _, name, _ in inputs if name not in done))
 
-    def record_error(frame: Frame, message: str) -> None:
+    def record_error(frame: Frame, message: str, tick: bool = True) -> None:
         counts["failed"] += 1
         print(f"\n{frame.source} ({frame.frame_id}): {message}", file=sys.stderr)
         with open(out / ERRORS, "a") as errors:
             errors.write(json.dumps({"frame_id": frame.frame_id, "source": frame.source, "error": message}) + "\n")
-        progress.tick(failed=True)
+        if tick:
+            progress.tick(failed=True)
 
     def finish(frame: Frame, future: Future) -> None:
         try:
@@ -186,6 +205,8 @@ def run_campaign(paths: list[str], out: Path, *, url: str = "", protocol: str = 
         if annotate:
             write_annotated(frame.data, response, out / ANNOTATED / (safe_name(frame.frame_id) + ".jpg"))
         record = {**response, "source": frame.source}
+        if frame.sequence:
+            record |= {"sequence": frame.sequence, "at_s": frame.at_s}
         if frame.video:  # the record names a file holding the very pixels answered (review, training)
             kept = (out / FRAMES / (safe_name(frame.frame_id) + ".jpg")).resolve()
             kept.parent.mkdir(exist_ok=True)
@@ -198,7 +219,7 @@ def run_campaign(paths: list[str], out: Path, *, url: str = "", protocol: str = 
 
     pending: dict[Future, Frame] = {}
     with ThreadPoolExecutor(max_workers=in_flight) as pool:
-        for frame in frames(paths, fps):
+        for frame in frames(paths, fps, sequence):
             if frame.frame_id in done:
                 counts["skipped"] += 1
                 continue
@@ -215,7 +236,15 @@ def run_campaign(paths: list[str], out: Path, *, url: str = "", protocol: str = 
             finish(pending.pop(future), future)
     progress.close()
     counts["seconds"] = time.monotonic() - started
-    write_exports(out, read_results(out), exports)
+    records = read_results(out)
+    if any(r.get("sequence") for r in records):
+        from client.tracks import track_campaign
+
+        def frame_error(record: dict, message: str) -> None:
+            record_error(Frame(record["frame_id"], record["source"], None), message, tick=False)
+
+        counts["tracks"] = len(track_campaign(out, records, report_error=frame_error, **(tracking or {})))
+    write_exports(out, records, exports)
     return counts
 
 

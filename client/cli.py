@@ -23,6 +23,9 @@ anomaly split COCO_JSON [--images DIR] --out DATASET [--valid F --test F]
     One COCO file (a campaign's, reviewed in CVAT or Label Studio) shared out into train/valid/test.
 anomaly synthesize OUT [--train N --valid N --test N --seed S]
     A synthetic inspection dataset with its truth (anomaly.synthetic), COCO with masks.
+anomaly compare BEFORE_DIR AFTER_DIR --out DIR [--pairs FILE]
+    Two campaigns of the same asset, defect by defect (client.compare): DIR/changes.csv (new, grown, unchanged,
+    gone), DIR/changes.html.
 
 Exit status: 0 done; 1 something failed (a frame, a run, an AP under --min-ap); 2 the input is unusable (a
 dataset problem, named with its file).
@@ -69,12 +72,15 @@ def _campaign(args: argparse.Namespace) -> int:
             )  # fmt: skip
         counts = run_campaign(
             args.images, out, url="" if endpoint else _url(args), protocol=args.protocol, in_flight=args.in_flight,
-            fps=args.fps, options=options, exports=args.exports, endpoint=endpoint,
+            fps=args.fps, options=options, exports=args.exports, endpoint=endpoint, sequence=args.sequence,
+            tracking={"min_frames": args.min_frames},
         )  # fmt: skip
     except CampaignStopped as exc:
         print(f"\nanomaly detect: stopped: {exc}", file=sys.stderr)
         return 1
     files = ", ".join(WRITERS[name][0] for name in args.exports)
+    if "tracks" in counts:
+        files = f"tracks.csv ({counts['tracks']} tracked defects), " + files
     rate = counts["sent"] / max(counts["seconds"], 1e-6)
     print(
         f"{counts['sent']} frames answered ({rate:.2f} frames/s), {counts['skipped']} already in "
@@ -319,6 +325,26 @@ def _split(args: argparse.Namespace) -> int:
     return 0
 
 
+def _compare(args: argparse.Namespace) -> int:
+    from client.compare import compare_campaigns
+
+    try:
+        counts = compare_campaigns(Path(args.before), Path(args.after), Path(args.out),
+                                   Path(args.pairs) if args.pairs else None)  # fmt: skip
+    except InputError as exc:
+        print(f"anomaly compare: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"anomaly compare: {exc.filename}: {exc.strerror}", file=sys.stderr)
+        return 2
+    print(
+        f"{counts['frames']} frames compared: {counts['new']} new, {counts['grown']} grown, {counts['unchanged']} "
+        f"unchanged, {counts['gone']} gone; wrote {Path(args.out) / 'changes.csv'}, changes.html",
+        file=sys.stderr,
+    )
+    return 1 if counts["failed"] else 0
+
+
 def _synthesize(args: argparse.Namespace) -> int:
     from anomaly.synthetic import write_dataset
 
@@ -353,7 +379,15 @@ def build_parser() -> argparse.ArgumentParser:
     detect.add_argument("--pretty", action="store_true", help="indent the JSON")
     detect.add_argument("--out", help="campaign mode: write results.jsonl, coco.json, defects.csv, annotated/ here")
     detect.add_argument("--in-flight", type=int, default=4, help="requests in flight to the server (campaign)")
-    detect.add_argument("--fps", type=_positive, default=1.0, help="frames a second read from videos (campaign)")
+    detect.add_argument(
+        "--fps", type=_positive, default=1.0, help="frames a second read from videos, or a --sequence's rate (campaign)"
+    )
+    detect.add_argument(
+        "--sequence", action="store_true", help="each folder is an ordered sequence: its defects are tracked (campaign)"
+    )
+    detect.add_argument(
+        "--min-frames", type=int, default=1, help="drop tracks seen in fewer frames, flicker (videos, sequences)"
+    )
     detect.add_argument(
         "--endpoint", metavar="ID_OR_URL",
         help="campaign through a RunPod serverless endpoint: its id (key from RUNPOD_API_KEY) or its base URL",
@@ -441,6 +475,12 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--test", type=int, default=20)
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(run=_synthesize)
+    comp = sub.add_parser("compare", help="two campaigns of the same asset, defect by defect: new, grown, gone")
+    comp.add_argument("before", metavar="BEFORE_DIR")
+    comp.add_argument("after", metavar="AFTER_DIR")
+    comp.add_argument("--out", required=True, metavar="DIR", help="where changes.csv and changes.html go")
+    comp.add_argument("--pairs", metavar="FILE", help="CSV lines before_frame_id,after_frame_id (default: by frame_id)")
+    comp.set_defaults(run=_compare)
     return parser
 
 

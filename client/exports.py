@@ -41,8 +41,8 @@ def write_exports(out: Path, responses: list[dict], names: tuple[str, ...] = EXP
 
 
 CSV_FIELDS = (
-    "frame_id", "source", "anomaly_id", "defect_type", "structure_type", "confidence", "x_min", "y_min", "x_max",
-    "y_max", "area_pixels", "length_pixels", "width_pixels", "max_width_pixels", "orientation_degrees",
+    "frame_id", "source", "anomaly_id", "track_id", "defect_type", "structure_type", "confidence", "x_min", "y_min",
+    "x_max", "y_max", "area_pixels", "length_pixels", "width_pixels", "max_width_pixels", "orientation_degrees",
     "width_method", "width_uncertainty_pixels", "mm_per_pixel", "area_mm2", "length_mm", "width_mm", "max_width_mm",
     "width_uncertainty_mm", "severity", "untrained_weights",
 )  # fmt: skip
@@ -57,6 +57,7 @@ def defect_rows(responses: list[dict]) -> Iterator[dict]:
                 "frame_id": response["frame_id"],
                 "source": response.get("source", ""),
                 "anomaly_id": a["anomaly_id"],
+                "track_id": a.get("track_id") or "",
                 "defect_type": a["defect_type"],
                 "structure_type": a["structure_type"],
                 "confidence": a["confidence"]["combined"],
@@ -102,6 +103,8 @@ def coco(responses: list[dict]) -> dict:
         for a in response["anomalies"]:
             attributes = {"anomaly_id": a["anomaly_id"], "structure_type": a["structure_type"],
                           "confidence": a["confidence"], "severity": a.get("severity"), **a["geometry"]}  # fmt: skip
+            if "track_id" in a:  # a video's or a sequence's defect: the track it belongs to (client.tracks)
+                attributes["track_id"] = a["track_id"]
             entry = add(image_id, a["defect_type"], "defect", a["bbox"], a["confidence"]["combined"], attributes)
             if "mask" in a:
                 entry["segmentation"] = a["mask"]

@@ -1,7 +1,8 @@
 """`anomaly report DIR`: one self-contained HTML page (DIR/report.html) from a campaign's outputs
 (client.campaign): counts by defect type, severity and structure, histograms of crack widths and lengths,
 a sortable table of every defect, thumbnails of the annotated frames linked to the full images, and the
-untrained-weights banner when any answer came from untrained models. No file outside the page is needed to
+untrained-weights banner when any answer came from untrained models. A video's or a sequence's defects count
+once per track (client.tracks), and each track is shown by its best frame. No file outside the page is needed to
 read it (thumbnails are embedded); the links to full images point into DIR/annotated/.
 """
 
@@ -84,26 +85,95 @@ def thumbnail_uri(path: Path, width: int = 240) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
 
 
+def best_frame_uri(track, records: dict, width: int = 160) -> str:
+    """The track's best frame cut around its box (a margin of half the box), as an embedded JPEG; "" without the
+    frame's file."""
+    from PIL import Image
+
+    best = max(track.seen, key=lambda s: s["anomaly"]["confidence"]["combined"])
+    source = Path(records[best["frame_id"]].get("source", ""))
+    if not source.is_file():
+        return ""
+    b = best["anomaly"]["bbox"]
+    dx, dy = (b["x_max"] - b["x_min"]) // 2 + 8, (b["y_max"] - b["y_min"]) // 2 + 8
+    with Image.open(source) as img:
+        crop = img.convert("RGB").crop((b["x_min"] - dx, b["y_min"] - dy, b["x_max"] + dx, b["y_max"] + dy))
+        crop.thumbnail((width, width))
+        buffer = io.BytesIO()
+        crop.save(buffer, "JPEG", quality=80)
+    return "data:image/jpeg;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def best_row(track) -> dict:
+    """A track as the defect table's row of its best frame (highest combined confidence)."""
+    best = max(track.seen, key=lambda s: s["anomaly"]["confidence"]["combined"])
+    return next(defect_rows([{"frame_id": best["frame_id"], "anomalies": [best["anomaly"]]}]))
+
+
+def tracks_section(tracks: list, responses: list[dict]) -> str:
+    records = {r["frame_id"]: r for r in responses}
+    rows = []
+    for track in tracks:
+        row = track.row()
+        uri = best_frame_uri(track, records)
+        image = f'<img src="{uri}" alt="track {track.track_id}">' if uri else ""
+        cells = [row["track_id"], row["defect_type"], row["sequence"], row["frames_seen"],
+                 f"{row['first_s']}-{row['last_s']} s", row["largest_length_pixels"], row["largest_max_width_pixels"],
+                 row["largest_length_mm"], row["largest_max_width_mm"], row["best_frame"]]  # fmt: skip
+        rows.append("<tr>" + "".join(f'<td data-v="{_e(c)}">{_e(c)}</td>' for c in cells) + f"<td>{image}</td></tr>")
+    header = "".join(
+        f"<th>{h}</th>"
+        for h in (
+            "track",
+            "defect",
+            "sequence",
+            "frames",
+            "seen",
+            "longest px",
+            "widest px",
+            "longest mm",
+            "widest mm",
+            "best frame",
+            "",
+        )  # fmt: skip
+    )
+    return (
+        f"<h2>Tracked defects</h2><p>Each defect of a video or sequence once, shown at its best frame.</p>"
+        f'<table class="sortable tracks"><thead><tr>{header}</tr></thead><tbody>{"".join(rows)}</tbody></table>'
+    )
+
+
 def build_report(out: Path) -> str:
+    from anomaly.tracking import summarise
     from anomaly.weights import UNTRAINED_BANNER
 
     responses = read_results(out)
     rows = list(defect_rows(responses))
+    tracks = summarise(responses)
+    # what the counts count: a defect of a photo once, a tracked defect of a video or sequence once (not per frame)
+    in_sequences = {r["frame_id"] for r in responses if r.get("sequence")}
+    counted = [r for r in rows if r["frame_id"] not in in_sequences] + [best_row(t) for t in tracks]
+    untracked = sum(1 for r in rows if r["frame_id"] in in_sequences and not r["track_id"])
     errors = (out / ERRORS).read_text().splitlines() if (out / ERRORS).is_file() else []
     head = f"<meta charset='utf-8'><title>Inspection report</title><style>{STYLE}</style>"
     parts = [f"<!doctype html><html><head>{head}</head><body>"]
     if any(r.get("untrained_weights") for r in responses):
         parts.append(f'<p class="banner">{_e(UNTRAINED_BANNER.format(what="the service"))}</p>')
+    tracked = f" ({len(tracks)} tracked through videos and sequences)" if tracks else ""
     parts.append(
-        f"<h1>Inspection report</h1><p class='summary'>{len(responses)} frames, {len(rows)} defects, "
-        f"{len(errors)} frames failed; written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}</p>"
+        f"<h1>Inspection report</h1><p class='summary'>{len(responses)} frames, {len(counted)} defects{tracked}, "
+        f"{len(rows)} detections, {len(errors)} frames failed; "
+        f"written {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}</p>"
     )
+    if untracked:
+        parts.append(f"<p class='flicker'>{untracked} detections in videos or sequences belong to no "
+                     "track (seen in fewer frames than --min-frames) and are not counted.</p>")  # fmt: skip
     parts.append('<div class="counts">')
-    parts.append(counts_table("defect type", Counter(r["defect_type"] for r in rows)))
-    parts.append(counts_table("severity", Counter(r["severity"] or "not rated" for r in rows)))
-    parts.append(counts_table("structure", Counter(r["structure_type"] for r in rows)))
+    parts.append(counts_table("defect type", Counter(r["defect_type"] for r in counted)))
+    parts.append(counts_table("severity", Counter(r["severity"] or "not rated" for r in counted)))
+    parts.append(counts_table("structure", Counter(r["structure_type"] for r in counted)))
     parts.append("</div>")
-    cracks = [r for r in rows if "crack" in r["defect_type"].lower()]
+    cracks = [r for r in counted if "crack" in r["defect_type"].lower()]
     mm = all(r["max_width_mm"] != "" for r in cracks) and cracks
     width_key, length_key, unit = (
         ("max_width_mm", "length_mm", "mm") if mm else ("max_width_pixels", "length_pixels", "px")
@@ -120,6 +190,8 @@ def build_report(out: Path) -> str:
     parts.append(
         f'<h2>Defects</h2><table class="sortable defects"><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>'
     )
+    if tracks:
+        parts.append(tracks_section(tracks, responses))
     thumbs = []
     for response in responses:
         image = out / ANNOTATED / (safe_name(response["frame_id"]) + ".jpg")

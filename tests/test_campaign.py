@@ -50,15 +50,21 @@ class Report(HTMLParser):
     def __init__(self):
         super().__init__()
         self.rows, self.in_defects, self.thumbs, self.links, self.banner, self.svgs = 0, False, 0, [], False, 0
+        self.in_tracks, self.track_images = False, 0  # the tracked defects' table (videos), each at its best frame
 
     def handle_starttag(self, tag, attrs):
         a = dict(attrs)
         if tag == "table" and "defects" in (a.get("class") or ""):
             self.in_defects = True
+        elif tag == "table" and "tracks" in (a.get("class") or ""):
+            self.in_tracks = True
         elif tag == "tr" and self.in_defects:
             self.rows += 1
         elif tag == "img" and (a.get("src") or "").startswith("data:image/jpeg;base64,"):
-            self.thumbs += 1
+            if self.in_tracks:
+                self.track_images += 1
+            else:
+                self.thumbs += 1
         elif tag == "a" and a.get("href"):
             self.links.append(a["href"])
         elif tag == "p" and a.get("class") == "banner":
@@ -68,7 +74,7 @@ class Report(HTMLParser):
 
     def handle_endtag(self, tag):
         if tag == "table":
-            self.in_defects = False
+            self.in_defects = self.in_tracks = False
 
 
 class Browser:
@@ -248,6 +254,10 @@ def test_campaign_outputs_resume_and_report(triton, campaign_folder, tmp_path, c
     page.feed((out / "report.html").read_text())
     assert page.rows == anomalies + 1  # the header row too
     assert page.thumbs == len(results) and page.banner  # untrained weights here: said on the page
+    with open(out / "tracks.csv") as handle:  # the clip's defects, each once, at its best frame
+        tracks = list(csv.DictReader(handle))
+    clip = [a for r in results if r["frame_id"].startswith("clip.mp4") for a in r["anomalies"]]
+    assert len(tracks) == len({a["track_id"] for a in clip}) and page.track_images == len(tracks)
     assert page.svgs == (2 if cracks else 0)
     assert all((out / link).is_file() for link in page.links)
     check_report_in_a_browser(out / "report.html", anomalies, tmp_path / "browser")

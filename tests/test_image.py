@@ -77,6 +77,7 @@ def test_the_dockerfile_installs_exactly_these_lists():
     torch_line = next(line for line in DOCKERFILE.splitlines() if "TORCH_INDEX_URL}" in line)
     assert sorted(re.findall(r"(\w+)==([\d.]+)", torch_line)) == sorted(image.FROM_TORCH_INDEX.items())
     assert "--no-deps --only-binary=:all: -r requirements-image.lock" in DOCKERFILE
+    assert "--no-deps --only-binary=:all: -r requirements-no-deps.txt" in DOCKERFILE  # trackers (numpy>=2 asked)
     source = DOCKERFILE[DOCKERFILE.index("--no-binary=:all:") :].split("\n\n", 1)[0]
     assert dict(re.findall(r"([\w-]+)==([\d.]+)", source)) == image.FROM_SOURCE
     assert "COPY requirements-image.lock" in DOCKERFILE and "requirements.in" not in DOCKERFILE.split("COPY --chown")[0]
