@@ -342,7 +342,7 @@ def flight(rng: np.random.Generator, frames: int = 24, shape: tuple[int, int] = 
         cy = wall_h / 2 + 20 * math.sin(t / 3)
         x0, y0 = cx - view_w / 2, cy - view_h / 2
         affine = np.array([[w / view_w, 0, -x0 * w / view_w], [0, h / view_h, -y0 * h / view_h]], np.float32)
-        bgr = cv2.warpAffine(wall8, affine, (w, h), flags=cv2.INTER_AREA)
+        bgr = cv2.warpAffine(wall8, affine, (w, h), flags=cv2.INTER_AREA, borderMode=cv2.BORDER_REFLECT)
         truth = []
         for k, (bx0, by0, bx1, by1) in enumerate(boxes):
             fx0, fy0 = (bx0 - x0) * w / view_w, (by0 - y0) * h / view_h

@@ -167,7 +167,7 @@ def _section(before_id, after_id, registration, frame_rows, b_img, a_img) -> str
     for row, b, a in frame_rows:
         b_box = _box(b.anomaly) if b else _mapped(_box(a.anomaly), registration.matrix)
         a_box = _box(a.anomaly) if a else _mapped(_box(b.anomaly), inverse)
-        change_text = (f"length {row['length_change_px']:+} px, width {row['max_width_change_px']:+} px"
+        change_text = (f"length {row['length_change_px'] + 0.0:+} px, width {row['max_width_change_px'] + 0.0:+} px"
                        if row["length_change_px"] != "" else "")  # fmt: skip
         cells.append(
             f'<tr class="{row["status"]}"><td>{row["status"]}</td><td>{html.escape(row["defect_type"])}</td>'

@@ -180,6 +180,8 @@ def build_report(out: Path) -> str:
     )
     parts.append(histogram_svg("crack widths (max)", [float(r[width_key]) for r in cracks], unit))
     parts.append(histogram_svg("crack lengths", [float(r[length_key]) for r in cracks], unit))
+    if tracks:  # a video's defects, each once, before every detection of them
+        parts.append(tracks_section(tracks, responses))
     header = "".join(f"<th>{_e(label)}</th>" for _, label in TABLE_COLUMNS)
     body = "".join(
         "<tr>"
@@ -190,8 +192,6 @@ def build_report(out: Path) -> str:
     parts.append(
         f'<h2>Defects</h2><table class="sortable defects"><thead><tr>{header}</tr></thead><tbody>{body}</tbody></table>'
     )
-    if tracks:
-        parts.append(tracks_section(tracks, responses))
     thumbs = []
     for response in responses:
         image = out / ANNOTATED / (safe_name(response["frame_id"]) + ".jpg")

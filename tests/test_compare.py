@@ -138,3 +138,14 @@ def test_photos_that_do_not_match_are_compared_as_taken_and_said():
     found = register(flat, flat)
     assert not found.ok and "compared as taken" in found.describe()
     assert isinstance(found, Registration) and np.allclose(found.matrix, [[1, 0, 0], [0, 1, 0]])
+
+
+def test_the_same_frame_served_twice_measures_the_same(grpc_client, visits):
+    """The other half of the noise: one photo through the served ensemble twice gives the same defects, measured
+    the same (the service is deterministic on a frame), so two campaigns of one unchanged photo differ by nothing."""
+    _, _, _, before, _ = visits
+    ok, png = cv2.imencode(".png", before.rgb[..., ::-1])
+    first, second = (grpc_client.detect(png.tobytes(), confidence_threshold=0.2) for _ in range(2))
+    assert first["anomalies"], "nothing detected at 0.2: nothing to compare"
+    strip = lambda r: [{k: v for k, v in a.items() if not k.endswith("_id")} for a in r["anomalies"]]  # noqa: E731
+    assert strip(first) == strip(second)
