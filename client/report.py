@@ -22,8 +22,8 @@ from client.campaign import ANNOTATED, ERRORS, read_results, safe_name
 from client.exports import defect_rows
 
 SORT_SCRIPT = """
-document.querySelectorAll('table.sortable th').forEach((th, col) => th.addEventListener('click', () => {
-  const body = th.closest('table').tBodies[0], rows = Array.from(body.rows);
+document.querySelectorAll('table.sortable th').forEach(th => th.addEventListener('click', () => {
+  const col = th.cellIndex, body = th.closest('table').tBodies[0], rows = Array.from(body.rows);
   const asc = th.dataset.dir !== 'asc'; th.dataset.dir = asc ? 'asc' : 'desc';
   const key = r => { const v = r.cells[col].dataset.v ?? r.cells[col].textContent; const n = parseFloat(v);
                      return isNaN(n) ? v : n; };
