@@ -971,3 +971,24 @@ def test_a_gpu_torch_cannot_see_is_a_warning_for_both_models(monkeypatch, export
     monkeypatch.setattr(hardware, "has_gpu", lambda: False)
     assert resolve_device("auto") == ("cpu", "")  # no GPU here at all
     assert "DEVICE=cuda" in resolve_device("cuda")[1]
+
+
+def test_a_gpu_instance_runs_on_the_gpu_triton_gives_it(monkeypatch):
+    """A KIND_GPU instance (GPUS, several GPUs): the step takes the device Triton passes it (torch's current device
+    where CUDA is there; here, without one, only remembered) and onnxruntime's GPU providers get it as device_id.
+    A CPU-kind instance takes none."""
+    from anomaly import hardware
+    from anomaly.serving import steps
+
+    monkeypatch.setattr(hardware, "_assigned_gpu", None)  # restored after the test
+
+    class Step(steps.StageModel):
+        uses_gpu = True
+
+    Step().initialize({"model_instance_kind": "CPU", "model_instance_device_id": "0", "model_instance_name": "s_0"})
+    assert hardware.assigned_gpu() is None
+    Step().initialize({"model_instance_kind": "GPU", "model_instance_device_id": "3", "model_instance_name": "s_0_3"})
+    assert hardware.assigned_gpu() == 3
+    choice = choose_backend("onnxruntime", "auto", True, [TRT_PROVIDER, CUDA_PROVIDER, CPU_PROVIDER])
+    options = dict(p for p in onnx_providers(choice) if isinstance(p, tuple))
+    assert set(options) == {TRT_PROVIDER, CUDA_PROVIDER} and all(o["device_id"] == 3 for o in options.values())
