@@ -150,9 +150,14 @@ class Track:
     sequence: str  # the video or the sequence's folder
     seen: list[dict] = field(default_factory=list)  # {frame_id, at_s, anomaly}, in time order
 
+    @property
+    def best(self) -> dict:
+        """Where it was seen best: the frame of its highest combined confidence ({frame_id, at_s, anomaly})."""
+        return max(self.seen, key=lambda s: s["anomaly"]["confidence"]["combined"])
+
     def row(self) -> dict:
         """tracks.csv's row: when and where it was seen, its best frame, its largest and median measures."""
-        best = max(self.seen, key=lambda s: s["anomaly"]["confidence"]["combined"])
+        best = self.best
         row = {
             "track_id": self.track_id,
             "defect_type": self.defect_type,

@@ -90,7 +90,7 @@ def best_frame_uri(track, records: dict, width: int = 160) -> str:
     frame's file."""
     from PIL import Image
 
-    best = max(track.seen, key=lambda s: s["anomaly"]["confidence"]["combined"])
+    best = track.best
     source = Path(records[best["frame_id"]].get("source", ""))
     if not source.is_file():
         return ""
@@ -106,7 +106,7 @@ def best_frame_uri(track, records: dict, width: int = 160) -> str:
 
 def best_row(track) -> dict:
     """A track as the defect table's row of its best frame (highest combined confidence)."""
-    best = max(track.seen, key=lambda s: s["anomaly"]["confidence"]["combined"])
+    best = track.best
     return next(defect_rows([{"frame_id": best["frame_id"], "anomalies": [best["anomaly"]]}]))
 
 

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from anomaly.config import Settings
 from anomaly.errors import ConfigError
+from anomaly.hardware import visible_gpu_count
 
 BATCHED_STEPS = ("detector", "segmenter")
 CPU_STEPS = ("preprocess", "select_detections", "geometry", "result")
@@ -77,12 +78,6 @@ def gpu_instances(wanted: tuple[int, ...] | None, visible: int) -> tuple[int, ..
             f"GPUS={','.join(map(str, chosen))} names a GPU, but the server sees none"
         )  # fmt: skip
     return () if chosen in ((), (0,)) else chosen
-
-
-def visible_gpu_count() -> int:
-    from anomaly.hardware import visible_gpu_count
-
-    return visible_gpu_count()
 
 
 def parse_config(text: str):
